@@ -1,1 +1,14 @@
+//! observer: a kernel-level TCP observer.
+//!
+//! Data flows one way: `kernel` (load programs, discover layouts) -> `decode` (perf samples to
+//! events) -> `enrich` (sysctls) -> aggregation -> `sink` (JSON lines). `daemon` wires the stages
+//! together; `cli` is the command line.
 pub mod cli;
+pub mod clock;
+pub mod daemon;
+pub mod decode;
+pub mod enrich;
+pub mod kernel;
+pub mod privileges;
+pub mod record;
+pub mod sink;

@@ -2,3 +2,4 @@
 //! loading/attaching the programs. Discovered once at start-up and handed on as plain data.
 pub mod btf;
 pub mod tracefs;
+pub mod loader;

@@ -1,0 +1,380 @@
+//! `observer run`: kernel -> decode -> (aggregate) -> JSON lines, until a signal, a deadline or a
+//! closed output.
+//!
+//! The perf-buffer readers never wait on the output: they decode into a bounded queue and count
+//! what does not fit, so a slow consumer costs records (reported), never kernel-side drops.
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use aya::maps::{
+    MapData,
+    perf::{PerfEvent, PerfEventArrayBuffer},
+};
+use observer_common::event_kind;
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, watch},
+};
+
+use crate::{
+    clock::BootClock,
+    decode::{Event, EventKind, Flow, decode_sample},
+    enrich::sysctl,
+    kernel::loader::{self, LoadOptions, Loaded},
+    record::{EventRecord, FlowRecord, KindTotals, LostRecord, SCHEMA_VERSION, StartRecord, StopRecord},
+    sink::json::{JsonLines, SinkError},
+};
+
+/// Options of `observer run`.
+#[derive(Clone, Copy, Debug)]
+pub struct RunOptions {
+    pub duration: Option<Duration>,
+    pub load: LoadOptions,
+    /// Pages per CPU for each perf buffer (a power of two).
+    pub perf_pages: usize,
+    /// Decoded records the queue between readers and the output holds.
+    pub queue_capacity: usize,
+}
+
+/// What the readers hand to the output loop.
+#[derive(Debug)]
+enum Incoming {
+    Event(Event),
+    Lost { cpu: u32, count: u64 },
+}
+
+/// Counters the readers share with the output loop.
+#[derive(Debug, Default)]
+struct ReaderCounters {
+    lost: AtomicU64,
+    undelivered: AtomicU64,
+    decode_errors: AtomicU64,
+}
+
+/// Why the run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    Signal,
+    Duration,
+    OutputClosed,
+}
+
+impl StopReason {
+    fn name(self) -> &'static str {
+        match self {
+            StopReason::Signal => "signal",
+            StopReason::Duration => "duration",
+            StopReason::OutputClosed => "output_closed",
+        }
+    }
+}
+
+/// Runs until stopped; returns why it stopped.
+pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopReason> {
+    let clock = BootClock::new();
+    let mut sink = JsonLines::new(out);
+    let mut loaded = loader::load(&options.load)?;
+    for p in loaded.programs.iter().filter(|p| !p.attached) {
+        eprintln!(
+            "observer: warning: {} is not attached ({}); its events will be missing",
+            p.tracepoint,
+            p.error.as_deref().unwrap_or("unknown reason")
+        );
+    }
+
+    let counters = Arc::new(ReaderCounters::default());
+    let (tx, mut rx) = mpsc::channel(options.queue_capacity);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut events = loaded.take_events()?;
+    let cpus = aya::util::online_cpus()
+        .map_err(|(path, e)| anyhow::anyhow!("reading the online CPUs from {path}: {e}"))?;
+    let mut readers = Vec::new();
+    for cpu in cpus {
+        let buffer = events
+            .open(cpu, Some(options.perf_pages))
+            .with_context(|| format!("opening the perf buffer of CPU {cpu}"))?;
+        readers.push(tokio::spawn(read_cpu(
+            cpu,
+            buffer,
+            tx.clone(),
+            stop_rx.clone(),
+            Arc::clone(&counters),
+        )));
+    }
+    drop(tx);
+
+    let start = StartRecord {
+        kind: "start",
+        schema_version: SCHEMA_VERSION,
+        observer_version: env!("CARGO_PKG_VERSION"),
+        time: clock.now_rfc3339(),
+        host: hostname(),
+        kernel: kernel_release(),
+        programs: loaded.programs.clone(),
+        sysctls: sysctl::host_snapshot(),
+        export_per_flow: options.load.export_per_flow,
+    };
+    let mut received: BTreeMap<EventKind, u64> = BTreeMap::new();
+    let reason = match sink.write_now(&start) {
+        Err(SinkError::Closed) => StopReason::OutputClosed,
+        Err(e) => return Err(e.into()),
+        Ok(()) => {
+            output_loop(&mut rx, &mut sink, &clock, &mut received, options.duration).await?
+        }
+    };
+
+    // Drain: readers empty their buffers one last time, then the queue is emptied.
+    let _ = stop_tx.send(true);
+    for reader in readers {
+        match tokio::time::timeout(Duration::from_secs(1), reader).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => eprintln!("observer: warning: perf reader failed: {e:#}"),
+            Ok(Err(e)) => eprintln!("observer: warning: perf reader task failed: {e}"),
+            Err(_) => eprintln!("observer: warning: a perf reader did not finish in time"),
+        }
+    }
+    let mut output_open = reason != StopReason::OutputClosed;
+    while let Ok(msg) = rx.try_recv() {
+        if output_open {
+            output_open = handle(msg, &mut sink, &clock, &mut received).is_ok();
+        }
+    }
+
+    let stop = stop_record(&loaded, &counters, &received, &clock, reason)?;
+    drop(loaded); // detaches the programs before the final record goes out
+    if output_open {
+        if let Err(e) = sink.write_now(&stop) {
+            report_unwritten_stop(&stop, &e);
+        }
+    } else {
+        report_unwritten_stop(&stop, &SinkError::Closed);
+    }
+    Ok(reason)
+}
+
+/// The output is gone: keep the totals for the operator on stderr rather than losing them.
+fn report_unwritten_stop(stop: &StopRecord, why: &SinkError) {
+    let totals = serde_json::to_string(stop).unwrap_or_default();
+    eprintln!("observer: {why}; the stop record could not be written to the output: {totals}");
+}
+
+async fn output_loop<W: Write>(
+    rx: &mut mpsc::Receiver<Incoming>,
+    sink: &mut JsonLines<W>,
+    clock: &BootClock,
+    received: &mut BTreeMap<EventKind, u64>,
+    duration: Option<Duration>,
+) -> anyhow::Result<StopReason> {
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let deadline = async {
+        match duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            biased;
+            _ = sigint.recv() => return Ok(StopReason::Signal),
+            _ = sigterm.recv() => return Ok(StopReason::Signal),
+            () = &mut deadline => return Ok(StopReason::Duration),
+            msg = rx.recv() => {
+                let Some(msg) = msg else {
+                    anyhow::bail!("every perf reader stopped");
+                };
+                let batch = std::iter::once(msg).chain(std::iter::from_fn(|| rx.try_recv().ok()));
+                for msg in batch.take(4096) {
+                    if let Err(e) = handle(msg, sink, clock, received) {
+                        return closed_or_error(e);
+                    }
+                }
+                if let Err(e) = sink.flush() {
+                    return closed_or_error(e);
+                }
+            }
+        }
+    }
+}
+
+fn closed_or_error(e: SinkError) -> anyhow::Result<StopReason> {
+    match e {
+        SinkError::Closed => Ok(StopReason::OutputClosed),
+        other => Err(other.into()),
+    }
+}
+
+fn handle<W: Write>(
+    msg: Incoming,
+    sink: &mut JsonLines<W>,
+    clock: &BootClock,
+    received: &mut BTreeMap<EventKind, u64>,
+) -> Result<(), SinkError> {
+    match msg {
+        Incoming::Event(event) => {
+            *received.entry(event.kind).or_default() += 1;
+            sink.write(&EventRecord::new(&event, clock))
+        }
+        Incoming::Lost { cpu, count } => sink.write(&LostRecord {
+            kind: "lost",
+            time: clock.now_rfc3339(),
+            cpu,
+            count,
+        }),
+    }
+}
+
+/// Reads one CPU's perf buffer until told to stop, then drains it once more.
+async fn read_cpu(
+    cpu: u32,
+    buffer: PerfEventArrayBuffer<MapData>,
+    tx: mpsc::Sender<Incoming>,
+    mut stop: watch::Receiver<bool>,
+    counters: Arc<ReaderCounters>,
+) -> anyhow::Result<()> {
+    // SAFETY: the perf buffer owns its file descriptor, keeps it open until it is dropped, and
+    // always returns the same one; the AsyncFd owns the buffer for its whole life.
+    let registered = unsafe { AsyncFd::register_with_interest(buffer, Interest::READABLE) };
+    let mut fd = registered
+        .map_err(|e| anyhow::anyhow!("polling the perf buffer of CPU {cpu}: {}", e.into_parts().1))?;
+    loop {
+        tokio::select! {
+            guard = fd.readable_mut() => {
+                let mut guard = guard?;
+                drain(cpu, guard.get_inner_mut(), &tx, &counters);
+                guard.clear_ready();
+            }
+            _ = stop.changed() => {
+                drain(cpu, fd.get_mut(), &tx, &counters);
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn drain(
+    cpu: u32,
+    buffer: &mut PerfEventArrayBuffer<MapData>,
+    tx: &mpsc::Sender<Incoming>,
+    counters: &ReaderCounters,
+) {
+    buffer.for_each(|sample| {
+        let msg = match sample {
+            PerfEvent::Sample { head, tail } => match decode_sample(head, tail) {
+                Ok(event) => Incoming::Event(event),
+                Err(_) => {
+                    counters.decode_errors.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            },
+            PerfEvent::Lost { count } => {
+                counters.lost.fetch_add(count, Ordering::Relaxed);
+                Incoming::Lost { cpu, count }
+            }
+        };
+        if tx.try_send(msg).is_err() {
+            counters.undelivered.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+}
+
+/// Names of the kernel kinds in the stop record's totals.
+const KERNEL_KINDS: [(u8, &str, &[EventKind]); 3] = [
+    (
+        event_kind::RETRANSMIT,
+        "retransmit",
+        &[EventKind::Retransmit, EventKind::RetransmitFailed],
+    ),
+    (event_kind::SYN_RETRANSMIT, "syn_retransmit", &[EventKind::SynRetransmit]),
+    (
+        event_kind::SYNACK_RETRANSMIT,
+        "synack_retransmit",
+        &[EventKind::SynackRetransmit],
+    ),
+];
+
+fn stop_record(
+    loaded: &Loaded,
+    counters: &ReaderCounters,
+    received: &BTreeMap<EventKind, u64>,
+    clock: &BootClock,
+    reason: StopReason,
+) -> anyhow::Result<StopRecord> {
+    let stats = loaded.kind_stats()?;
+    let mut totals = BTreeMap::new();
+    for (kind, name, user_kinds) in KERNEL_KINDS {
+        let s = stats[usize::from(kind)];
+        totals.insert(
+            name,
+            KindTotals {
+                events: s.seen,
+                counted: s.counted,
+                exported: s.exported,
+                suppressed: s.suppressed,
+                map_full: s.map_full,
+                received: user_kinds.iter().map(|k| received.get(k).copied().unwrap_or(0)).sum(),
+            },
+        );
+    }
+    let mut flows: Vec<FlowRecord> = loaded
+        .flow_counters()?
+        .into_iter()
+        .map(|(key, c)| {
+            let Flow {
+                family,
+                saddr,
+                sport,
+                daddr,
+                dport,
+                netns,
+            } = Flow::from_key(&key);
+            FlowRecord {
+                family,
+                saddr,
+                sport,
+                daddr,
+                dport,
+                netns,
+                retransmit_segs: c.retrans_segs,
+                retransmit_skbs: c.retrans_skbs,
+                retransmit_failed: c.retrans_failed,
+                syn_retransmits: c.syn_retrans,
+                synack_retransmits: c.synack_retrans,
+                suppressed: c.suppressed,
+            }
+        })
+        .collect();
+    flows.sort_by(|a, b| (a.saddr, a.sport, a.daddr, a.dport).cmp(&(b.saddr, b.sport, b.daddr, b.dport)));
+    Ok(StopRecord {
+        kind: "stop",
+        time: clock.now_rfc3339(),
+        reason: reason.name(),
+        totals,
+        lost: counters.lost.load(Ordering::Relaxed),
+        undelivered: counters.undelivered.load(Ordering::Relaxed),
+        decode_errors: counters.decode_errors.load(Ordering::Relaxed),
+        flows,
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}

@@ -1,0 +1,278 @@
+//! Decoding: raw perf samples from the kernel programs into typed events.
+//!
+//! Pure: takes bytes, returns values; no kernel needed to test it.
+use std::net::{IpAddr, Ipv6Addr};
+
+use observer_common::{AF_INET6, FlowKey, TcpEvent, event_kind};
+
+/// Address family as operators name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+/// A TCP flow: `s` is this host's side, as the kernel names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Flow {
+    pub family: Family,
+    pub saddr: IpAddr,
+    pub sport: u16,
+    pub daddr: IpAddr,
+    pub dport: u16,
+    /// Network namespace inode (0 when unknown).
+    pub netns: u32,
+}
+
+impl Flow {
+    /// Converts the kernel's key. The kernel stores IPv4 flows as IPv4-mapped IPv6 addresses,
+    /// and an IPv6 socket talking to an IPv4 peer has mapped addresses too: both show as IPv4.
+    pub fn from_key(key: &FlowKey) -> Self {
+        let saddr = unmap(key.saddr);
+        let daddr = unmap(key.daddr);
+        let family = if saddr.is_ipv4() && daddr.is_ipv4() {
+            Family::Ipv4
+        } else {
+            Family::Ipv6
+        };
+        Flow {
+            family,
+            saddr,
+            sport: key.sport,
+            daddr,
+            dport: key.dport,
+            netns: key.netns,
+        }
+    }
+}
+
+fn unmap(bytes: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(bytes);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// What an event reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EventKind {
+    /// A data segment retransmitted (successfully handed to the IP layer).
+    Retransmit,
+    /// A retransmit attempt that failed locally (`err` non-zero).
+    RetransmitFailed,
+    /// A SYN retransmitted: an active open is not getting an answer.
+    SynRetransmit,
+    /// A SYN-ACK retransmitted: a peer is not completing the handshake.
+    SynackRetransmit,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 4] = [
+        EventKind::Retransmit,
+        EventKind::RetransmitFailed,
+        EventKind::SynRetransmit,
+        EventKind::SynackRetransmit,
+    ];
+
+    /// The `type` of the JSON record.
+    pub fn name(self) -> &'static str {
+        match self {
+            EventKind::Retransmit => "retransmit",
+            EventKind::RetransmitFailed => "retransmit_failed",
+            EventKind::SynRetransmit => "syn_retransmit",
+            EventKind::SynackRetransmit => "synack_retransmit",
+        }
+    }
+}
+
+/// Names of `enum tcp_state` (include/net/tcp_states.h; the numbering is user-visible ABI, also
+/// used by `ss` and sock_diag, so it is the same on every kernel).
+pub fn tcp_state_name(state: u8) -> &'static str {
+    match state {
+        1 => "ESTABLISHED",
+        2 => "SYN_SENT",
+        3 => "SYN_RECV",
+        4 => "FIN_WAIT1",
+        5 => "FIN_WAIT2",
+        6 => "TIME_WAIT",
+        7 => "CLOSE",
+        8 => "CLOSE_WAIT",
+        9 => "LAST_ACK",
+        10 => "LISTEN",
+        11 => "CLOSING",
+        12 => "NEW_SYN_RECV",
+        _ => "UNKNOWN",
+    }
+}
+
+/// One decoded kernel event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub kind: EventKind,
+    pub flow: Flow,
+    /// CLOCK_BOOTTIME nanoseconds.
+    pub boot_ns: u64,
+    pub segs: u32,
+    pub flow_count: u64,
+    pub err: i32,
+    pub pid: u32,
+    pub state: u8,
+    /// The socket's own family (AF_INET6 for a dual-stack socket even when the flow is IPv4).
+    pub socket_family: u16,
+}
+
+/// Why a sample could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("sample of {found} bytes is shorter than an event ({expected} bytes)")]
+    TooShort { expected: usize, found: usize },
+    #[error("unknown event kind {0}")]
+    UnknownKind(u8),
+}
+
+/// Decodes one perf sample. The sample may be split in two when it straddles the end of the
+/// ring (`head` then `tail`), and may carry trailing alignment padding.
+pub fn decode_sample(head: &[u8], tail: &[u8]) -> Result<Event, DecodeError> {
+    const SIZE: usize = size_of::<TcpEvent>();
+    let mut bytes = [0u8; SIZE];
+    let found = head.len() + tail.len();
+    if found < SIZE {
+        return Err(DecodeError::TooShort {
+            expected: SIZE,
+            found,
+        });
+    }
+    let from_head = head.len().min(SIZE);
+    bytes[..from_head].copy_from_slice(&head[..from_head]);
+    bytes[from_head..].copy_from_slice(&tail[..SIZE - from_head]);
+    // SAFETY: TcpEvent is #[repr(C)] plain integers (every bit pattern valid) and `bytes` holds
+    // exactly size_of::<TcpEvent>() bytes; read_unaligned copes with the array's alignment.
+    let raw: TcpEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    decode_event(&raw)
+}
+
+/// Converts the kernel's struct into an [`Event`].
+pub fn decode_event(raw: &TcpEvent) -> Result<Event, DecodeError> {
+    let kind = match raw.kind {
+        event_kind::RETRANSMIT if raw.err != 0 => EventKind::RetransmitFailed,
+        event_kind::RETRANSMIT => EventKind::Retransmit,
+        event_kind::SYN_RETRANSMIT if raw.err != 0 => EventKind::RetransmitFailed,
+        event_kind::SYN_RETRANSMIT => EventKind::SynRetransmit,
+        event_kind::SYNACK_RETRANSMIT => EventKind::SynackRetransmit,
+        other => return Err(DecodeError::UnknownKind(other)),
+    };
+    Ok(Event {
+        kind,
+        flow: Flow::from_key(&raw.flow),
+        boot_ns: raw.timestamp_ns,
+        segs: raw.segs,
+        flow_count: raw.flow_count,
+        err: raw.err,
+        pid: raw.pid,
+        state: raw.state,
+        socket_family: raw.family,
+    })
+}
+
+/// Whether the socket is a dual-stack IPv6 socket (useful context for v4-mapped flows).
+pub fn is_ipv6_socket(family: u16) -> bool {
+    family == AF_INET6
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn mapped(v4: [u8; 4]) -> [u8; 16] {
+        Ipv4Addr::from(v4).to_ipv6_mapped().octets()
+    }
+
+    fn raw(kind: u8) -> TcpEvent {
+        TcpEvent {
+            flow: FlowKey {
+                saddr: mapped([10, 0, 0, 1]),
+                daddr: mapped([10, 0, 0, 2]),
+                sport: 40000,
+                dport: 80,
+                netns: 4026531840,
+            },
+            timestamp_ns: 5,
+            flow_count: 7,
+            segs: 2,
+            err: 0,
+            pid: 42,
+            kind,
+            state: 1,
+            family: 2,
+        }
+    }
+
+    fn bytes_of(ev: &TcpEvent) -> Vec<u8> {
+        // SAFETY: TcpEvent is #[repr(C)] plain data without implicit padding.
+        unsafe {
+            std::slice::from_raw_parts((ev as *const TcpEvent).cast::<u8>(), size_of::<TcpEvent>())
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn mapped_ipv4_shows_as_ipv4() {
+        let ev = decode_event(&raw(event_kind::RETRANSMIT)).expect("decodes");
+        assert_eq!(ev.flow.family, Family::Ipv4);
+        assert_eq!(ev.flow.saddr, IpAddr::from([10, 0, 0, 1]));
+        assert_eq!(ev.flow.daddr, IpAddr::from([10, 0, 0, 2]));
+        assert_eq!((ev.flow.sport, ev.flow.dport), (40000, 80));
+    }
+
+    #[test]
+    fn ipv6_stays_ipv6() {
+        let mut r = raw(event_kind::SYN_RETRANSMIT);
+        r.flow.saddr = "fd00::1".parse::<Ipv6Addr>().expect("addr").octets();
+        r.flow.daddr = "fd00::2".parse::<Ipv6Addr>().expect("addr").octets();
+        r.family = AF_INET6;
+        let ev = decode_event(&r).expect("decodes");
+        assert_eq!(ev.flow.family, Family::Ipv6);
+        assert_eq!(ev.kind, EventKind::SynRetransmit);
+        assert!(is_ipv6_socket(ev.socket_family));
+    }
+
+    #[test]
+    fn failed_attempts_are_their_own_kind() {
+        let mut r = raw(event_kind::RETRANSMIT);
+        r.err = -105;
+        assert_eq!(decode_event(&r).expect("decodes").kind, EventKind::RetransmitFailed);
+    }
+
+    #[test]
+    fn split_and_padded_samples_decode() {
+        let ev = raw(event_kind::SYNACK_RETRANSMIT);
+        let mut bytes = bytes_of(&ev);
+        bytes.extend_from_slice(&[0, 0, 0, 0]); // kernel alignment padding
+        for split in [0, 1, 39, 71, bytes.len()] {
+            let (head, tail) = bytes.split_at(split);
+            let got = decode_sample(head, tail).expect("decodes");
+            assert_eq!(got.kind, EventKind::SynackRetransmit);
+            assert_eq!(got.flow_count, 7);
+            assert_eq!(got.pid, 42);
+        }
+    }
+
+    #[test]
+    fn short_and_unknown_samples_are_errors() {
+        assert_eq!(
+            decode_sample(&[0; 10], &[]),
+            Err(DecodeError::TooShort { expected: 72, found: 10 })
+        );
+        assert_eq!(decode_event(&raw(99)), Err(DecodeError::UnknownKind(99)));
+    }
+
+    #[test]
+    fn state_names_follow_tcp_states_h() {
+        assert_eq!(tcp_state_name(1), "ESTABLISHED");
+        assert_eq!(tcp_state_name(2), "SYN_SENT");
+        assert_eq!(tcp_state_name(200), "UNKNOWN");
+    }
+}

@@ -1,0 +1,3 @@
+//! Enrichment: context the kernel events do not carry themselves (sysctls, later counters,
+//! routes, processes).
+pub mod sysctl;

@@ -1,0 +1,2 @@
+//! Sinks: where records go.
+pub mod json;

@@ -1,0 +1,571 @@
+//! observer against the kernel's own counters: faults induced in network namespaces, every count
+//! compared for exact equality with the namespace's SNMP counters (what `nstat` shows).
+//!
+//! Subnets: 10.200.N.0/24 and fd00:200:N::/64 with N = 1..=9 here (the harness self-tests use
+//! 100+). Ports: 5001 data, 5002 SYN, 5003 SYN-ACK.
+use std::{collections::BTreeSet, process::Command, time::Duration};
+
+use anyhow::{Context, Result, bail, ensure};
+use observer_tests::{
+    Filter, Observer, Run, Topology, describe, faults, flow_count_problems, is_root, kernel_test,
+    note, observer_bin, run_with_timeout, sum,
+};
+use serde_json::Value;
+
+const DATA_PORT: u16 = 5001;
+const SYN_PORT: u16 = 5002;
+const SYNACK_PORT: u16 = 5003;
+/// Bytes per bulk transfer.
+const BULK: usize = 4 << 20;
+/// Every 8th data skb to the sink is dropped.
+const DATA_DROP_EVERY: u32 = 8;
+
+/// Schema checks and "nothing lost" for runs with `--export-per-flow N`.
+fn check_run(run: &Run, export_per_flow: u64) -> Result<()> {
+    let problems = run.schema_problems(Some(export_per_flow));
+    ensure!(
+        problems.is_empty(),
+        "observer output does not match the schema:\n  {}\n{}",
+        problems.join("\n  "),
+        describe(run)
+    );
+    run.ensure_nothing_lost().with_context(|| describe(run))
+}
+
+fn u64_of(v: &Value, k: &str) -> Result<u64> {
+    v[k].as_u64()
+        .with_context(|| format!("`{k}` missing in {v}"))
+}
+
+/// Exactly one flow in `flows`.
+fn one<'a>(flows: &[&'a Value], what: &str, run: &Run) -> Result<&'a Value> {
+    match flows {
+        [f] => Ok(f),
+        _ => bail!(
+            "expected exactly one stop.flows entry for {what}, got {}: {flows:?}\n{}",
+            flows.len(),
+            describe(run)
+        ),
+    }
+}
+
+fn data_retransmits(test: &str, subnet: u8, v6: bool) -> Result<()> {
+    let family = if v6 { "ipv6" } else { "ipv4" };
+    let topo = Topology::new(test, subnet)?;
+    faults::drop_data_to(&topo.server, v6, DATA_PORT, DATA_DROP_EVERY)?;
+    let mut observer = Observer::start(&["--export-per-flow", "0"])?;
+    let out = faults::bulk_transfer(&topo, v6, DATA_PORT, BULK)?;
+    let run = observer.stop()?;
+    note(&format!(
+        "{test}: client TcpRetransSegs delta {}, tcpi_total_retrans {}, flow {} -> {}",
+        out.retrans_segs, out.bulk.total_retrans, out.bulk.local, out.bulk.peer
+    ));
+    // The fault really happened, and only data was retransmitted.
+    ensure!(
+        out.retrans_segs > 0,
+        "no retransmits: the fault did not happen: {out:?}"
+    );
+    ensure!(out.syn_retrans == 0, "unexpected SYN retransmits: {out:?}");
+    check_run(&run, 0)?;
+
+    let client_ns = topo.client.inode()?;
+    let addrs = Filter {
+        saddr: Some(topo.client_ip(v6)),
+        daddr: Some(topo.server_ip(v6)),
+        ..Filter::default()
+    };
+    let flow = Filter {
+        sport: Some(out.bulk.local.port()),
+        dport: Some(DATA_PORT),
+        ..addrs
+    };
+    // Every event about this test's addresses is this connection's, in the client namespace.
+    let all: Vec<&Value> = [
+        "retransmit",
+        "retransmit_failed",
+        "syn_retransmit",
+        "synack_retransmit",
+    ]
+    .iter()
+    .flat_map(|ty| run.events(ty, &addrs))
+    .collect();
+    for e in &all {
+        ensure!(
+            flow.matches(e) && (e["type"] == "retransmit" || e["type"] == "retransmit_failed"),
+            "unexpected event for {}:{} -> {}:{DATA_PORT}: {e}",
+            topo.client_ip(v6),
+            out.bulk.local.port(),
+            topo.server_ip(v6),
+        );
+        ensure!(e["family"] == family, "family: expected {family}: {e}");
+        ensure!(
+            e["netns"].as_u64() == Some(client_ns),
+            "netns: expected {client_ns}: {e}"
+        );
+        ensure!(e["state"] != "SYN_SENT", "data retransmit in SYN_SENT: {e}");
+    }
+    let events = run.events("retransmit", &flow);
+    let segs = sum(&events, "segs");
+    let flows = run.flows(&flow)?;
+    let f = one(&flows, "the bulk flow", &run)?;
+    note(&format!(
+        "{test}: observer: {} retransmit events, {segs} segments, {} failed; flow {f}",
+        events.len(),
+        run.events("retransmit_failed", &flow).len()
+    ));
+    ensure!(
+        u64_of(f, "retransmit_segs")? == out.retrans_segs,
+        "stop.flows retransmit_segs {} != TcpRetransSegs delta {}",
+        f["retransmit_segs"],
+        out.retrans_segs
+    );
+    ensure!(
+        segs == out.retrans_segs,
+        "sum of retransmit segs {segs} != TcpRetransSegs delta {} ({} events)",
+        out.retrans_segs,
+        events.len()
+    );
+    ensure!(
+        u64_of(f, "retransmit_skbs")? == events.len() as u64,
+        "stop.flows retransmit_skbs {} != {} retransmit events",
+        f["retransmit_skbs"],
+        events.len()
+    );
+    ensure!(
+        f["family"] == family && f["netns"].as_u64() == Some(client_ns),
+        "flow identity: {f}"
+    );
+    let failed = run.events("retransmit_failed", &flow);
+    ensure!(
+        u64_of(f, "retransmit_failed")? == failed.len() as u64,
+        "stop.flows retransmit_failed {} != {} retransmit_failed events",
+        f["retransmit_failed"],
+        failed.len()
+    );
+    for k in ["syn_retransmits", "synack_retransmits", "suppressed"] {
+        ensure!(f[k] == 0, "stop.flows {k}: expected 0, got {}", f[k]);
+    }
+    let problems = flow_count_problems(&events);
+    ensure!(problems.is_empty(), "flow_count: {}", problems.join("; "));
+    Ok(())
+}
+
+#[test]
+fn data_retransmits_ipv4_match_tcp_retrans_segs() -> Result<()> {
+    let Some(t) = kernel_test("data_retransmits_ipv4") else {
+        return Ok(());
+    };
+    data_retransmits(&t.name, 1, false)
+}
+
+#[test]
+fn data_retransmits_ipv6_match_tcp_retrans_segs() -> Result<()> {
+    let Some(t) = kernel_test("data_retransmits_ipv6") else {
+        return Ok(());
+    };
+    data_retransmits(&t.name, 4, true)
+}
+
+/// With a per-flow export budget, events are exemplars but the totals stay exact.
+#[test]
+fn export_budget_keeps_totals_exact() -> Result<()> {
+    let Some(t) = kernel_test("export_budget") else {
+        return Ok(());
+    };
+    let topo = Topology::new(&t.name, 6)?;
+    faults::drop_data_to(&topo.server, false, DATA_PORT, DATA_DROP_EVERY)?;
+    let mut observer = Observer::start(&["--export-per-flow", "1"])?;
+    let out = faults::bulk_transfer(&topo, false, DATA_PORT, BULK)?;
+    let run = observer.stop()?;
+    ensure!(out.retrans_segs > 0, "no retransmits: {out:?}");
+    check_run(&run, 1)?;
+    let flow = Filter {
+        saddr: Some(topo.client_ip(false)),
+        sport: Some(out.bulk.local.port()),
+        daddr: Some(topo.server_ip(false)),
+        dport: Some(DATA_PORT),
+        netns: Some(topo.client.inode()?),
+    };
+    let events = run.events("retransmit", &flow);
+    let failed = run.events("retransmit_failed", &flow);
+    let flows = run.flows(&flow)?;
+    let f = one(&flows, "the bulk flow", &run)?;
+    let skbs = u64_of(f, "retransmit_skbs")?;
+    let suppressed = u64_of(f, "suppressed")?;
+    note(&format!(
+        "{}: TcpRetransSegs delta {}, {} events exported, flow {f}",
+        t.name,
+        out.retrans_segs,
+        events.len()
+    ));
+    ensure!(
+        u64_of(f, "retransmit_segs")? == out.retrans_segs,
+        "stop.flows retransmit_segs {} != TcpRetransSegs delta {}",
+        f["retransmit_segs"],
+        out.retrans_segs
+    );
+    ensure!(!events.is_empty(), "no exemplar exported");
+    ensure!(
+        (events.len() + failed.len()) as u64 + suppressed == skbs + u64_of(f, "retransmit_failed")?,
+        "exported ({} + {} failed) + suppressed ({suppressed}) != retransmit_skbs ({skbs}) + retransmit_failed ({})",
+        events.len(),
+        failed.len(),
+        f["retransmit_failed"]
+    );
+    if skbs > 1 {
+        // One per flow per second: a transfer of a few seconds exports a handful at most.
+        ensure!(suppressed > 0, "budget of 1/s but nothing suppressed: {f}");
+    }
+    Ok(())
+}
+
+fn syn_retransmits(test: &str, subnet: u8, v6: bool) -> Result<()> {
+    let family = if v6 { "ipv6" } else { "ipv4" };
+    let topo = Topology::new(test, subnet)?;
+    // Every 2nd SYN dropped: 6 parallel connects need 3 + 2 + 1 retries (at 1, 2, 3 s).
+    faults::drop_syns_to(&topo.server, v6, SYN_PORT, 2)?;
+    let mut observer = Observer::start(&["--export-per-flow", "0"])?;
+    let out = faults::parallel_connects(&topo, v6, SYN_PORT, 6, Duration::from_secs(10))?;
+    let run = observer.stop()?;
+    note(&format!(
+        "{test}: client TcpExtTCPSynRetrans delta {}, ports {:?}",
+        out.syn_retrans, out.client_ports
+    ));
+    ensure!(
+        out.syn_retrans > 0,
+        "no SYN retransmits: the fault did not happen: {out:?}"
+    );
+    check_run(&run, 0)?;
+
+    let client_ns = topo.client.inode()?;
+    let addrs = Filter {
+        saddr: Some(topo.client_ip(v6)),
+        daddr: Some(topo.server_ip(v6)),
+        ..Filter::default()
+    };
+    let ports: BTreeSet<u64> = out.client_ports.iter().map(|&p| u64::from(p)).collect();
+    for ty in ["retransmit", "retransmit_failed", "synack_retransmit"] {
+        let other = run.events(ty, &addrs);
+        ensure!(other.is_empty(), "unexpected {ty} events: {other:?}");
+    }
+    let events = run.events("syn_retransmit", &addrs);
+    for e in &events {
+        ensure!(e["state"] == "SYN_SENT", "state: expected SYN_SENT: {e}");
+        ensure!(e["dport"] == SYN_PORT, "dport: expected {SYN_PORT}: {e}");
+        ensure!(
+            e["sport"].as_u64().is_some_and(|p| ports.contains(&p)),
+            "sport not one of {ports:?}: {e}"
+        );
+        ensure!(e["family"] == family, "family: expected {family}: {e}");
+        ensure!(
+            e["netns"].as_u64() == Some(client_ns),
+            "netns: expected {client_ns}: {e}"
+        );
+        ensure!(e["segs"] == 1, "segs: expected 1: {e}");
+    }
+    let flows = run.flows(&Filter {
+        dport: Some(SYN_PORT),
+        ..addrs
+    })?;
+    let flow_total: u64 = flows
+        .iter()
+        .map(|f| f["syn_retransmits"].as_u64().unwrap_or(0))
+        .sum();
+    note(&format!(
+        "{test}: observer: {} syn_retransmit events, stop.flows syn_retransmits {flow_total}",
+        events.len()
+    ));
+    ensure!(
+        events.len() as u64 == out.syn_retrans,
+        "{} syn_retransmit events != TcpExtTCPSynRetrans delta {}\n{}",
+        events.len(),
+        out.syn_retrans,
+        describe(&run)
+    );
+    ensure!(
+        flow_total == out.syn_retrans,
+        "stop.flows syn_retransmits sum {flow_total} != TcpExtTCPSynRetrans delta {}: {flows:?}",
+        out.syn_retrans
+    );
+    for f in &flows {
+        ensure!(
+            f["sport"].as_u64().is_some_and(|p| ports.contains(&p))
+                && f["netns"].as_u64() == Some(client_ns),
+            "unexpected flow: {f}"
+        );
+        for k in ["retransmit_segs", "retransmit_skbs", "synack_retransmits"] {
+            ensure!(f[k] == 0, "SYN retransmits counted as {k}: {f}");
+        }
+    }
+    let problems = flow_count_problems(&events);
+    ensure!(problems.is_empty(), "flow_count: {}", problems.join("; "));
+    Ok(())
+}
+
+#[test]
+fn syn_retransmits_match_tcp_syn_retrans() -> Result<()> {
+    let Some(t) = kernel_test("syn_retransmits") else {
+        return Ok(());
+    };
+    syn_retransmits(&t.name, 2, false)
+}
+
+fn synack_retransmits(test: &str, subnet: u8, v6: bool) -> Result<()> {
+    let family = if v6 { "ipv6" } else { "ipv4" };
+    let topo = Topology::new(test, subnet)?;
+    faults::drop_handshake_acks(&topo.client, v6, SYNACK_PORT)?;
+    let mut observer = Observer::start(&["--export-per-flow", "0"])?;
+    let out = faults::half_open_handshakes(&topo, v6, SYNACK_PORT, 3, 2)?;
+    let run = observer.stop()?;
+    note(&format!(
+        "{test}: server TcpExtTCPSynRetrans delta {} (cap {}), client ports {:?}",
+        out.synack_retrans, out.expected, out.client_ports
+    ));
+    ensure!(
+        out.synack_retrans > 0,
+        "no SYN-ACK retransmits: the fault did not happen: {out:?}"
+    );
+    check_run(&run, 0)?;
+
+    let server_ns = topo.server.inode()?;
+    let listener = Filter {
+        saddr: Some(topo.server_ip(v6)),
+        sport: Some(SYNACK_PORT),
+        daddr: Some(topo.client_ip(v6)),
+        ..Filter::default()
+    };
+    let ports: BTreeSet<u64> = out.client_ports.iter().map(|&p| u64::from(p)).collect();
+    let events = run.events("synack_retransmit", &listener);
+    for e in &events {
+        ensure!(
+            e["dport"].as_u64().is_some_and(|p| ports.contains(&p)),
+            "dport not one of {ports:?}: {e}"
+        );
+        ensure!(e["family"] == family, "family: expected {family}: {e}");
+        ensure!(
+            e["netns"].as_u64() == Some(server_ns),
+            "netns: expected {server_ns} (server): {e}"
+        );
+        ensure!(e["segs"] == 1, "segs: expected 1: {e}");
+    }
+    // The server's retransmits are SYN-ACKs only; none shows as another kind.
+    let server_side = Filter {
+        saddr: Some(topo.server_ip(v6)),
+        ..Filter::default()
+    };
+    for ty in ["retransmit", "retransmit_failed", "syn_retransmit"] {
+        let other = run.events(ty, &server_side);
+        ensure!(
+            other.is_empty(),
+            "unexpected {ty} events from the server: {other:?}"
+        );
+    }
+    // Reversed addresses (the client's view of the flow) must not carry SYN-ACK retransmits.
+    let reversed = run.events(
+        "synack_retransmit",
+        &Filter {
+            saddr: Some(topo.client_ip(v6)),
+            ..Filter::default()
+        },
+    );
+    ensure!(
+        reversed.is_empty(),
+        "synack_retransmit with the client as saddr: {reversed:?}"
+    );
+    let flows = run.flows(&listener)?;
+    let flow_total: u64 = flows
+        .iter()
+        .map(|f| f["synack_retransmits"].as_u64().unwrap_or(0))
+        .sum();
+    let states: BTreeSet<&str> = events.iter().filter_map(|e| e["state"].as_str()).collect();
+    note(&format!(
+        "{test}: observer: {} synack_retransmit events (states {states:?}), stop.flows synack_retransmits {flow_total}",
+        events.len()
+    ));
+    ensure!(
+        events.len() as u64 == out.synack_retrans,
+        "{} synack_retransmit events != server TcpExtTCPSynRetrans delta {}\n{}",
+        events.len(),
+        out.synack_retrans,
+        describe(&run)
+    );
+    ensure!(
+        flow_total == out.synack_retrans,
+        "stop.flows synack_retransmits sum {flow_total} != server TcpExtTCPSynRetrans delta {}: {flows:?}",
+        out.synack_retrans
+    );
+    for f in &flows {
+        ensure!(
+            f["netns"].as_u64() == Some(server_ns),
+            "flow netns: expected {server_ns}: {f}"
+        );
+        for k in ["retransmit_segs", "retransmit_skbs", "syn_retransmits"] {
+            ensure!(f[k] == 0, "SYN-ACK retransmits counted as {k}: {f}");
+        }
+    }
+    let problems = flow_count_problems(&events);
+    ensure!(problems.is_empty(), "flow_count: {}", problems.join("; "));
+    Ok(())
+}
+
+#[test]
+fn synack_retransmits_ipv4_match_server_tcp_syn_retrans() -> Result<()> {
+    let Some(t) = kernel_test("synack_retransmits_ipv4") else {
+        return Ok(());
+    };
+    synack_retransmits(&t.name, 3, false)
+}
+
+#[test]
+fn synack_retransmits_ipv6_match_server_tcp_syn_retrans() -> Result<()> {
+    let Some(t) = kernel_test("synack_retransmits_ipv6") else {
+        return Ok(());
+    };
+    synack_retransmits(&t.name, 7, true)
+}
+
+/// Two namespace pairs with the same addresses; only one has a fault. The `netns` field tells
+/// them apart, and the healthy pair's counts match its own (zero) ground truth.
+#[test]
+fn same_addresses_in_two_namespaces_are_told_apart() -> Result<()> {
+    let Some(t) = kernel_test("netns_isolation") else {
+        return Ok(());
+    };
+    let faulty = Topology::new(&t.name, 5)?;
+    let healthy = Topology::new(&t.name, 5)?;
+    faults::drop_data_to(&faulty.server, false, DATA_PORT, DATA_DROP_EVERY)?;
+    let (faulty_ns, healthy_ns) = (faulty.client.inode()?, healthy.client.inode()?);
+    ensure!(
+        faulty_ns != healthy_ns,
+        "the two client namespaces share an inode"
+    );
+    let mut observer = Observer::start(&["--export-per-flow", "0"])?;
+    let bad = faults::bulk_transfer(&faulty, false, DATA_PORT, BULK)?;
+    let good = faults::bulk_transfer(&healthy, false, DATA_PORT, BULK)?;
+    let run = observer.stop()?;
+    note(&format!(
+        "{}: faulty pair (netns {faulty_ns}) TcpRetransSegs delta {}, healthy pair (netns {healthy_ns}) delta {}",
+        t.name, bad.retrans_segs, good.retrans_segs
+    ));
+    ensure!(
+        bad.retrans_segs > 0,
+        "no retransmits in the faulty pair: {bad:?}"
+    );
+    check_run(&run, 0)?;
+
+    let addrs = Filter {
+        saddr: Some(faulty.client_ip(false)),
+        daddr: Some(faulty.server_ip(false)),
+        dport: Some(DATA_PORT),
+        ..Filter::default()
+    };
+    let events = run.events("retransmit", &addrs);
+    for e in &events {
+        let ns = e["netns"].as_u64();
+        ensure!(
+            ns == Some(faulty_ns) || ns == Some(healthy_ns),
+            "event with neither pair's netns ({faulty_ns}, {healthy_ns}): {e}"
+        );
+    }
+    for (what, ns, outcome) in [("faulty", faulty_ns, &bad), ("healthy", healthy_ns, &good)] {
+        let filter = Filter {
+            sport: Some(outcome.bulk.local.port()),
+            netns: Some(ns),
+            ..addrs
+        };
+        let mine = run.events("retransmit", &filter);
+        let segs = sum(&mine, "segs");
+        let flows = run.flows(&filter)?;
+        let flow_segs: u64 = flows
+            .iter()
+            .map(|f| f["retransmit_segs"].as_u64().unwrap_or(0))
+            .sum();
+        note(&format!(
+            "{what}: {} events, {segs} segments, stop.flows {flow_segs}",
+            mine.len()
+        ));
+        ensure!(
+            segs == outcome.retrans_segs && flow_segs == outcome.retrans_segs,
+            "{what} pair (netns {ns}): events carry {segs} segments, stop.flows {flow_segs}, \
+             TcpRetransSegs delta {}",
+            outcome.retrans_segs
+        );
+        let elsewhere: u64 = run
+            .events("retransmit", &addrs)
+            .iter()
+            .filter(|e| {
+                e["netns"].as_u64() == Some(ns)
+                    && e["sport"].as_u64() != Some(u64::from(outcome.bulk.local.port()))
+            })
+            .count() as u64;
+        ensure!(
+            elsewhere == 0,
+            "{what} pair: events for another port in its netns"
+        );
+    }
+    if good.retrans_segs == 0 {
+        let none = run.events(
+            "retransmit",
+            &Filter {
+                netns: Some(healthy_ns),
+                ..Filter::default()
+            },
+        );
+        ensure!(none.is_empty(), "healthy pair shows retransmits: {none:?}");
+    }
+    Ok(())
+}
+
+/// Without privileges: exit code 1, one sentence on stderr, nothing on stdout, no panic.
+#[test]
+fn without_privileges_exits_1_with_one_sentence() -> Result<()> {
+    let bin = observer_bin();
+    ensure!(
+        bin.exists(),
+        "{} does not exist: build observer first or set OBSERVER_BIN",
+        bin.display()
+    );
+    let mut cmd = if is_root() {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",
+            "--",
+        ])
+        .arg(&bin);
+        c
+    } else {
+        Command::new(&bin)
+    };
+    cmd.args(["run", "--duration", "1"])
+        .env_remove("RUST_BACKTRACE");
+    let (status, stdout, stderr) = run_with_timeout(&mut cmd, Duration::from_secs(20))?;
+    note(&format!("unprivileged: {status}; stderr: {stderr:?}"));
+    ensure!(
+        status.code() == Some(1),
+        "exit status: expected 1, got {status}; stderr: {stderr}"
+    );
+    ensure!(stdout.is_empty(), "stdout should be empty, got {stdout:?}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    ensure!(
+        lines.len() == 1,
+        "stderr should be one sentence, got {} lines: {stderr:?}",
+        lines.len()
+    );
+    let lower = lines[0].to_lowercase();
+    ensure!(
+        ["cap_bpf", "privilege", "root", "permission"]
+            .iter()
+            .any(|w| lower.contains(w)),
+        "stderr does not mention privileges/CAP_BPF: {stderr:?}"
+    );
+    ensure!(
+        !lower.contains("panick") && !lower.contains("backtrace"),
+        "stderr looks like a panic: {stderr:?}"
+    );
+    Ok(())
+}
