@@ -51,7 +51,9 @@ pub enum BtfError {
         member: String,
     },
     /// The path goes through a member that is not a struct or union.
-    #[error("`struct {struct_name}` member path `{path}`: `{member}` is a {kind}, not a struct or union")]
+    #[error(
+        "`struct {struct_name}` member path `{path}`: `{member}` is a {kind}, not a struct or union"
+    )]
     NotComposite {
         struct_name: String,
         path: String,
@@ -103,7 +105,9 @@ pub struct KernelBtf {
 
 impl fmt::Debug for KernelBtf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KernelBtf").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("KernelBtf")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -155,11 +159,12 @@ impl KernelBtf {
     /// check that a member still has the width their reads assume.
     pub fn member_size(&self, struct_name: &str, path: &str) -> Result<u32, BtfError> {
         let located = self.locate(struct_name, path)?;
-        self.type_size(&located.ty, 0).map_err(|kind| BtfError::Unsized {
-            struct_name: struct_name.to_owned(),
-            path: path.to_owned(),
-            kind,
-        })
+        self.type_size(&located.ty, 0)
+            .map_err(|kind| BtfError::Unsized {
+                struct_name: struct_name.to_owned(),
+                path: path.to_owned(),
+                kind,
+            })
     }
 
     /// Size in bytes of a struct or union.
@@ -192,9 +197,9 @@ impl KernelBtf {
             found.get_or_insert(ty);
         }
         let name_of = |member: &dyn BtfType| {
-            self.btf
-                .resolve_name(member)
-                .map_err(|error| self.lookup_error(format!("a member name of enum `{enum_name}`"), error))
+            self.btf.resolve_name(member).map_err(|error| {
+                self.lookup_error(format!("a member name of enum `{enum_name}`"), error)
+            })
         };
         match found {
             Some(Type::Enum(e)) => e
@@ -248,7 +253,12 @@ impl KernelBtf {
     }
 
     /// Offset of `path` in `struct_name` as `u16`, checking its size when `size` is given.
-    fn u16_offset(&self, struct_name: &str, path: &str, size: Option<u32>) -> Result<u16, BtfError> {
+    fn u16_offset(
+        &self,
+        struct_name: &str,
+        path: &str,
+        size: Option<u32>,
+    ) -> Result<u16, BtfError> {
         let offset = self.member_offset(struct_name, path)?;
         if let Some(expected) = size {
             let found = self.member_size(struct_name, path)?;
@@ -318,7 +328,8 @@ impl KernelBtf {
                 Type::DeclTag(t) => self.btf.resolve_chained_type(t),
                 _ => return Ok(ty),
             };
-            ty = next.map_err(|error| self.lookup_error("a typedef or qualifier".to_owned(), error))?;
+            ty = next
+                .map_err(|error| self.lookup_error("a typedef or qualifier".to_owned(), error))?;
         }
         Err(self.lookup_error(
             "a typedef or qualifier".to_owned(),
@@ -352,10 +363,10 @@ impl KernelBtf {
             }
         }
         for member in anonymous {
-            if let Type::Struct(inner) | Type::Union(inner) = self.member_type(member)? {
-                if let Some((bits, found)) = self.find_member(&inner, name)? {
-                    return Ok(Some((u64::from(member.bit_offset()) + bits, found)));
-                }
+            if let Type::Struct(inner) | Type::Union(inner) = self.member_type(member)?
+                && let Some((bits, found)) = self.find_member(&inner, name)?
+            {
+                return Ok(Some((u64::from(member.bit_offset()) + bits, found)));
             }
         }
         Ok(None)
@@ -376,9 +387,9 @@ impl KernelBtf {
             if part.is_empty() {
                 return Err(no_such_member());
             }
-            let (member_bits, member) =
-                self.find_member(&current, part)?
-                    .ok_or_else(no_such_member)?;
+            let (member_bits, member) = self
+                .find_member(&current, part)?
+                .ok_or_else(no_such_member)?;
             if member.bitfield_size().is_some_and(|size| size != 0) || member_bits % 8 != 0 {
                 return Err(BtfError::Bitfield {
                     struct_name: struct_name.to_owned(),
@@ -455,6 +466,15 @@ mod tests {
     use super::*;
     use crate::kernel::tracefs;
 
+    const TRACEFS_ROOTS: [&str; 2] = [tracefs::TRACEFS_PATH, tracefs::DEBUGFS_TRACING_PATH];
+
+    fn kernel_release() -> String {
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    }
+
     /// The running kernel's BTF, parsed once for all tests; `None` (tests skip) without it.
     fn kernel() -> Option<&'static KernelBtf> {
         static KERNEL: OnceLock<Option<KernelBtf>> = OnceLock::new();
@@ -478,10 +498,16 @@ mod tests {
         assert_eq!(btf.member_size("sk_buff", "cb").ok(), Some(48));
         assert_eq!(btf.member_size("tcp_skb_cb", "tcp_gso_segs").ok(), Some(2));
         assert_eq!(btf.member_size("net", "ns.inum").ok(), Some(4));
-        assert_eq!(btf.member_size("sock", "__sk_common.skc_net.net").ok(), Some(8));
+        assert_eq!(
+            btf.member_size("sock", "__sk_common.skc_net.net").ok(),
+            Some(8)
+        );
         // `tcp_gso_segs` is inside an anonymous union/struct, right after `seq` and `end_seq`.
         assert_eq!(btf.member_offset("tcp_skb_cb", "seq").ok(), Some(0));
-        assert_eq!(btf.member_offset("tcp_skb_cb", "tcp_gso_segs").ok(), Some(8));
+        assert_eq!(
+            btf.member_offset("tcp_skb_cb", "tcp_gso_segs").ok(),
+            Some(8)
+        );
         // `sk_common` is the first member of `sock`, so sock and sock_common agree.
         assert_eq!(
             btf.member_offset("sock", "__sk_common.skc_net").ok(),
@@ -508,15 +534,34 @@ mod tests {
         eprintln!("struct offsets on this kernel: {offsets:?}");
         let offsets = offsets.expect("the running kernel's offsets must be found");
         // Cross-checks against independent lookups.
-        assert_eq!(u32::from(offsets.skb_cb), btf.member_offset("sk_buff", "cb").unwrap_or(0));
+        assert_eq!(
+            u32::from(offsets.skb_cb),
+            btf.member_offset("sk_buff", "cb").unwrap_or(0)
+        );
         assert_eq!(offsets.tcp_skb_cb_gso_segs, 8);
         assert!(offsets.sock_net > 0 && offsets.net_ns_inum > 0);
+        // On the kernel this was developed on, the values gcc's offsetof gives for the same
+        // kernel (vmlinux.h dumped by bpftool).
+        if kernel_release() == "6.18.44-fc-v669" {
+            assert_eq!(
+                offsets,
+                StructOffsets {
+                    skb_cb: 40,
+                    tcp_skb_cb_gso_segs: 8,
+                    sock_net: 48,
+                    net_ns_inum: 176,
+                    _pad: [0; 4],
+                }
+            );
+        }
     }
 
     #[test]
     fn kernel_member_errors_name_struct_and_path() {
         let Some(btf) = kernel() else { return };
-        let err = btf.member_offset("sock", "__sk_common.no_such_member").err();
+        let err = btf
+            .member_offset("sock", "__sk_common.no_such_member")
+            .err();
         assert!(
             matches!(&err, Some(BtfError::NoSuchMember { struct_name, path, member })
                 if struct_name == "sock" && path == "__sk_common.no_such_member" && member == "no_such_member"),
@@ -540,42 +585,64 @@ mod tests {
     fn kernel_enums_match_tracepoint_print_formats() {
         let Some(btf) = kernel() else { return };
         let drop = btf.enum_values("skb_drop_reason").expect("skb_drop_reason");
-        assert!(drop.iter().any(|(n, _)| n == "SKB_DROP_REASON_NETFILTER_DROP"));
+        assert!(
+            drop.iter()
+                .any(|(n, _)| n == "SKB_DROP_REASON_NETFILTER_DROP")
+        );
         assert!(matches!(
             btf.enum_values("no_such_enum_observer"),
             Err(BtfError::NoSuchEnum { .. })
         ));
 
-        // The kfree_skb / tcp_send_reset fixtures were saved from this machine: every name they
-        // print must exist in the enum with the same value. (Only meaningful on the kernel the
-        // fixtures came from.)
-        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-        if !release.starts_with("6.18.") {
-            eprintln!("skipped enum/fixture cross-check: fixtures are from 6.18, running {release}");
-            return;
-        }
-        for (fixture, event_field, enum_name, prefix) in [
+        // Every name the kfree_skb / tcp_send_reset print formats show must exist in the enum
+        // with the same value: always against the live tracefs, and against the saved fixtures
+        // on the kernel series they were saved from (6.18).
+        let live = TRACEFS_ROOTS
+            .into_iter()
+            .map(tracefs::TraceFs::at)
+            .find(|t| t.root().join("events").is_dir());
+        let mut sources: Vec<(String, tracefs::EventFormat, &str, &str)> = Vec::new();
+        for (category, event, enum_name, prefix, fixture) in [
             (
-                include_str!("fixtures/kfree_skb.format"),
-                "reason",
+                "skb",
+                "kfree_skb",
                 "skb_drop_reason",
                 "SKB_DROP_REASON_",
+                include_str!("fixtures/kfree_skb.format"),
             ),
             (
-                include_str!("fixtures/tcp_send_reset.format"),
-                "reason",
+                "tcp",
+                "tcp_send_reset",
                 "sk_rst_reason",
                 "SK_RST_REASON_",
+                include_str!("fixtures/tcp_send_reset.format"),
             ),
         ] {
-            let format = tracefs::parse_format(fixture).expect("fixture parses");
-            let printed = format.symbolic_values(event_field);
-            assert!(printed.len() > 20, "{enum_name}: {printed:?}");
+            if kernel_release().starts_with("6.18.") {
+                let format = tracefs::parse_format(fixture).expect("fixture parses");
+                sources.push((format!("fixture {event}"), format, enum_name, prefix));
+            } else {
+                eprintln!(
+                    "skipped fixture {event}: saved from 6.18, running {}",
+                    kernel_release()
+                );
+            }
+            match live.as_ref().filter(|t| t.has_event(category, event)) {
+                Some(t) => {
+                    let format = t.format(category, event).expect("live format parses");
+                    sources.push((format!("live {event}"), format, enum_name, prefix));
+                }
+                None => eprintln!("skipped live {category}:{event}: not available"),
+            }
+        }
+        for (source, format, enum_name, prefix) in sources {
+            let printed = format.symbolic_values("reason");
+            assert!(printed.len() > 20, "{source}: {printed:?}");
             let values = btf.enum_values(enum_name).expect(enum_name);
             for (value, name) in printed {
                 let full = format!("{prefix}{name}");
                 let in_btf = values.iter().find(|(n, _)| *n == full).map(|(_, v)| *v);
-                assert_eq!(in_btf, Some(value), "{enum_name}: {full}");
+                assert_eq!(in_btf, Some(value), "{source}: {full}");
             }
         }
     }
@@ -635,7 +702,14 @@ mod tests {
             self.words(&[(u32::from(signed) << 24) | (bytes * 8)]);
         }
 
-        fn composite(&mut self, kind: u32, name: &str, size: u32, kind_flag: bool, members: &[(&str, u32, u32)]) {
+        fn composite(
+            &mut self,
+            kind: u32,
+            name: &str,
+            size: u32,
+            kind_flag: bool,
+            members: &[(&str, u32, u32)],
+        ) {
             let vlen = u32::try_from(members.len()).expect("few members");
             self.ty(name, kind, kind_flag, vlen, size);
             for &(member, ty, offset) in members {
@@ -681,10 +755,21 @@ mod tests {
             "outer",
             24,
             false,
-            &[("pad", 2, 0), ("in", 9, 32), ("arr", 11, 96), ("ptr", 10, 128)],
+            &[
+                ("pad", 2, 0),
+                ("in", 9, 32),
+                ("arr", 11, 96),
+                ("ptr", 10, 128),
+            ],
         ); // 12
         // 13: kind_flag struct: member offsets carry the bitfield size in the top 8 bits.
-        b.composite(STRUCT, "bits", 4, true, &[("flag", 2, (1 << 24) | 3), ("b", 3, 16)]);
+        b.composite(
+            STRUCT,
+            "bits",
+            4,
+            true,
+            &[("flag", 2, (1 << 24) | 3), ("b", 3, 16)],
+        );
         b.ty("colour", ENUM, true, 2, 4); // 14: signed enum
         let (red, green) = (b.name("RED"), b.name("GREEN"));
         b.words(&[red, (-1i32).cast_unsigned(), green, 2]);

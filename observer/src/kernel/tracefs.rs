@@ -40,14 +40,18 @@ pub enum TraceFsError {
         error: FormatError,
     },
     /// Mounting tracefs failed (no tracefs was mounted at the usual places).
-    #[error("no tracefs found at {TRACEFS_PATH} or {DEBUGFS_TRACING_PATH}, and mounting it at `{path}` failed")]
+    #[error(
+        "no tracefs found at {TRACEFS_PATH} or {DEBUGFS_TRACING_PATH}, and mounting it at `{path}` failed"
+    )]
     MountError {
         path: PathBuf,
         #[source]
         io_error: io::Error,
     },
     /// tracefs was mounted but has no `events/` directory (kernel built without tracepoints).
-    #[error("tracefs mounted at `{path}` has no `events/` directory (kernel without tracepoint support?)")]
+    #[error(
+        "tracefs mounted at `{path}` has no `events/` directory (kernel without tracepoint support?)"
+    )]
     NoEvents { path: PathBuf },
     /// A category or event name that cannot name a tracefs directory.
     #[error("invalid tracepoint name `{category}:{name}`")]
@@ -151,12 +155,12 @@ impl TraceFs {
 
     /// Reads and parses the format of tracepoint `category:name`.
     pub fn format(&self, category: &str, name: &str) -> Result<EventFormat, TraceFsError> {
-        let path =
-            self.format_path(category, name)
-                .ok_or_else(|| TraceFsError::InvalidName {
-                    category: category.to_owned(),
-                    name: name.to_owned(),
-                })?;
+        let path = self
+            .format_path(category, name)
+            .ok_or_else(|| TraceFsError::InvalidName {
+                category: category.to_owned(),
+                name: name.to_owned(),
+            })?;
         let text = std::fs::read_to_string(&path).map_err(|io_error| TraceFsError::FileError {
             path: path.clone(),
             io_error,
@@ -239,7 +243,11 @@ pub fn parse_format(text: &str) -> Result<EventFormat, FormatError> {
             }
             name = Some(rest.to_owned());
         } else if let Some(rest) = line.strip_prefix("ID:") {
-            id = Some(rest.trim().parse::<u32>().map_err(|_| malformed("bad ID"))?);
+            id = Some(
+                rest.trim()
+                    .parse::<u32>()
+                    .map_err(|_| malformed("bad ID"))?,
+            );
         } else if line.starts_with("field:") {
             fields.push(parse_field(line).map_err(malformed)?);
         } else if let Some(rest) = line.strip_prefix("print fmt:") {
@@ -313,9 +321,7 @@ fn field_name(decl: &str) -> Option<&str> {
     while let Some(stripped) = decl.strip_suffix(']') {
         decl = stripped[..stripped.rfind('[')?].trim_end();
     }
-    let start = decl
-        .rfind(|c: char| !is_ident_char(c))
-        .map_or(0, |i| i + 1);
+    let start = decl.rfind(|c: char| !is_ident_char(c)).map_or(0, |i| i + 1);
     let name = &decl[start..];
     (!name.is_empty() && !name.starts_with(|c: char| c.is_ascii_digit())).then_some(name)
 }
@@ -407,10 +413,10 @@ fn print_symbolic_calls(fmt: &str) -> Vec<Vec<&str>> {
             {
                 let after = i + CALL.len();
                 let open = after + (fmt[after..].len() - fmt[after..].trim_start().len());
-                if bytes.get(open) == Some(&b'(') {
-                    if let Some(args) = split_args(fmt, open) {
-                        calls.push(args);
-                    }
+                if bytes.get(open) == Some(&b'(')
+                    && let Some(args) = split_args(fmt, open)
+                {
+                    calls.push(args);
                 }
                 // Continue inside the call: nested calls are found too.
                 i = after;
@@ -509,8 +515,7 @@ fn parse_int(text: &str) -> Option<i64> {
         None => (false, text),
     };
     let text = text.trim_end_matches(['u', 'U', 'l', 'L']);
-    let magnitude = if let Some(hex) = text.strip_prefix("0x").or_else(|| text.strip_prefix("0X"))
-    {
+    let magnitude = if let Some(hex) = text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
         u64::from_str_radix(hex, 16).ok()?
     } else if text.len() > 1 && text.starts_with('0') {
         u64::from_str_radix(&text[1..], 8).ok()?
@@ -596,7 +601,10 @@ mod tests {
     const KFREE_SKB_OLD: &str = include_str!("fixtures/kfree_skb_5.17.format");
     const MALFORMED: &str = include_str!("fixtures/malformed.format");
 
-    #[expect(clippy::unwrap_used, reason = "test helper: a fixture that does not parse is a bug")]
+    #[expect(
+        clippy::unwrap_used,
+        reason = "test helper: a fixture that does not parse is a bug"
+    )]
     fn parse(text: &str) -> EventFormat {
         parse_format(text).unwrap()
     }
@@ -628,7 +636,10 @@ mod tests {
             })
         );
         let skbaddr = f.field("skbaddr");
-        assert_eq!(skbaddr.map(|s| s.decl.as_str()), Some("const void * skbaddr"));
+        assert_eq!(
+            skbaddr.map(|s| s.decl.as_str()),
+            Some("const void * skbaddr")
+        );
         assert_eq!(f.field("common_pid").map(|p| p.signed), Some(true));
         assert!(f.print_fmt.starts_with("\"skbaddr=%p skaddr=%p"));
         assert!(f.print_fmt.ends_with("REC->err"));
@@ -738,7 +749,10 @@ mod tests {
             "{err:?}"
         );
         let msg = err.map(|e| e.to_string()).unwrap_or_default();
-        assert_eq!(msg, "tracepoint `tcp_retransmit_skb` field `sport` has 2 bytes, expected 4");
+        assert_eq!(
+            msg,
+            "tracepoint `tcp_retransmit_skb` field `sport` has 2 bytes, expected 4"
+        );
         // An optional field that exists with the wrong size is an error, not "absent".
         assert!(matches!(
             f.optional_offset_of("err", 8),
@@ -843,7 +857,10 @@ print fmt: "fake __print_symbolic(REC->code, { 99, \"NO\" }) {(\"", (REC->flags 
                 (7, "SECOND".to_owned()),
             ]
         );
-        assert_eq!(f.symbolic_values("other_code"), vec![(5, "OTHER".to_owned())]);
+        assert_eq!(
+            f.symbolic_values("other_code"),
+            vec![(5, "OTHER".to_owned())]
+        );
         // Unterminated call: no panic, nothing found.
         let mut broken = f.clone();
         broken.print_fmt = "\"%s\", __print_symbolic(REC->code, { 1, \"A\" }".into();
@@ -854,7 +871,14 @@ print fmt: "fake __print_symbolic(REC->code, { 99, \"NO\" }) {(\"", (REC->flags 
     fn malformed_files_give_clear_errors() {
         let err = parse_format(MALFORMED).err();
         assert!(
-            matches!(&err, Some(FormatError::Malformed { line: 7, reason: "bad offset", .. })),
+            matches!(
+                &err,
+                Some(FormatError::Malformed {
+                    line: 7,
+                    reason: "bad offset",
+                    ..
+                })
+            ),
             "{err:?}"
         );
         let msg = err.map(|e| e.to_string()).unwrap_or_default();
@@ -871,19 +895,35 @@ print fmt: "fake __print_symbolic(REC->code, { 99, \"NO\" }) {(\"", (REC->flags 
         ));
         assert!(matches!(
             parse_format("name: x\nID: nine\n"),
-            Err(FormatError::Malformed { line: 2, reason: "bad ID", .. })
+            Err(FormatError::Malformed {
+                line: 2,
+                reason: "bad ID",
+                ..
+            })
         ));
         assert!(matches!(
             parse_format("name: x\nID: 9\nformat:\n\nprint fmt: \"\"\n"),
-            Err(FormatError::Malformed { line: 0, reason: "no `field:` lines", .. })
+            Err(FormatError::Malformed {
+                line: 0,
+                reason: "no `field:` lines",
+                ..
+            })
         ));
         assert!(matches!(
             parse_format("name: x\nID: 9\n\tfield:int a;\toffset:0;\n"),
-            Err(FormatError::Malformed { line: 3, reason: "no size", .. })
+            Err(FormatError::Malformed {
+                line: 3,
+                reason: "no size",
+                ..
+            })
         ));
         assert!(matches!(
             parse_format("name: x\nID: 9\n\tfield:;\toffset:0;\tsize:4;\n"),
-            Err(FormatError::Malformed { line: 3, reason: "no field name in declaration", .. })
+            Err(FormatError::Malformed {
+                line: 3,
+                reason: "no field name in declaration",
+                ..
+            })
         ));
         assert!(parse_format("").is_err());
     }
@@ -912,7 +952,8 @@ print fmt: "fake __print_symbolic(REC->code, { 99, \"NO\" }) {(\"", (REC->flags 
 
     #[test]
     fn tracefs_reads_a_directory_tree() {
-        let root = std::env::temp_dir().join(format!("observer-tracefs-test-{}", std::process::id()));
+        let root =
+            std::env::temp_dir().join(format!("observer-tracefs-test-{}", std::process::id()));
         let dir = root.join("events/tcp/tcp_retransmit_skb");
         std::fs::create_dir_all(&dir).expect("create temp tracefs tree");
         std::fs::write(dir.join("format"), RETRANSMIT_SKB).expect("write format");
@@ -922,7 +963,10 @@ print fmt: "fake __print_symbolic(REC->code, { 99, \"NO\" }) {(\"", (REC->flags 
         assert!(!tracefs.has_event("tcp", "tcp_nope"));
         assert!(!tracefs.has_event("..", "tcp"));
         assert_eq!(
-            tracefs.format("tcp", "tcp_retransmit_skb").ok().map(|f| f.id),
+            tracefs
+                .format("tcp", "tcp_retransmit_skb")
+                .ok()
+                .map(|f| f.id),
             Some(2281)
         );
         assert!(matches!(
@@ -957,8 +1001,15 @@ print fmt: "fake __print_symbolic(REC->code, { 99, \"NO\" }) {(\"", (REC->flags 
             return;
         }
         let f = tracefs.format("tcp", "tcp_retransmit_skb");
-        assert!(f.as_ref().is_ok_and(|f| retransmit_skb_layout(f).is_ok()), "{f:?}");
+        assert!(
+            f.as_ref().is_ok_and(|f| retransmit_skb_layout(f).is_ok()),
+            "{f:?}"
+        );
         let f = tracefs.format("tcp", "tcp_retransmit_synack");
-        assert!(f.as_ref().is_ok_and(|f| retransmit_synack_layout(f).is_ok()), "{f:?}");
+        assert!(
+            f.as_ref()
+                .is_ok_and(|f| retransmit_synack_layout(f).is_ok()),
+            "{f:?}"
+        );
     }
 }
