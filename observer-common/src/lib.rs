@@ -21,8 +21,38 @@ pub mod event_kind {
     pub const SYN_RETRANSMIT: u8 = 2;
     /// A SYN-ACK retransmitted by a listener (the peer never completed the handshake).
     pub const SYNACK_RETRANSMIT: u8 = 3;
+    /// A TCP packet freed with a drop reason (skb:kfree_skb).
+    pub const DROP: u8 = 4;
+    /// This host sent a RST.
+    pub const RESET_SENT: u8 = 5;
+    /// This host received a RST on a socket.
+    pub const RESET_RECEIVED: u8 = 6;
+    /// An active open completed (SYN_SENT -> ESTABLISHED): `duration_ns` is the connect latency.
+    pub const CONNECT: u8 = 7;
+    /// An active open failed (SYN_SENT -> CLOSE): refused or timed out, see `connect_outcome`.
+    pub const CONNECT_FAILED: u8 = 8;
+    /// A passive open completed (SYN_RECV -> ESTABLISHED).
+    pub const ACCEPT: u8 = 9;
+    /// A connection observed from its start was closed: `duration_ns` is its lifetime.
+    pub const CLOSE: u8 = 10;
     /// One more than the highest kind: sizes the per-kind counter arrays.
-    pub const COUNT: usize = 4;
+    pub const COUNT: usize = 11;
+}
+
+/// How a failed connect ended (in `TcpEvent::aux8`).
+pub mod connect_outcome {
+    /// A RST answered the SYN (nothing listening, or a firewall rejecting).
+    pub const REFUSED: u8 = 1;
+    /// The socket closed while still in SYN_SENT without a RST: SYNs unanswered.
+    pub const TIMEOUT: u8 = 2;
+}
+
+/// Direction of a dropped packet relative to this host (in `TcpEvent::aux8` of drops).
+pub mod direction {
+    /// The packet was being received (it has an input interface).
+    pub const INBOUND: u8 = 1;
+    /// The packet was being sent.
+    pub const OUTBOUND: u8 = 2;
 }
 
 /// Identity of a TCP flow as the kernel names it: `s` is this host's side.
@@ -59,13 +89,24 @@ pub struct FlowCounters {
     pub synack_retrans: u64,
     /// Events of this flow that were counted but not exported (over the export budget).
     pub suppressed: u64,
+    /// Packets of this flow dropped with an exported drop reason.
+    pub drops: u64,
+    pub resets_sent: u64,
+    pub resets_received: u64,
+    /// Active opens that reached ESTABLISHED.
+    pub connects: u64,
+    pub connects_refused: u64,
+    pub connects_timed_out: u64,
+    /// Passive opens that reached ESTABLISHED.
+    pub accepts: u64,
+    pub closes: u64,
     /// Start (CLOCK_BOOTTIME ns) of the flow's current export window.
     pub window_start_ns: u64,
     /// Events exported in the current window.
     pub window_exported: u32,
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<FlowCounters>() == 64);
+const _: () = assert!(size_of::<FlowCounters>() == 128);
 
 /// One exported event (a perf sample). `flow_count` is the flow's running total for this kind
 /// (segments for retransmits), read from the kernel map right after this event was counted.
@@ -84,12 +125,30 @@ pub struct TcpEvent {
     pub pid: u32,
     /// One of [`event_kind`].
     pub kind: u8,
-    /// TCP state (`enum tcp_state`), 0 where the tracepoint has none.
+    /// TCP state (`enum tcp_state`), 0 where the tracepoint has none. For state changes, the new
+    /// state.
     pub state: u8,
     /// Raw address family of the socket (`AF_INET` / `AF_INET6`).
     pub family: u16,
+    /// Connect latency, handshake time or connection lifetime (0 where not applicable).
+    pub duration_ns: u64,
+    /// Kernel address where a packet was dropped (kfree_skb `location`).
+    pub location: u64,
+    /// Drop reason (`enum skb_drop_reason`) or RST reason (`enum sk_rst_reason`), kernel numbering.
+    pub reason: u32,
+    /// Interface index a dropped packet arrived on (0: none / outbound).
+    pub ifindex: u32,
+    /// SYN retransmits of a connect, SYN-ACK retransmits of an accept, or smoothed RTT in µs.
+    pub aux32: u32,
+    /// Previous TCP state for state changes.
+    pub old_state: u8,
+    /// TCP header flags of a dropped packet.
+    pub tcp_flags: u8,
+    /// [`connect_outcome`] of a failed connect, [`direction`] of a drop.
+    pub aux8: u8,
+    pub _pad: u8,
 }
-const _: () = assert!(size_of::<TcpEvent>() == 72);
+const _: () = assert!(size_of::<TcpEvent>() == 104);
 
 /// Per-CPU statistics of the kernel programs, indexed by [`event_kind`] (index 0 unused).
 #[repr(C)]
@@ -129,7 +188,8 @@ pub struct RetransmitSkbLayout {
 }
 const _: () = assert!(size_of::<RetransmitSkbLayout>() == 24);
 
-/// Offsets of the fields observer reads from `tcp:tcp_retransmit_synack`.
+/// Offsets of the fields observer reads from `tcp:tcp_retransmit_synack` (and, with the same
+/// fields, `tcp:tcp_receive_reset`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RetransmitSynackLayout {
@@ -143,6 +203,91 @@ pub struct RetransmitSynackLayout {
     pub _pad: [u16; 2],
 }
 const _: () = assert!(size_of::<RetransmitSynackLayout>() == 16);
+
+/// `tcp:tcp_receive_reset` has the same fields as `tcp:tcp_retransmit_synack`.
+pub type SockTupleLayout = RetransmitSynackLayout;
+
+/// Offsets of the fields observer reads from `skb:kfree_skb`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct KfreeSkbLayout {
+    pub skbaddr: u16,
+    pub location: u16,
+    pub protocol: u16,
+    pub reason: u16,
+    /// `rx_sk` ([`FIELD_ABSENT`] before 6.11).
+    pub rx_sk: u16,
+    pub _pad: [u16; 3],
+}
+const _: () = assert!(size_of::<KfreeSkbLayout>() == 16);
+
+/// Offsets of the fields observer reads from `tcp:tcp_send_reset`.
+///
+/// Since 6.10 the addresses are `sockaddr_in6`-sized copies (`saddr[28]`, family and port
+/// inside, [`SEND_RESET_SOCKADDR`]); before, separate `sport`/`dport`/`saddr_v6`/`daddr_v6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SendResetLayout {
+    pub skaddr: u16,
+    /// `skbaddr`: the packet answered, whose device names the namespace when there is no socket.
+    pub skbaddr: u16,
+    pub state: u16,
+    /// `reason` ([`FIELD_ABSENT`] before 6.10).
+    pub reason: u16,
+    pub saddr: u16,
+    pub daddr: u16,
+    /// Used only with the old layout.
+    pub sport: u16,
+    pub dport: u16,
+    /// [`SEND_RESET_SOCKADDR`] or [`SEND_RESET_SPLIT`].
+    pub style: u16,
+    pub _pad: [u16; 3],
+}
+const _: () = assert!(size_of::<SendResetLayout>() == 24);
+
+/// `saddr`/`daddr` are `struct sockaddr_in6`-sized copies (family, port, address inside).
+pub const SEND_RESET_SOCKADDR: u16 = 1;
+/// `sport`, `dport`, `saddr_v6`, `daddr_v6` fields.
+pub const SEND_RESET_SPLIT: u16 = 2;
+
+/// Offsets of the fields observer reads from `sock:inet_sock_set_state`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SetStateLayout {
+    pub skaddr: u16,
+    pub oldstate: u16,
+    pub newstate: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub protocol: u16,
+    pub saddr_v6: u16,
+    pub daddr_v6: u16,
+    pub _pad: [u16; 3],
+}
+const _: () = assert!(size_of::<SetStateLayout>() == 24);
+
+/// Kernel struct member offsets for reading packets and sockets, from BTF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PacketOffsets {
+    /// `offsetof(struct sk_buff, head)` (pointer).
+    pub skb_head: u16,
+    /// `offsetof(struct sk_buff, network_header)` (u16 offset from head).
+    pub skb_network_header: u16,
+    /// `offsetof(struct sk_buff, transport_header)` (u16 offset from head).
+    pub skb_transport_header: u16,
+    /// `offsetof(struct sk_buff, dev)` (pointer).
+    pub skb_dev: u16,
+    /// `offsetof(struct sk_buff, skb_iif)` (int).
+    pub skb_iif: u16,
+    /// `offsetof(struct net_device, nd_net.net)` (pointer).
+    pub dev_net: u16,
+    /// `offsetof(struct tcp_sock, srtt_us)` (u32, RTT << 3).
+    pub tcp_srtt_us: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<PacketOffsets>() == 16);
 
 /// Marks a field the running kernel does not have.
 pub const FIELD_ABSENT: u16 = u16::MAX;
@@ -172,19 +317,56 @@ pub struct ExportBudget {
     pub window_ns: u64,
     /// Events exported per flow per window (0 = no per-flow limit).
     pub per_flow: u32,
+    /// Events exported per CPU per window over all flows (0 = no limit): bounds the export cost
+    /// of storms spread over many flows.
+    pub per_cpu: u32,
+    /// Bit mask of [`event_kind`]s that are exported at all (the others are only counted).
+    pub kinds: u32,
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<ExportBudget>() == 16);
+const _: () = assert!(size_of::<ExportBudget>() == 24);
 
 impl Default for ExportBudget {
     fn default() -> Self {
         Self {
             window_ns: 1_000_000_000,
             per_flow: 0,
+            per_cpu: 0,
+            kinds: u32::MAX,
             _pad: 0,
         }
     }
 }
+
+/// Per-CPU state of the per-CPU export budget.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CpuBudget {
+    pub window_start_ns: u64,
+    pub exported: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<CpuBudget>() == 16);
+
+/// Per-socket state kept between state changes (connect latency, outcome, lifetime).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SocketState {
+    /// When the socket entered SYN_SENT (active) or was seen first.
+    pub opened_ns: u64,
+    /// When it reached ESTABLISHED (0: not yet).
+    pub established_ns: u64,
+    pub syn_retransmits: u32,
+    /// Non-zero when a RST was received.
+    pub reset_received: u8,
+    /// Non-zero for active opens.
+    pub active: u8,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<SocketState>() == 24);
+
+/// Size of the drop-reason tables (filter and counters); reasons at or above are ignored.
+pub const MAX_DROP_REASONS: u32 = 512;
 
 /// Everything the kernel programs learn from userspace at load time (the `CONFIG` global, set
 /// with `EbpfLoader::override_global`).
@@ -193,10 +375,15 @@ impl Default for ExportBudget {
 pub struct KernelConfig {
     pub retransmit_skb: RetransmitSkbLayout,
     pub retransmit_synack: RetransmitSynackLayout,
+    pub receive_reset: SockTupleLayout,
+    pub send_reset: SendResetLayout,
+    pub kfree_skb: KfreeSkbLayout,
+    pub set_state: SetStateLayout,
     pub offsets: StructOffsets,
+    pub packet: PacketOffsets,
     pub budget: ExportBudget,
 }
-const _: () = assert!(size_of::<KernelConfig>() == 72);
+const _: () = assert!(size_of::<KernelConfig>() == 176);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -211,4 +398,8 @@ mod pod {
     unsafe impl aya::Pod for super::KindStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::KernelConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SocketState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CpuBudget {}
 }

@@ -9,7 +9,10 @@
 // Atomic add on map values: core's AtomicU64 has no RMW methods for the BPF target, but the
 // intrinsic lowers to BPF_XADD when its result is unused (what CPU v1, the default, supports).
 #![feature(core_intrinsics)]
-#![expect(internal_features, reason = "atomic_xadd is the only fetch-add available on BPF")]
+#![expect(
+    internal_features,
+    reason = "atomic_xadd is the only atomic add available on BPF"
+)]
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
@@ -17,54 +20,31 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, generated::bpf_ktime_get_boot_ns},
     macros::{map, tracepoint},
-    maps::{LruHashMap, PerCpuArray, PerfEventArray},
+    maps::{Array, LruHashMap, PerCpuArray, PerfEventArray},
     programs::TracePointContext,
 };
 use observer_common::{
-    FIELD_ABSENT, FlowCounters, FlowKey, KernelConfig, KindStats, TCP_SYN_SENT, TcpEvent,
+    CpuBudget, FIELD_ABSENT, FlowCounters, FlowKey, KernelConfig, KindStats, MAX_DROP_REASONS,
+    SEND_RESET_SOCKADDR, SocketState, TCP_SYN_SENT, TcpEvent, connect_outcome, direction,
     event_kind,
 };
 
 /// Set by userspace at load time; all zeroes here only so that the object has the symbol.
 #[unsafe(no_mangle)]
-static CONFIG: KernelConfig = KernelConfig {
-    retransmit_skb: observer_common::RetransmitSkbLayout {
-        skbaddr: 0,
-        skaddr: 0,
-        state: 0,
-        sport: 0,
-        dport: 0,
-        family: 0,
-        saddr_v6: 0,
-        daddr_v6: 0,
-        err: 0,
-        _pad: [0; 3],
-    },
-    retransmit_synack: observer_common::RetransmitSynackLayout {
-        sport: 0,
-        dport: 0,
-        family: 0,
-        saddr_v6: 0,
-        daddr_v6: 0,
-        skaddr: 0,
-        _pad: [0; 2],
-    },
-    offsets: observer_common::StructOffsets {
-        skb_cb: 0,
-        tcp_skb_cb_gso_segs: 0,
-        sock_net: 0,
-        net_ns_inum: 0,
-        _pad: [0; 4],
-    },
-    budget: observer_common::ExportBudget {
-        window_ns: 1_000_000_000,
-        per_flow: 0,
-        _pad: 0,
-    },
-};
+// SAFETY: KernelConfig is plain integers, for which all-zero bytes are a valid value.
+static CONFIG: KernelConfig = unsafe { core::mem::zeroed() };
+
+/// Reads one part of `CONFIG`. Volatile, because userspace rewrites the value before loading and
+/// the compiler must not fold the zero initialiser into the code.
+macro_rules! config {
+    ($($field:ident).+) => {
+        // SAFETY: CONFIG is a plain-data static that is never written by the programs.
+        unsafe { core::ptr::read_volatile(&raw const CONFIG.$($field).+) }
+    };
+}
 
 /// Exact counters per flow. LRU so that a flood of distinct flows evicts old ones instead of
-/// failing; userspace sizes it and reports evictions it detects.
+/// failing; userspace sizes it.
 #[map]
 static FLOW_COUNTERS: LruHashMap<FlowKey, FlowCounters> = LruHashMap::with_max_entries(65_536, 0);
 
@@ -73,16 +53,35 @@ static FLOW_COUNTERS: LruHashMap<FlowKey, FlowCounters> = LruHashMap::with_max_e
 static KIND_STATS: PerCpuArray<KindStats> =
     PerCpuArray::with_max_entries(event_kind::COUNT as u32, 0);
 
+/// Per-CPU export budget state (one slot).
+#[map]
+static CPU_BUDGET: PerCpuArray<CpuBudget> = PerCpuArray::with_max_entries(1, 0);
+
+/// Drop reasons to report (index: `enum skb_drop_reason` value; non-zero: report). Filled by
+/// userspace from reason names, so the kernel's numbering never matters here.
+#[map]
+static DROP_REASON_FILTER: Array<u8> = Array::with_max_entries(MAX_DROP_REASONS, 0);
+
+/// Per-CPU count of reported TCP drops per reason.
+#[map]
+static DROP_REASON_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_DROP_REASONS, 0);
+
+/// Per-socket state between state changes, keyed by the socket's address.
+#[map]
+static SOCKETS: LruHashMap<u64, SocketState> = LruHashMap::with_max_entries(65_536, 0);
+
 /// Exemplar events for userspace.
 #[map]
 static EVENTS: PerfEventArray<TcpEvent> = PerfEventArray::new(0);
 
-#[inline(always)]
-fn config() -> KernelConfig {
-    // SAFETY: CONFIG is a plain-data static; the volatile read stops the compiler from folding
-    // the zero initialiser into the code, since userspace rewrites the value before loading.
-    unsafe { core::ptr::read_volatile(&raw const CONFIG) }
-}
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const IPPROTO_TCP: u8 = 6;
+const AF_INET: u16 = 2;
+/// TCP states (include/net/tcp_states.h, user-visible ABI).
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_RECV: i32 = 3;
+const TCP_CLOSE: i32 = 7;
 
 #[inline(always)]
 fn stats(kind: u8) -> Option<&'static mut KindStats> {
@@ -106,23 +105,42 @@ fn field<T>(ctx: &TracePointContext, offset: u16) -> Result<T, i32> {
     unsafe { ctx.read_at::<T>(usize::from(offset)) }
 }
 
-/// Reads the network-namespace inode of socket `sk` (0 when it cannot be read).
+/// Reads kernel memory at `addr`.
 #[inline(always)]
-fn netns_of(sk: u64, cfg: &KernelConfig) -> u32 {
-    if sk == 0 {
-        return 0;
-    }
-    let net_ptr = (sk + u64::from(cfg.offsets.sock_net)) as *const u64;
-    // SAFETY: probe reads of kernel memory; a bad address yields an error, not a fault.
-    let Ok(net) = (unsafe { bpf_probe_read_kernel(net_ptr) }) else {
-        return 0;
-    };
+fn kread<T>(addr: u64) -> Result<T, i32> {
+    // SAFETY: bpf_probe_read_kernel checks the address and returns an error instead of faulting.
+    unsafe { bpf_probe_read_kernel(addr as *const T) }
+}
+
+/// Network-namespace inode behind a `struct net *`.
+#[inline(always)]
+fn netns_inum(net: u64) -> u32 {
     if net == 0 {
         return 0;
     }
-    let inum_ptr = (net + u64::from(cfg.offsets.net_ns_inum)) as *const u32;
-    // SAFETY: as above.
-    unsafe { bpf_probe_read_kernel(inum_ptr) }.unwrap_or(0)
+    kread::<u32>(net + u64::from(config!(offsets.net_ns_inum))).unwrap_or(0)
+}
+
+/// Network-namespace inode of socket `sk` (0 when it cannot be read).
+#[inline(always)]
+fn netns_of_sock(sk: u64) -> u32 {
+    if sk == 0 {
+        return 0;
+    }
+    netns_inum(kread::<u64>(sk + u64::from(config!(offsets.sock_net))).unwrap_or(0))
+}
+
+/// Network-namespace inode of the device a packet is on (0 when it has none).
+#[inline(always)]
+fn netns_of_skb_dev(skb: u64) -> u32 {
+    if skb == 0 {
+        return 0;
+    }
+    let dev: u64 = kread(skb + u64::from(config!(packet.skb_dev))).unwrap_or(0);
+    if dev == 0 {
+        return 0;
+    }
+    netns_inum(kread::<u64>(dev + u64::from(config!(packet.dev_net))).unwrap_or(0))
 }
 
 /// Adds to a counter that other CPUs may update concurrently.
@@ -142,18 +160,46 @@ enum Counter {
     RetransFailed,
     SynRetrans,
     SynackRetrans,
+    Drops,
+    ResetsSent,
+    ResetsReceived,
+    Connects,
+    ConnectsRefused,
+    ConnectsTimedOut,
+    Accepts,
+    Closes,
 }
 
-/// Counts `amount` for `flow`, decides whether this event is exported, and returns the flow's new
-/// running total for the counter (None when the flow could not be counted).
+/// Pointer to the counter `counter` inside `c`.
+///
+/// # Safety
+/// `c` must point at a live map value.
 #[inline(always)]
-fn count_flow(
-    flow: &FlowKey,
-    counter: Counter,
-    amount: u64,
-    now: u64,
-    cfg: &KernelConfig,
-) -> Option<(u64, bool)> {
+unsafe fn slot(c: *mut FlowCounters, counter: Counter) -> *mut u64 {
+    // SAFETY: guaranteed by the caller; only field addresses are computed.
+    unsafe {
+        match counter {
+            Counter::RetransSegs => &raw mut (*c).retrans_segs,
+            Counter::RetransFailed => &raw mut (*c).retrans_failed,
+            Counter::SynRetrans => &raw mut (*c).syn_retrans,
+            Counter::SynackRetrans => &raw mut (*c).synack_retrans,
+            Counter::Drops => &raw mut (*c).drops,
+            Counter::ResetsSent => &raw mut (*c).resets_sent,
+            Counter::ResetsReceived => &raw mut (*c).resets_received,
+            Counter::Connects => &raw mut (*c).connects,
+            Counter::ConnectsRefused => &raw mut (*c).connects_refused,
+            Counter::ConnectsTimedOut => &raw mut (*c).connects_timed_out,
+            Counter::Accepts => &raw mut (*c).accepts,
+            Counter::Closes => &raw mut (*c).closes,
+        }
+    }
+}
+
+/// Counts `amount` for `flow` and decides whether this event is exported under the per-flow
+/// budget. Returns the flow's running total for the counter and the export decision, or None
+/// when the flow could not be counted.
+#[inline(always)]
+fn count_flow(flow: &FlowKey, counter: Counter, amount: u64, now: u64) -> Option<(u64, bool)> {
     let mut ptr = FLOW_COUNTERS.get_ptr_mut(flow);
     if ptr.is_none() {
         // Several CPUs may race to create the entry: NOEXIST keeps the first and the others
@@ -163,32 +209,27 @@ fn count_flow(
     }
     let counters = ptr?;
     // SAFETY: `counters` points at a live map value for the duration of this program run;
-    // counters shared between CPUs are only changed through atomic operations below.
+    // counters shared between CPUs are only changed through atomic adds.
     let total = unsafe {
-        let slot: *mut u64 = match counter {
-            Counter::RetransSegs => &raw mut (*counters).retrans_segs,
-            Counter::RetransFailed => &raw mut (*counters).retrans_failed,
-            Counter::SynRetrans => &raw mut (*counters).syn_retrans,
-            Counter::SynackRetrans => &raw mut (*counters).synack_retrans,
-        };
+        let slot = slot(counters, counter);
         atomic_add(slot, amount);
-        // Read back for the event's running count. Another CPU may add in between; the count
-        // shown is then a little ahead, while the map total stays exact.
-        let total = core::ptr::read_volatile(slot);
         if let Counter::RetransSegs = counter {
             atomic_add(&raw mut (*counters).retrans_skbs, 1);
         }
-        total
+        // Read back for the event's running count. Another CPU may add in between; the count
+        // shown is then a little ahead, while the map total stays exact.
+        core::ptr::read_volatile(slot)
     };
-    let per_flow = cfg.budget.per_flow;
+    let per_flow = config!(budget.per_flow);
     if per_flow == 0 {
         return Some((total, true));
     }
+    let window_ns = config!(budget.window_ns);
     // SAFETY: as above. The window fields are advisory (a race between CPUs may export one event
     // more or less than the budget); the totals above are exact regardless.
     let export = unsafe {
         let c = &mut *counters;
-        if now.wrapping_sub(c.window_start_ns) >= cfg.budget.window_ns {
+        if now.wrapping_sub(c.window_start_ns) >= window_ns {
             c.window_start_ns = now;
             c.window_exported = 0;
         }
@@ -203,10 +244,34 @@ fn count_flow(
     Some((total, export))
 }
 
-/// Counts the event in the per-CPU statistics and the flow map, and exports it if the budget
-/// allows.
+/// The per-CPU budget: at most `per_cpu` exports per window on this CPU.
 #[inline(always)]
-fn record<C: aya_ebpf::EbpfContext>(ctx: &C, mut event: TcpEvent, counter: Counter, cfg: &KernelConfig) {
+fn cpu_budget_allows(now: u64) -> bool {
+    let per_cpu = config!(budget.per_cpu);
+    if per_cpu == 0 {
+        return true;
+    }
+    let Some(ptr) = CPU_BUDGET.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: this CPU's slot; nothing else writes it while the program runs.
+    let b = unsafe { &mut *ptr };
+    if now.wrapping_sub(b.window_start_ns) >= config!(budget.window_ns) {
+        b.window_start_ns = now;
+        b.exported = 0;
+    }
+    if b.exported < per_cpu {
+        b.exported += 1;
+        true
+    } else {
+        false
+    }
+}
+
+/// Counts the event in the per-CPU statistics and the flow map, and exports it if the kind is
+/// exported and the budgets allow.
+#[inline(always)]
+fn record<C: aya_ebpf::EbpfContext>(ctx: &C, mut event: TcpEvent, counter: Counter) {
     let Some(stats) = stats(event.kind) else {
         return;
     };
@@ -215,21 +280,53 @@ fn record<C: aya_ebpf::EbpfContext>(ctx: &C, mut event: TcpEvent, counter: Count
         Counter::RetransSegs => u64::from(event.segs),
         _ => 1,
     };
-    let Some((total, export)) = count_flow(&event.flow, counter, amount, event.timestamp_ns, cfg)
+    let Some((total, flow_allows)) = count_flow(&event.flow, counter, amount, event.timestamp_ns)
     else {
         stats.map_full += 1;
         return;
     };
     stats.counted += amount;
-    if !export {
+    let kind_exported = config!(budget.kinds) & (1u32 << event.kind) != 0;
+    if !kind_exported {
+        return;
+    }
+    if !flow_allows || !cpu_budget_allows(event.timestamp_ns) {
         stats.suppressed += 1;
         return;
     }
     event.flow_count = total;
     event.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    EVENTS.output(ctx, &event, 0);
+    EVENTS.output(ctx, event, 0);
     stats.exported += 1;
 }
+
+/// An event with the common fields set.
+#[inline(always)]
+fn new_event(kind: u8, flow: FlowKey, family: u16, state: u8) -> TcpEvent {
+    TcpEvent {
+        flow,
+        timestamp_ns: now_ns(),
+        flow_count: 0,
+        segs: 1,
+        err: 0,
+        pid: 0,
+        kind,
+        state,
+        family,
+        duration_ns: 0,
+        location: 0,
+        reason: 0,
+        ifindex: 0,
+        aux32: 0,
+        old_state: 0,
+        tcp_flags: 0,
+        aux8: 0,
+        _pad: 0,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Retransmits
 
 #[tracepoint]
 pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
@@ -238,8 +335,7 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
 }
 
 fn try_retransmit_skb(ctx: &TracePointContext) -> Result<(), i32> {
-    let cfg = config();
-    let layout = cfg.retransmit_skb;
+    let layout = config!(retransmit_skb);
     let state: i32 = field(ctx, layout.state)?;
     let state = state as u8;
     let err: i32 = if layout.err == FIELD_ABSENT {
@@ -248,7 +344,6 @@ fn try_retransmit_skb(ctx: &TracePointContext) -> Result<(), i32> {
         field(ctx, layout.err)?
     };
     let sk: u64 = field(ctx, layout.skaddr)?;
-    let skb: u64 = field(ctx, layout.skbaddr)?;
     let kind = if state == TCP_SYN_SENT {
         event_kind::SYN_RETRANSMIT
     } else {
@@ -256,36 +351,39 @@ fn try_retransmit_skb(ctx: &TracePointContext) -> Result<(), i32> {
     };
     let segs = if kind == event_kind::RETRANSMIT {
         // tcp_skb_pcount(skb): one retransmitted skb may carry several segments.
-        let ptr = (skb + u64::from(cfg.offsets.skb_cb) + u64::from(cfg.offsets.tcp_skb_cb_gso_segs))
-            as *const u16;
-        // SAFETY: probe read of kernel memory at offsets taken from the running kernel's BTF.
-        u32::from(unsafe { bpf_probe_read_kernel(ptr) }.unwrap_or(1).max(1))
+        let skb: u64 = field(ctx, layout.skbaddr)?;
+        let cb = skb + u64::from(config!(offsets.skb_cb));
+        u32::from(
+            kread::<u16>(cb + u64::from(config!(offsets.tcp_skb_cb_gso_segs)))
+                .unwrap_or(1)
+                .max(1),
+        )
     } else {
+        // Remember for the connect's outcome how many SYNs it took.
+        if err == 0
+            && let Some(s) = SOCKETS.get_ptr_mut(sk)
+        {
+            // SAFETY: live map value; a lost race only miscounts the informational field.
+            unsafe { (*s).syn_retransmits += 1 };
+        }
         1
     };
-    let event = TcpEvent {
-        flow: FlowKey {
-            saddr: field(ctx, layout.saddr_v6)?,
-            daddr: field(ctx, layout.daddr_v6)?,
-            sport: field(ctx, layout.sport)?,
-            dport: field(ctx, layout.dport)?,
-            netns: netns_of(sk, &cfg),
-        },
-        timestamp_ns: now_ns(),
-        flow_count: 0,
-        segs,
-        err,
-        pid: 0,
-        kind,
-        state,
-        family: field(ctx, layout.family)?,
+    let flow = FlowKey {
+        saddr: field(ctx, layout.saddr_v6)?,
+        daddr: field(ctx, layout.daddr_v6)?,
+        sport: field(ctx, layout.sport)?,
+        dport: field(ctx, layout.dport)?,
+        netns: netns_of_sock(sk),
     };
+    let mut event = new_event(kind, flow, field(ctx, layout.family)?, state);
+    event.segs = segs;
+    event.err = err;
     let counter = match (kind, err) {
         (_, e) if e != 0 => Counter::RetransFailed,
         (event_kind::SYN_RETRANSMIT, _) => Counter::SynRetrans,
         _ => Counter::RetransSegs,
     };
-    record(ctx, event, counter, &cfg);
+    record(ctx, event, counter);
     Ok(())
 }
 
@@ -296,28 +394,363 @@ pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
 }
 
 fn try_retransmit_synack(ctx: &TracePointContext) -> Result<(), i32> {
-    let cfg = config();
-    let layout = cfg.retransmit_synack;
+    let layout = config!(retransmit_synack);
     let sk: u64 = field(ctx, layout.skaddr)?;
-    let event = TcpEvent {
-        flow: FlowKey {
-            saddr: field(ctx, layout.saddr_v6)?,
-            daddr: field(ctx, layout.daddr_v6)?,
-            sport: field(ctx, layout.sport)?,
-            dport: field(ctx, layout.dport)?,
-            netns: netns_of(sk, &cfg),
-        },
-        timestamp_ns: now_ns(),
-        flow_count: 0,
-        segs: 1,
-        err: 0,
-        pid: 0,
-        kind: event_kind::SYNACK_RETRANSMIT,
-        // The request socket is in SYN_RECV (TCP_NEW_SYN_RECV for the request sock itself).
-        state: 3,
-        family: field(ctx, layout.family)?,
+    let flow = FlowKey {
+        saddr: field(ctx, layout.saddr_v6)?,
+        daddr: field(ctx, layout.daddr_v6)?,
+        sport: field(ctx, layout.sport)?,
+        dport: field(ctx, layout.dport)?,
+        netns: netns_of_sock(sk),
     };
-    record(ctx, event, Counter::SynackRetrans, &cfg);
+    let event = new_event(
+        event_kind::SYNACK_RETRANSMIT,
+        flow,
+        field(ctx, layout.family)?,
+        TCP_SYN_RECV as u8,
+    );
+    record(ctx, event, Counter::SynackRetrans);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resets
+
+#[tracepoint]
+pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
+    let _ = try_receive_reset(&ctx);
+    0
+}
+
+fn try_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
+    let layout = config!(receive_reset);
+    let sk: u64 = field(ctx, layout.skaddr)?;
+    if let Some(s) = SOCKETS.get_ptr_mut(sk) {
+        // SAFETY: live map value; marks the connect as refused when it then closes.
+        unsafe { (*s).reset_received = 1 };
+    }
+    let flow = FlowKey {
+        saddr: field(ctx, layout.saddr_v6)?,
+        daddr: field(ctx, layout.daddr_v6)?,
+        sport: field(ctx, layout.sport)?,
+        dport: field(ctx, layout.dport)?,
+        netns: netns_of_sock(sk),
+    };
+    // The socket's state is not in the record: read it from `struct sock_common.skc_state`?
+    // That needs another offset; the state change that follows the RST is reported anyway.
+    let event = new_event(
+        event_kind::RESET_RECEIVED,
+        flow,
+        field(ctx, layout.family)?,
+        0,
+    );
+    record(ctx, event, Counter::ResetsReceived);
+    Ok(())
+}
+
+/// Address and port out of a `struct sockaddr_in`/`sockaddr_in6` copy: (family, port, address
+/// as IPv6 or IPv4-mapped).
+#[inline(always)]
+fn read_sockaddr(ctx: &TracePointContext, offset: u16) -> Result<(u16, u16, [u8; 16]), i32> {
+    let family: u16 = field(ctx, offset)?;
+    let port_be: u16 = field(ctx, offset + 2)?;
+    let mut addr = [0u8; 16];
+    if family == AF_INET {
+        let v4: [u8; 4] = field(ctx, offset + 4)?;
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        addr[12] = v4[0];
+        addr[13] = v4[1];
+        addr[14] = v4[2];
+        addr[15] = v4[3];
+    } else {
+        addr = field(ctx, offset + 8)?;
+    }
+    Ok((family, u16::from_be(port_be), addr))
+}
+
+#[tracepoint]
+pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
+    let _ = try_send_reset(&ctx);
+    0
+}
+
+fn try_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
+    let layout = config!(send_reset);
+    let sk: u64 = field(ctx, layout.skaddr)?;
+    let state: i32 = field(ctx, layout.state)?;
+    let reason: u32 = if layout.reason == FIELD_ABSENT {
+        0
+    } else {
+        field(ctx, layout.reason)?
+    };
+    let (family, flow) = if layout.style == SEND_RESET_SOCKADDR {
+        let (family, sport, saddr) = read_sockaddr(ctx, layout.saddr)?;
+        let (_, dport, daddr) = read_sockaddr(ctx, layout.daddr)?;
+        (
+            family,
+            FlowKey {
+                saddr,
+                daddr,
+                sport,
+                dport,
+                netns: 0,
+            },
+        )
+    } else {
+        (
+            0,
+            FlowKey {
+                saddr: field(ctx, layout.saddr)?,
+                daddr: field(ctx, layout.daddr)?,
+                sport: field(ctx, layout.sport)?,
+                dport: field(ctx, layout.dport)?,
+                netns: 0,
+            },
+        )
+    };
+    let mut flow = flow;
+    flow.netns = if sk != 0 {
+        netns_of_sock(sk)
+    } else {
+        // No socket (e.g. a SYN to a closed port): the answered packet's device names the
+        // namespace.
+        let skb: u64 = field(ctx, layout.skbaddr)?;
+        netns_of_skb_dev(skb)
+    };
+    let mut event = new_event(event_kind::RESET_SENT, flow, family, state as u8);
+    event.reason = reason;
+    record(ctx, event, Counter::ResetsSent);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Drops with a reason
+
+#[tracepoint]
+pub fn kfree_skb(ctx: TracePointContext) -> u32 {
+    let _ = try_kfree_skb(&ctx);
+    0
+}
+
+fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i32> {
+    let layout = config!(kfree_skb);
+    // Cheapest checks first: this tracepoint fires for every freed packet with a reason.
+    let reason: u32 = field(ctx, layout.reason)?;
+    match DROP_REASON_FILTER.get(reason) {
+        Some(&wanted) if wanted != 0 => {}
+        _ => return Ok(()),
+    }
+    let protocol: u16 = field(ctx, layout.protocol)?;
+    if protocol != ETH_P_IP && protocol != ETH_P_IPV6 {
+        return Ok(());
+    }
+    let skb: u64 = field(ctx, layout.skbaddr)?;
+    let packet = config!(packet);
+    let head: u64 = kread(skb + u64::from(packet.skb_head))?;
+    let network: u16 = kread(skb + u64::from(packet.skb_network_header))?;
+    let transport: u16 = kread(skb + u64::from(packet.skb_transport_header))?;
+    let ip = head + u64::from(network);
+    let first: u8 = kread(ip)?;
+    let (src, dst, l4) = if first >> 4 == 4 {
+        let hdr: [u8; 20] = kread(ip)?;
+        if hdr[9] != IPPROTO_TCP {
+            return Ok(());
+        }
+        let mut src = [0u8; 16];
+        let mut dst = [0u8; 16];
+        src[10] = 0xff;
+        src[11] = 0xff;
+        dst[10] = 0xff;
+        dst[11] = 0xff;
+        src[12..16].copy_from_slice(&hdr[12..16]);
+        dst[12..16].copy_from_slice(&hdr[16..20]);
+        let ihl = u64::from(hdr[0] & 0x0f) * 4;
+        (src, dst, ip + ihl)
+    } else if first >> 4 == 6 {
+        let hdr: [u8; 40] = kread(ip)?;
+        // Extension headers are not followed: TCP directly after the fixed header only.
+        if hdr[6] != IPPROTO_TCP {
+            return Ok(());
+        }
+        let mut src = [0u8; 16];
+        let mut dst = [0u8; 16];
+        src.copy_from_slice(&hdr[8..24]);
+        dst.copy_from_slice(&hdr[24..40]);
+        (src, dst, ip + 40)
+    } else {
+        return Ok(());
+    };
+    // Prefer the kernel's transport header when it has been set past the network header.
+    let l4 = if transport != u16::MAX && transport > network {
+        head + u64::from(transport)
+    } else {
+        l4
+    };
+    let tcp: [u8; 14] = kread(l4)?;
+    let src_port = u16::from_be_bytes([tcp[0], tcp[1]]);
+    let dst_port = u16::from_be_bytes([tcp[2], tcp[3]]);
+    let flags = tcp[13];
+    let ifindex: i32 = kread(skb + u64::from(packet.skb_iif)).unwrap_or(0);
+    let mut netns = netns_of_skb_dev(skb);
+    if netns == 0 && layout.rx_sk != FIELD_ABSENT {
+        let rx_sk: u64 = field(ctx, layout.rx_sk).unwrap_or(0);
+        netns = netns_of_sock(rx_sk);
+    }
+    // A received packet's destination is this host: orient the flow as the kernel names
+    // sockets (s = local).
+    let inbound = ifindex > 0;
+    let flow = if inbound {
+        FlowKey {
+            saddr: dst,
+            daddr: src,
+            sport: dst_port,
+            dport: src_port,
+            netns,
+        }
+    } else {
+        FlowKey {
+            saddr: src,
+            daddr: dst,
+            sport: src_port,
+            dport: dst_port,
+            netns,
+        }
+    };
+    let family = if first >> 4 == 4 { AF_INET } else { 10 };
+    let mut event = new_event(event_kind::DROP, flow, family, 0);
+    event.reason = reason;
+    event.location = field(ctx, layout.location).unwrap_or(0);
+    event.ifindex = ifindex as u32;
+    event.tcp_flags = flags;
+    event.aux8 = if inbound {
+        direction::INBOUND
+    } else {
+        direction::OUTBOUND
+    };
+    if let Some(count) = DROP_REASON_COUNTS.get_ptr_mut(reason) {
+        // SAFETY: this CPU's slot of the per-CPU array.
+        unsafe { *count += 1 };
+    }
+    record(ctx, event, Counter::Drops);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection lifecycle
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = try_set_state(&ctx);
+    0
+}
+
+fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
+    let layout = config!(set_state);
+    let protocol: u16 = field(ctx, layout.protocol)?;
+    if protocol != u16::from(IPPROTO_TCP) {
+        return Ok(());
+    }
+    let sk: u64 = field(ctx, layout.skaddr)?;
+    let old: i32 = field(ctx, layout.oldstate)?;
+    let new: i32 = field(ctx, layout.newstate)?;
+    let now = now_ns();
+
+    if new == i32::from(TCP_SYN_SENT) {
+        let state = SocketState {
+            opened_ns: now,
+            established_ns: 0,
+            syn_retransmits: 0,
+            reset_received: 0,
+            active: 1,
+            _pad: 0,
+        };
+        let _ = SOCKETS.insert(sk, state, 0);
+        return Ok(());
+    }
+    let (kind, counter) = match (old, new) {
+        (o, TCP_ESTABLISHED) if o == i32::from(TCP_SYN_SENT) => {
+            (event_kind::CONNECT, Counter::Connects)
+        }
+        (TCP_SYN_RECV, TCP_ESTABLISHED) => (event_kind::ACCEPT, Counter::Accepts),
+        (o, TCP_CLOSE) if o == i32::from(TCP_SYN_SENT) => {
+            (event_kind::CONNECT_FAILED, Counter::ConnectsTimedOut)
+        }
+        (_, TCP_CLOSE) => (event_kind::CLOSE, Counter::Closes),
+        _ => return Ok(()),
+    };
+    let flow = FlowKey {
+        saddr: field(ctx, layout.saddr_v6)?,
+        daddr: field(ctx, layout.daddr_v6)?,
+        sport: field(ctx, layout.sport)?,
+        dport: field(ctx, layout.dport)?,
+        netns: netns_of_sock(sk),
+    };
+    let mut event = new_event(kind, flow, field(ctx, layout.family)?, new as u8);
+    event.old_state = old as u8;
+    let mut counter = counter;
+    let known = SOCKETS.get_ptr_mut(sk);
+    match kind {
+        event_kind::CONNECT => {
+            if let Some(s) = known {
+                // SAFETY: live map value of this socket.
+                unsafe {
+                    event.duration_ns = now.wrapping_sub((*s).opened_ns);
+                    event.aux32 = (*s).syn_retransmits;
+                    (*s).established_ns = now;
+                }
+            }
+        }
+        event_kind::CONNECT_FAILED => {
+            event.aux8 = connect_outcome::TIMEOUT;
+            if let Some(s) = known {
+                // SAFETY: live map value of this socket.
+                unsafe {
+                    event.duration_ns = now.wrapping_sub((*s).opened_ns);
+                    event.aux32 = (*s).syn_retransmits;
+                    if (*s).reset_received != 0 {
+                        event.aux8 = connect_outcome::REFUSED;
+                        counter = Counter::ConnectsRefused;
+                    }
+                }
+            }
+            let _ = SOCKETS.remove(sk);
+        }
+        event_kind::ACCEPT => {
+            // The handshake's duration as the server measured it: the first RTT sample of the
+            // new socket is taken from SYN-ACK to ACK.
+            let srtt: u32 = kread(sk + u64::from(config!(packet.tcp_srtt_us))).unwrap_or(0);
+            event.aux32 = srtt >> 3;
+            event.duration_ns = u64::from(srtt >> 3) * 1000;
+            let state = SocketState {
+                opened_ns: now,
+                established_ns: now,
+                syn_retransmits: 0,
+                reset_received: 0,
+                active: 0,
+                _pad: 0,
+            };
+            let _ = SOCKETS.insert(sk, state, 0);
+        }
+        _ => {
+            // Close: report only sockets seen opening, with their lifetime.
+            let Some(s) = known else {
+                return Ok(());
+            };
+            // SAFETY: live map value of this socket.
+            unsafe {
+                let since = if (*s).established_ns != 0 {
+                    (*s).established_ns
+                } else {
+                    (*s).opened_ns
+                };
+                event.duration_ns = now.wrapping_sub(since);
+                event.aux8 = (*s).active;
+            }
+            let _ = SOCKETS.remove(sk);
+        }
+    }
+    record(ctx, event, counter);
     Ok(())
 }
 

@@ -28,14 +28,18 @@ use tokio::{
 use crate::{
     clock::BootClock,
     decode::{Event, EventKind, Flow, decode_sample},
+    enrich::symbols::KernelSymbols,
     enrich::sysctl,
     kernel::loader::{self, LoadOptions, Loaded},
-    record::{EventRecord, FlowRecord, KindTotals, LostRecord, SCHEMA_VERSION, StartRecord, StopRecord},
+    record::{
+        EventRecord, FlowRecord, KindTotals, LostRecord, Names, ReasonCount, SCHEMA_VERSION,
+        StartRecord, StopRecord,
+    },
     sink::json::{JsonLines, SinkError},
 };
 
 /// Options of `observer run`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct RunOptions {
     pub duration: Option<Duration>,
     pub load: LoadOptions,
@@ -83,6 +87,11 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
     let clock = BootClock::new();
     let mut sink = JsonLines::new(out);
     let mut loaded = loader::load(&options.load)?;
+    let names = Names {
+        drop_reasons: loaded.drop_reasons.clone(),
+        reset_reasons: loaded.reset_reasons.clone(),
+        symbols: KernelSymbols::load(),
+    };
     for p in loaded.programs.iter().filter(|p| !p.attached) {
         eprintln!(
             "observer: warning: {} is not attached ({}); its events will be missing",
@@ -122,13 +131,27 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
         programs: loaded.programs.clone(),
         sysctls: sysctl::host_snapshot(),
         export_per_flow: options.load.export_per_flow,
+        export_per_cpu: options.load.export_per_cpu,
+        drop_reasons: loaded
+            .selected_drop_reasons
+            .iter()
+            .map(|c| names.drop_reasons.name(*c))
+            .collect(),
     };
     let mut received: BTreeMap<EventKind, u64> = BTreeMap::new();
     let reason = match sink.write_now(&start) {
         Err(SinkError::Closed) => StopReason::OutputClosed,
         Err(e) => return Err(e.into()),
         Ok(()) => {
-            output_loop(&mut rx, &mut sink, &clock, &mut received, options.duration).await?
+            output_loop(
+                &mut rx,
+                &mut sink,
+                &clock,
+                &names,
+                &mut received,
+                options.duration,
+            )
+            .await?
         }
     };
 
@@ -145,11 +168,11 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
     let mut output_open = reason != StopReason::OutputClosed;
     while let Ok(msg) = rx.try_recv() {
         if output_open {
-            output_open = handle(msg, &mut sink, &clock, &mut received).is_ok();
+            output_open = handle(msg, &mut sink, &clock, &names, &mut received).is_ok();
         }
     }
 
-    let stop = stop_record(&loaded, &counters, &received, &clock, reason)?;
+    let stop = stop_record(&loaded, &names, &counters, &received, &clock, reason)?;
     drop(loaded); // detaches the programs before the final record goes out
     if output_open {
         if let Err(e) = sink.write_now(&stop) {
@@ -171,6 +194,7 @@ async fn output_loop<W: Write>(
     rx: &mut mpsc::Receiver<Incoming>,
     sink: &mut JsonLines<W>,
     clock: &BootClock,
+    names: &Names,
     received: &mut BTreeMap<EventKind, u64>,
     duration: Option<Duration>,
 ) -> anyhow::Result<StopReason> {
@@ -195,7 +219,7 @@ async fn output_loop<W: Write>(
                 };
                 let batch = std::iter::once(msg).chain(std::iter::from_fn(|| rx.try_recv().ok()));
                 for msg in batch.take(4096) {
-                    if let Err(e) = handle(msg, sink, clock, received) {
+                    if let Err(e) = handle(msg, sink, clock, names, received) {
                         return closed_or_error(e);
                     }
                 }
@@ -218,12 +242,13 @@ fn handle<W: Write>(
     msg: Incoming,
     sink: &mut JsonLines<W>,
     clock: &BootClock,
+    names: &Names,
     received: &mut BTreeMap<EventKind, u64>,
 ) -> Result<(), SinkError> {
     match msg {
         Incoming::Event(event) => {
             *received.entry(event.kind).or_default() += 1;
-            sink.write(&EventRecord::new(&event, clock))
+            sink.write(&EventRecord::new(&event, clock, names))
         }
         Incoming::Lost { cpu, count } => sink.write(&LostRecord {
             kind: "lost",
@@ -245,8 +270,9 @@ async fn read_cpu(
     // SAFETY: the perf buffer owns its file descriptor, keeps it open until it is dropped, and
     // always returns the same one; the AsyncFd owns the buffer for its whole life.
     let registered = unsafe { AsyncFd::register_with_interest(buffer, Interest::READABLE) };
-    let mut fd = registered
-        .map_err(|e| anyhow::anyhow!("polling the perf buffer of CPU {cpu}: {}", e.into_parts().1))?;
+    let mut fd = registered.map_err(|e| {
+        anyhow::anyhow!("polling the perf buffer of CPU {cpu}: {}", e.into_parts().1)
+    })?;
     loop {
         tokio::select! {
             guard = fd.readable_mut() => {
@@ -288,23 +314,23 @@ fn drain(
     });
 }
 
-/// Names of the kernel kinds in the stop record's totals.
-const KERNEL_KINDS: [(u8, &str, &[EventKind]); 3] = [
-    (
-        event_kind::RETRANSMIT,
-        "retransmit",
-        &[EventKind::Retransmit, EventKind::RetransmitFailed],
-    ),
-    (event_kind::SYN_RETRANSMIT, "syn_retransmit", &[EventKind::SynRetransmit]),
-    (
-        event_kind::SYNACK_RETRANSMIT,
-        "synack_retransmit",
-        &[EventKind::SynackRetransmit],
-    ),
+/// The kernel kinds in the stop record's totals, by record name.
+const KERNEL_KINDS: [(u8, &str); 10] = [
+    (event_kind::RETRANSMIT, "retransmit"),
+    (event_kind::SYN_RETRANSMIT, "syn_retransmit"),
+    (event_kind::SYNACK_RETRANSMIT, "synack_retransmit"),
+    (event_kind::DROP, "drop"),
+    (event_kind::RESET_SENT, "reset_sent"),
+    (event_kind::RESET_RECEIVED, "reset_received"),
+    (event_kind::CONNECT, "connect"),
+    (event_kind::CONNECT_FAILED, "connect_failed"),
+    (event_kind::ACCEPT, "accept"),
+    (event_kind::CLOSE, "close"),
 ];
 
 fn stop_record(
     loaded: &Loaded,
+    names: &Names,
     counters: &ReaderCounters,
     received: &BTreeMap<EventKind, u64>,
     clock: &BootClock,
@@ -312,7 +338,7 @@ fn stop_record(
 ) -> anyhow::Result<StopRecord> {
     let stats = loaded.kind_stats()?;
     let mut totals = BTreeMap::new();
-    for (kind, name, user_kinds) in KERNEL_KINDS {
+    for (kind, name) in KERNEL_KINDS {
         let s = stats[usize::from(kind)];
         totals.insert(
             name,
@@ -322,7 +348,11 @@ fn stop_record(
                 exported: s.exported,
                 suppressed: s.suppressed,
                 map_full: s.map_full,
-                received: user_kinds.iter().map(|k| received.get(k).copied().unwrap_or(0)).sum(),
+                received: received
+                    .iter()
+                    .filter(|(k, _)| k.kernel_kind() == kind)
+                    .map(|(_, n)| n)
+                    .sum(),
             },
         );
     }
@@ -350,11 +380,19 @@ fn stop_record(
                 retransmit_failed: c.retrans_failed,
                 syn_retransmits: c.syn_retrans,
                 synack_retransmits: c.synack_retrans,
+                drops: c.drops,
+                resets_sent: c.resets_sent,
+                resets_received: c.resets_received,
+                connects: c.connects,
+                connects_refused: c.connects_refused,
+                connects_timed_out: c.connects_timed_out,
+                accepts: c.accepts,
+                closes: c.closes,
                 suppressed: c.suppressed,
             }
         })
         .collect();
-    flows.sort_by(|a, b| (a.saddr, a.sport, a.daddr, a.dport).cmp(&(b.saddr, b.sport, b.daddr, b.dport)));
+    flows.sort_by_key(|f| (f.saddr, f.sport, f.daddr, f.dport, f.netns));
     Ok(StopRecord {
         kind: "stop",
         time: clock.now_rfc3339(),
@@ -363,6 +401,15 @@ fn stop_record(
         lost: counters.lost.load(Ordering::Relaxed),
         undelivered: counters.undelivered.load(Ordering::Relaxed),
         decode_errors: counters.decode_errors.load(Ordering::Relaxed),
+        drop_reasons: loaded
+            .drop_reason_counts()?
+            .into_iter()
+            .map(|(code, count)| ReasonCount {
+                reason: names.drop_reasons.name(code),
+                code,
+                count,
+            })
+            .collect(),
         flows,
     })
 }

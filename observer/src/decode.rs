@@ -3,7 +3,7 @@
 //! Pure: takes bytes, returns values; no kernel needed to test it.
 use std::net::{IpAddr, Ipv6Addr};
 
-use observer_common::{AF_INET6, FlowKey, TcpEvent, event_kind};
+use observer_common::{AF_INET6, FlowKey, TcpEvent, connect_outcome, direction, event_kind};
 
 /// Address family as operators name it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -66,14 +66,35 @@ pub enum EventKind {
     SynRetransmit,
     /// A SYN-ACK retransmitted: a peer is not completing the handshake.
     SynackRetransmit,
+    /// A TCP packet dropped with a reason.
+    Drop,
+    /// This host sent a RST.
+    ResetSent,
+    /// A RST arrived on one of this host's sockets.
+    ResetReceived,
+    /// An active open completed.
+    Connect,
+    /// An active open failed (refused or timed out).
+    ConnectFailed,
+    /// A passive open completed.
+    Accept,
+    /// A connection seen from its start closed.
+    Close,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 4] = [
+    pub const ALL: [EventKind; 11] = [
         EventKind::Retransmit,
         EventKind::RetransmitFailed,
         EventKind::SynRetransmit,
         EventKind::SynackRetransmit,
+        EventKind::Drop,
+        EventKind::ResetSent,
+        EventKind::ResetReceived,
+        EventKind::Connect,
+        EventKind::ConnectFailed,
+        EventKind::Accept,
+        EventKind::Close,
     ];
 
     /// The `type` of the JSON record.
@@ -83,8 +104,108 @@ impl EventKind {
             EventKind::RetransmitFailed => "retransmit_failed",
             EventKind::SynRetransmit => "syn_retransmit",
             EventKind::SynackRetransmit => "synack_retransmit",
+            EventKind::Drop => "drop",
+            EventKind::ResetSent => "reset_sent",
+            EventKind::ResetReceived => "reset_received",
+            EventKind::Connect => "connect",
+            EventKind::ConnectFailed => "connect_failed",
+            EventKind::Accept => "accept",
+            EventKind::Close => "close",
         }
     }
+
+    /// The kernel-side kind this event was counted as.
+    pub fn kernel_kind(self) -> u8 {
+        match self {
+            EventKind::Retransmit | EventKind::RetransmitFailed => event_kind::RETRANSMIT,
+            EventKind::SynRetransmit => event_kind::SYN_RETRANSMIT,
+            EventKind::SynackRetransmit => event_kind::SYNACK_RETRANSMIT,
+            EventKind::Drop => event_kind::DROP,
+            EventKind::ResetSent => event_kind::RESET_SENT,
+            EventKind::ResetReceived => event_kind::RESET_RECEIVED,
+            EventKind::Connect => event_kind::CONNECT,
+            EventKind::ConnectFailed => event_kind::CONNECT_FAILED,
+            EventKind::Accept => event_kind::ACCEPT,
+            EventKind::Close => event_kind::CLOSE,
+        }
+    }
+
+    /// The kind by its record name (for `--export-kinds`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+/// How a failed connect ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConnectOutcome {
+    /// A RST answered the SYN.
+    Refused,
+    /// The SYNs went unanswered until the socket was closed.
+    Timeout,
+}
+
+/// Direction of a dropped packet relative to this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+/// Kind-specific details.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detail {
+    None,
+    Drop {
+        reason: u32,
+        location: u64,
+        ifindex: u32,
+        tcp_flags: u8,
+        direction: Direction,
+    },
+    ResetSent {
+        reason: u32,
+    },
+    Connect {
+        latency_ns: u64,
+        syn_retransmits: u32,
+    },
+    ConnectFailed {
+        outcome: ConnectOutcome,
+        elapsed_ns: u64,
+        syn_retransmits: u32,
+    },
+    Accept {
+        /// Smoothed RTT of the new connection: the SYN-ACK -> ACK time as the server saw it.
+        handshake_rtt_us: u32,
+    },
+    Close {
+        lifetime_ns: u64,
+        from_state: u8,
+        active: bool,
+    },
+}
+
+/// Names of TCP header flags, in header order (`SYN|ACK`).
+pub fn tcp_flags_names(flags: u8) -> String {
+    const NAMES: [(u8, &str); 8] = [
+        (0x01, "FIN"),
+        (0x02, "SYN"),
+        (0x04, "RST"),
+        (0x08, "PSH"),
+        (0x10, "ACK"),
+        (0x20, "URG"),
+        (0x40, "ECE"),
+        (0x80, "CWR"),
+    ];
+    let names: Vec<&str> = NAMES
+        .iter()
+        .filter(|(bit, _)| flags & bit != 0)
+        .map(|(_, n)| *n)
+        .collect();
+    names.join("|")
 }
 
 /// Names of `enum tcp_state` (include/net/tcp_states.h; the numbering is user-visible ABI, also
@@ -121,6 +242,7 @@ pub struct Event {
     pub state: u8,
     /// The socket's own family (AF_INET6 for a dual-stack socket even when the flow is IPv4).
     pub socket_family: u16,
+    pub detail: Detail,
 }
 
 /// Why a sample could not be decoded.
@@ -161,7 +283,50 @@ pub fn decode_event(raw: &TcpEvent) -> Result<Event, DecodeError> {
         event_kind::SYN_RETRANSMIT if raw.err != 0 => EventKind::RetransmitFailed,
         event_kind::SYN_RETRANSMIT => EventKind::SynRetransmit,
         event_kind::SYNACK_RETRANSMIT => EventKind::SynackRetransmit,
+        event_kind::DROP => EventKind::Drop,
+        event_kind::RESET_SENT => EventKind::ResetSent,
+        event_kind::RESET_RECEIVED => EventKind::ResetReceived,
+        event_kind::CONNECT => EventKind::Connect,
+        event_kind::CONNECT_FAILED => EventKind::ConnectFailed,
+        event_kind::ACCEPT => EventKind::Accept,
+        event_kind::CLOSE => EventKind::Close,
         other => return Err(DecodeError::UnknownKind(other)),
+    };
+    let detail = match kind {
+        EventKind::Drop => Detail::Drop {
+            reason: raw.reason,
+            location: raw.location,
+            ifindex: raw.ifindex,
+            tcp_flags: raw.tcp_flags,
+            direction: if raw.aux8 == direction::OUTBOUND {
+                Direction::Outbound
+            } else {
+                Direction::Inbound
+            },
+        },
+        EventKind::ResetSent => Detail::ResetSent { reason: raw.reason },
+        EventKind::Connect => Detail::Connect {
+            latency_ns: raw.duration_ns,
+            syn_retransmits: raw.aux32,
+        },
+        EventKind::ConnectFailed => Detail::ConnectFailed {
+            outcome: if raw.aux8 == connect_outcome::REFUSED {
+                ConnectOutcome::Refused
+            } else {
+                ConnectOutcome::Timeout
+            },
+            elapsed_ns: raw.duration_ns,
+            syn_retransmits: raw.aux32,
+        },
+        EventKind::Accept => Detail::Accept {
+            handshake_rtt_us: raw.aux32,
+        },
+        EventKind::Close => Detail::Close {
+            lifetime_ns: raw.duration_ns,
+            from_state: raw.old_state,
+            active: raw.aux8 != 0,
+        },
+        _ => Detail::None,
     };
     Ok(Event {
         kind,
@@ -173,6 +338,7 @@ pub fn decode_event(raw: &TcpEvent) -> Result<Event, DecodeError> {
         pid: raw.pid,
         state: raw.state,
         socket_family: raw.family,
+        detail,
     })
 }
 
@@ -207,6 +373,7 @@ mod tests {
             kind,
             state: 1,
             family: 2,
+            ..TcpEvent::default()
         }
     }
 
@@ -243,7 +410,10 @@ mod tests {
     fn failed_attempts_are_their_own_kind() {
         let mut r = raw(event_kind::RETRANSMIT);
         r.err = -105;
-        assert_eq!(decode_event(&r).expect("decodes").kind, EventKind::RetransmitFailed);
+        assert_eq!(
+            decode_event(&r).expect("decodes").kind,
+            EventKind::RetransmitFailed
+        );
     }
 
     #[test]
@@ -251,7 +421,7 @@ mod tests {
         let ev = raw(event_kind::SYNACK_RETRANSMIT);
         let mut bytes = bytes_of(&ev);
         bytes.extend_from_slice(&[0, 0, 0, 0]); // kernel alignment padding
-        for split in [0, 1, 39, 71, bytes.len()] {
+        for split in [0, 1, 39, 103, bytes.len()] {
             let (head, tail) = bytes.split_at(split);
             let got = decode_sample(head, tail).expect("decodes");
             assert_eq!(got.kind, EventKind::SynackRetransmit);
@@ -264,9 +434,55 @@ mod tests {
     fn short_and_unknown_samples_are_errors() {
         assert_eq!(
             decode_sample(&[0; 10], &[]),
-            Err(DecodeError::TooShort { expected: 72, found: 10 })
+            Err(DecodeError::TooShort {
+                expected: 104,
+                found: 10
+            })
         );
         assert_eq!(decode_event(&raw(99)), Err(DecodeError::UnknownKind(99)));
+    }
+
+    #[test]
+    fn kinds_carry_their_details() {
+        let mut r = raw(event_kind::CONNECT_FAILED);
+        r.aux8 = connect_outcome::REFUSED;
+        r.duration_ns = 5;
+        r.aux32 = 2;
+        assert_eq!(
+            decode_event(&r).expect("decodes").detail,
+            Detail::ConnectFailed {
+                outcome: ConnectOutcome::Refused,
+                elapsed_ns: 5,
+                syn_retransmits: 2
+            }
+        );
+        let mut r = raw(event_kind::DROP);
+        r.reason = 12;
+        r.tcp_flags = 0x02;
+        r.aux8 = direction::INBOUND;
+        r.ifindex = 3;
+        let ev = decode_event(&r).expect("decodes");
+        assert_eq!(ev.kind, EventKind::Drop);
+        assert!(matches!(
+            ev.detail,
+            Detail::Drop {
+                reason: 12,
+                ifindex: 3,
+                tcp_flags: 2,
+                direction: Direction::Inbound,
+                ..
+            }
+        ));
+        for kind in EventKind::ALL {
+            assert_eq!(EventKind::from_name(kind.name()), Some(kind));
+        }
+    }
+
+    #[test]
+    fn tcp_flags_are_named_in_header_order() {
+        assert_eq!(tcp_flags_names(0x12), "SYN|ACK");
+        assert_eq!(tcp_flags_names(0x02), "SYN");
+        assert_eq!(tcp_flags_names(0), "");
     }
 
     #[test]

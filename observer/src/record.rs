@@ -8,8 +8,21 @@ use serde::Serialize;
 
 use crate::{
     clock::BootClock,
-    decode::{Event, Family, Flow, tcp_state_name},
+    decode::{
+        ConnectOutcome, Detail, Direction, Event, Family, Flow, tcp_flags_names, tcp_state_name,
+    },
+    enrich::symbols::KernelSymbols,
+    kernel::reasons::ReasonNames,
 };
+
+/// What the daemon knows to name things in events: the running kernel's reason names and
+/// symbols.
+#[derive(Clone, Debug, Default)]
+pub struct Names {
+    pub drop_reasons: ReasonNames,
+    pub reset_reasons: ReasonNames,
+    pub symbols: KernelSymbols,
+}
 
 /// Bumped on any incompatible change of a record's fields.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -37,10 +50,14 @@ pub struct StartRecord {
     pub sysctls: BTreeMap<String, String>,
     /// Events exported per flow per second (0: all).
     pub export_per_flow: u32,
+    /// Events exported per CPU per second (0: no limit).
+    pub export_per_cpu: u32,
+    /// Drop reasons reported.
+    pub drop_reasons: Vec<String>,
 }
 
 /// One kernel event.
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, PartialEq)]
 pub struct EventRecord {
     #[serde(rename = "type")]
     pub kind: &'static str,
@@ -56,10 +73,47 @@ pub struct EventRecord {
     pub netns: u32,
     pub err: i32,
     pub pid: u32,
+    /// Drop reason (`enum skb_drop_reason` name) or RST reason (`enum sk_rst_reason` name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The reason's number on this kernel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason_code: Option<u32>,
+    /// Where the kernel dropped the packet (`function+0xoffset`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// Interface index the dropped packet arrived on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ifindex: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_flags: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub direction: Option<Direction>,
+    /// `refused` or `timeout` for failed connects.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<ConnectOutcome>,
+    /// Connect latency, time until a connect failed, or connection lifetime, in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub syn_retransmits: Option<u32>,
+    /// Server-side handshake RTT (SYN-ACK -> ACK) of an accepted connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handshake_rtt_us: Option<u32>,
+    /// State before CLOSE for `close` events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_state: Option<&'static str>,
+    /// Whether a closed connection was opened by this host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub active: Option<bool>,
+}
+
+fn ms(ns: u64) -> f64 {
+    (ns as f64 / 1_000.0).round() / 1_000.0
 }
 
 impl EventRecord {
-    pub fn new(event: &Event, clock: &BootClock) -> Self {
+    pub fn new(event: &Event, clock: &BootClock, names: &Names) -> Self {
         let Event {
             kind,
             flow:
@@ -78,8 +132,9 @@ impl EventRecord {
             pid,
             state,
             socket_family: _,
+            detail,
         } = *event;
-        Self {
+        let mut record = Self {
             kind: kind.name(),
             time: clock.rfc3339(boot_ns),
             family,
@@ -93,7 +148,69 @@ impl EventRecord {
             netns,
             err,
             pid,
+            reason: None,
+            reason_code: None,
+            location: None,
+            ifindex: None,
+            tcp_flags: None,
+            direction: None,
+            outcome: None,
+            duration_ms: None,
+            syn_retransmits: None,
+            handshake_rtt_us: None,
+            from_state: None,
+            active: None,
+        };
+        match detail {
+            Detail::None => {}
+            Detail::Drop {
+                reason,
+                location,
+                ifindex,
+                tcp_flags,
+                direction,
+            } => {
+                record.reason = Some(names.drop_reasons.name(reason));
+                record.reason_code = Some(reason);
+                record.location = Some(names.symbols.resolve(location));
+                record.ifindex = Some(ifindex);
+                record.tcp_flags = Some(tcp_flags_names(tcp_flags));
+                record.direction = Some(direction);
+            }
+            Detail::ResetSent { reason } => {
+                record.reason = Some(names.reset_reasons.name(reason));
+                record.reason_code = Some(reason);
+            }
+            Detail::Connect {
+                latency_ns,
+                syn_retransmits,
+            } => {
+                record.duration_ms = Some(ms(latency_ns));
+                record.syn_retransmits = Some(syn_retransmits);
+            }
+            Detail::ConnectFailed {
+                outcome,
+                elapsed_ns,
+                syn_retransmits,
+            } => {
+                record.outcome = Some(outcome);
+                record.duration_ms = Some(ms(elapsed_ns));
+                record.syn_retransmits = Some(syn_retransmits);
+            }
+            Detail::Accept { handshake_rtt_us } => {
+                record.handshake_rtt_us = Some(handshake_rtt_us);
+            }
+            Detail::Close {
+                lifetime_ns,
+                from_state,
+                active,
+            } => {
+                record.duration_ms = Some(ms(lifetime_ns));
+                record.from_state = Some(tcp_state_name(from_state));
+                record.active = Some(active);
+            }
         }
+        record
     }
 }
 
@@ -138,7 +255,23 @@ pub struct FlowRecord {
     pub retransmit_failed: u64,
     pub syn_retransmits: u64,
     pub synack_retransmits: u64,
+    pub drops: u64,
+    pub resets_sent: u64,
+    pub resets_received: u64,
+    pub connects: u64,
+    pub connects_refused: u64,
+    pub connects_timed_out: u64,
+    pub accepts: u64,
+    pub closes: u64,
     pub suppressed: u64,
+}
+
+/// Reported drops of one reason.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ReasonCount {
+    pub reason: String,
+    pub code: u32,
+    pub count: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -155,6 +288,8 @@ pub struct StopRecord {
     pub undelivered: u64,
     /// Samples that could not be decoded.
     pub decode_errors: u64,
+    /// Drops per reason (kernel counters).
+    pub drop_reasons: Vec<ReasonCount>,
     pub flows: Vec<FlowRecord>,
 }
 
@@ -182,8 +317,9 @@ mod tests {
             pid: 9,
             state: 2,
             socket_family: 2,
+            detail: Detail::None,
         };
-        let rec = EventRecord::new(&event, &BootClock::with_offset(0));
+        let rec = EventRecord::new(&event, &BootClock::with_offset(0), &Names::default());
         let json = serde_json::to_value(&rec).expect("serialises");
         assert_eq!(
             json,

@@ -714,6 +714,7 @@ pub struct Observer {
     child: Option<Child>,
     lines: mpsc::Receiver<Line>,
     stderr: Arc<Mutex<String>>,
+    stderr_reader: Option<thread::JoinHandle<()>>,
     records: Vec<Value>,
     bad_lines: Vec<String>,
 }
@@ -731,13 +732,17 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 impl Observer {
     /// Spawns `observer run <args>` and waits (20 s at most) for its `start` record.
     pub fn start(args: &[&str]) -> Result<Self> {
-        let bin = observer_bin();
+        Self::start_bin(&observer_bin(), args)
+    }
+
+    /// [`Observer::start`] with another binary (the harness tests use a fake).
+    pub fn start_bin(bin: &std::path::Path, args: &[&str]) -> Result<Self> {
         ensure!(
             bin.exists(),
             "{} does not exist: build it first (cargo build -p observer) or set OBSERVER_BIN",
             bin.display()
         );
-        let mut child = Command::new(&bin)
+        let mut child = Command::new(bin)
             .arg("run")
             .args(args)
             .stdin(Stdio::null())
@@ -762,7 +767,7 @@ impl Observer {
         });
         let stderr = Arc::new(Mutex::new(String::new()));
         let sink = Arc::clone(&stderr);
-        thread::spawn(move || {
+        let stderr_reader = thread::spawn(move || {
             for line in BufReader::new(stderr_pipe).lines() {
                 let Ok(line) = line else { break };
                 let mut s = sink.lock().unwrap_or_else(|e| e.into_inner());
@@ -775,6 +780,7 @@ impl Observer {
             lines: rx,
             stderr,
             records: Vec::new(),
+            stderr_reader: Some(stderr_reader),
             bad_lines: Vec::new(),
         };
         obs.collect_until("start", START_TIMEOUT)?;
@@ -791,6 +797,18 @@ impl Observer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// All of stderr once the process has exited (the reader thread then meets EOF).
+    fn final_stderr(&mut self) -> String {
+        let exited = self
+            .child
+            .as_mut()
+            .is_none_or(|c| c.try_wait().ok().flatten().is_some());
+        if exited && let Some(reader) = self.stderr_reader.take() {
+            let _ = reader.join();
+        }
+        self.stderr()
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -818,10 +836,10 @@ impl Observer {
                     let status = self
                         .child
                         .as_mut()
-                        .and_then(|c| c.try_wait().ok().flatten());
+                        .map(|c| wait_child(c, Duration::from_secs(5)));
                     bail!(
                         "observer closed stdout before a `{ty}` record (exit: {status:?}); stderr:\n{}",
-                        self.stderr()
+                        self.final_stderr()
                     )
                 }
             }
@@ -831,11 +849,22 @@ impl Observer {
     /// Sends SIGINT, collects everything up to the `stop` record and EOF, and checks that
     /// stdout held only JSON objects and the exit code is 0.
     pub fn stop(&mut self) -> Result<Run> {
+        self.finish(Some(libc::SIGINT), STOP_TIMEOUT)
+    }
+
+    /// Sends `signal` (if any), then collects everything up to the `stop` record (within
+    /// `timeout`) and EOF, and checks that stdout held only JSON objects and the exit code is 0.
+    pub fn finish(&mut self, signal: Option<i32>, timeout: Duration) -> Result<Run> {
+        let pid = self.pid().context("observer already stopped")?;
+        if let Some(signal) = signal {
+            kill(pid, signal);
+        }
+        // Keeps `self.child` until the process has exited: final_stderr joins the stderr reader
+        // only then, so nothing here can wait forever.
+        let collected = self.collect_until("stop", timeout);
         let mut child = self.child.take().context("observer already stopped")?;
-        kill(child.id(), libc::SIGINT);
-        let collected = self.collect_until("stop", STOP_TIMEOUT);
         let status = wait_child(&mut child, STOP_TIMEOUT);
-        let stderr = self.stderr();
+        let stderr = self.final_stderr();
         collected?;
         let status = status.with_context(|| format!("stderr:\n{stderr}"))?;
         // Anything after `stop` (there should be nothing) until EOF.
@@ -983,7 +1012,18 @@ impl Run {
         let start = self.start();
         check_start(start, export_per_flow, &mut p);
         let mut seen_stop = false;
+        // Event times (boot clock turned into wall time) must fall within the run (+- 2 s).
+        let end = self.records.last().map_or(&Value::Null, |r| &r["time"]);
+        let window = rfc3339_ns(&start["time"]).zip(rfc3339_ns(end));
         for (i, r) in self.records.iter().enumerate().skip(1) {
+            if let (Some((from, to)), Some(t)) = (window, rfc3339_ns(&r["time"]))
+                && (t + 2_000_000_000 < from || t > to + 2_000_000_000)
+            {
+                p.push(format!(
+                    "record {i}: `time` {} outside the run ({} .. {end})",
+                    r["time"], start["time"]
+                ));
+            }
             let ty = r["type"].as_str().unwrap_or("");
             if seen_stop {
                 p.push(format!("record {i} after stop: {r}"));
@@ -1015,9 +1055,9 @@ impl Run {
     }
 
     fn check_stop(&self, r: &Value, export_per_flow: Option<u64>, p: &mut Vec<String>) {
-        if r["reason"] != "signal" {
+        if r["reason"] != "signal" && r["reason"] != "duration" {
             p.push(format!(
-                "stop.reason: expected \"signal\", got {}",
+                "stop.reason: expected \"signal\" or \"duration\", got {}",
                 r["reason"]
             ));
         }
@@ -1170,6 +1210,35 @@ fn check_time(r: &Value, i: usize, p: &mut Vec<String>) {
             r["time"]
         ));
     }
+}
+
+/// Nanoseconds since the Unix epoch of an RFC 3339 UTC time (`...Z`), if it is one.
+pub fn rfc3339_ns(v: &Value) -> Option<i128> {
+    let t = v.as_str()?.strip_suffix('Z')?;
+    let (date, time) = t.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|x| x.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut h = hms.splitn(3, ':').map(|x| x.parse::<i64>().ok());
+    let (hh, mm, ss) = (h.next()??, h.next()??, h.next()??);
+    if frac.len() > 9 || !frac.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let nanos: i64 = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<9}").parse().ok()?
+    };
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    Some(i128::from(secs) * 1_000_000_000 + i128::from(nanos))
 }
 
 fn check_addr_fields(r: &Value, what: &str, p: &mut Vec<String>) {
@@ -1533,5 +1602,48 @@ pub mod faults {
             expected,
             changes: before.changes(&after),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_to_unix_ns() {
+        let v = |s: &str| rfc3339_ns(&Value::from(s));
+        assert_eq!(v("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(v("1970-01-01T00:00:01.5Z"), Some(1_500_000_000));
+        assert_eq!(v("2000-03-01T00:00:00Z"), Some(951_868_800_000_000_000));
+        assert_eq!(
+            v("2026-11-22T03:40:00.123456789Z"),
+            Some(1_795_318_800_123_456_789)
+        );
+        assert_eq!(v("2026-11-22 03:40:00Z"), None);
+        assert_eq!(v("2026-11-22T03:40:00"), None);
+    }
+
+    #[test]
+    fn parses_proc_net_counters() {
+        let mut m = BTreeMap::new();
+        parse_proc_net_pairs(
+            "TcpExt: SyncookiesSent TCPSynRetrans\nTcpExt: 1 7\nTcp: RtoMin MaxConn RetransSegs\nTcp: 200 -1 42\n",
+            &mut m,
+        )
+        .expect("parses");
+        parse_snmp6(
+            "Ip6InReceives                   \t5\nIcmp6InMsgs 2\n",
+            &mut m,
+        );
+        assert_eq!(m.get("TcpExtTCPSynRetrans"), Some(&7));
+        assert_eq!(m.get("TcpRetransSegs"), Some(&42));
+        assert_eq!(m.get("TcpMaxConn"), None);
+        assert_eq!(m.get("Ip6InReceives"), Some(&5));
+        let before = Counters(m.clone());
+        m.insert("TcpRetransSegs".into(), 50);
+        assert_eq!(
+            before.delta(&Counters(m), "TcpRetransSegs").expect("delta"),
+            8
+        );
     }
 }

@@ -1,9 +1,9 @@
 //! Self-tests of the harness: the topology, the faults and their ground truth, without observer.
 //! They make sure the observer tests compare against real, non-zero kernel numbers.
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{path::Path, time::Duration};
 
 use anyhow::{Result, ensure};
-use observer_tests::{Topology, faults, kernel_test, note};
+use observer_tests::{Filter, Observer, Topology, faults, flow_count_problems, kernel_test, note};
 
 // Subnets 10.200.100+ are the harness's; retransmits.rs uses lower ones.
 
@@ -112,6 +112,89 @@ fn missing_ack_makes_server_retransmit_synacks() -> Result<()> {
         out.synack_retrans == out.expected && out.expected == 6,
         "{out:?}"
     );
-    let _ = SocketAddr::new(topo.server_ip(true), 5003);
+    Ok(())
+}
+
+/// A stand-in for observer that follows the output contract; `mode` breaks it on purpose.
+const FAKE_OBSERVER: &str = r#"#!/usr/bin/env python3
+import json, signal, sys, time
+mode = sys.argv[sys.argv.index("--mode") + 1]
+def rec(**kw):
+    print(json.dumps(kw), flush=True)
+t = "2026-11-22T03:40:00.123456789Z"
+stopped = []
+signal.signal(signal.SIGINT, lambda *_: stopped.append(1))  # before `start`, as observer must
+rec(type="start", schema_version=1, observer_version="0.1.0", time=t, host="h", kernel="6.18",
+    programs=[{"name": "a", "tracepoint": "tcp:tcp_retransmit_skb", "attached": True},
+              {"name": "b", "tracepoint": "tcp:tcp_retransmit_synack", "attached": True}],
+    sysctls={}, export_per_flow=0)
+if mode == "bad":
+    print("hello from stdout", flush=True)
+deadline = time.monotonic() + 20
+while not stopped and time.monotonic() < deadline:
+    time.sleep(0.01)
+ev = dict(type="retransmit", time=t, family="ipv4", saddr="10.200.1.1", sport=4000,
+          daddr="10.200.1.2", dport=5001, state="ESTABLISHED", segs=2, flow_count=2,
+          netns=4026532000, err=0, pid=0)
+rec(**ev)
+tot = {"events": 1, "counted": 2, "exported": 1, "suppressed": 0, "received": 1}
+zero = {"events": 0, "counted": 0, "exported": 0, "suppressed": 0, "received": 0}
+flow = {k: ev[k] for k in ["family", "saddr", "sport", "daddr", "dport", "netns"]}
+flow.update(retransmit_segs=2, retransmit_skbs=1, retransmit_failed=0, syn_retransmits=0,
+            synack_retransmits=0, suppressed=0)
+rec(type="stop", time=t, reason="signal",
+    totals={"retransmit": tot, "syn_retransmit": zero, "synack_retransmit": zero},
+    lost=0, flows=[flow])
+sys.exit(3 if mode == "exit3" else 0)
+"#;
+
+struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn observer_runner_checks_the_output_contract() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::temp_dir().join(format!("obs-fake-observer-{}.py", std::process::id()));
+    std::fs::write(&path, FAKE_OBSERVER)?;
+    let file = TempFile(path);
+    std::fs::set_permissions(&file.0, std::fs::Permissions::from_mode(0o755))?;
+
+    let mut good = Observer::start_bin(&file.0, &["--mode", "good"])?;
+    let run = good.stop()?;
+    let problems = run.schema_problems(Some(0));
+    ensure!(problems.is_empty(), "{problems:?}");
+    let flow = Filter {
+        saddr: Some("10.200.1.1".parse()?),
+        sport: Some(4000),
+        ..Filter::default()
+    };
+    ensure!(run.events("retransmit", &flow).len() == 1);
+    ensure!(run.flows(&flow)?.len() == 1);
+    ensure!(flow_count_problems(&run.events("retransmit", &flow)).is_empty());
+    ensure!(
+        run.events(
+            "retransmit",
+            &Filter {
+                sport: Some(4001),
+                ..flow
+            }
+        )
+        .is_empty()
+    );
+
+    let mut bad = Observer::start_bin(&file.0, &["--mode", "bad"])?;
+    let err = bad
+        .stop()
+        .expect_err("a non-JSON stdout line must fail the run");
+    ensure!(format!("{err:#}").contains("hello from stdout"), "{err:#}");
+
+    let mut exit3 = Observer::start_bin(&file.0, &["--mode", "exit3"])?;
+    let err = exit3.stop().expect_err("exit code 3 must fail the run");
+    ensure!(format!("{err:#}").contains("exit"), "{err:#}");
     Ok(())
 }

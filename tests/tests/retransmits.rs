@@ -569,3 +569,42 @@ fn without_privileges_exits_1_with_one_sentence() -> Result<()> {
     );
     Ok(())
 }
+
+/// `start` promises the observer is ready: a SIGINT or SIGTERM right after it must still give a
+/// `stop` record (reason `signal`) and exit code 0; `--duration` ends the run by itself (reason
+/// `duration`).
+#[test]
+fn stops_cleanly_on_sigint_sigterm_and_duration() -> Result<()> {
+    let Some(_t) = kernel_test("lifecycle") else {
+        return Ok(());
+    };
+    for (what, args, signal, reason) in [
+        (
+            "SIGINT right after start",
+            &["--export-per-flow", "0"][..],
+            Some(libc::SIGINT),
+            "signal",
+        ),
+        (
+            "SIGTERM right after start",
+            &[][..],
+            Some(libc::SIGTERM),
+            "signal",
+        ),
+        ("--duration 1", &["--duration", "1"][..], None, "duration"),
+    ] {
+        let mut observer = Observer::start(args)?;
+        let run = observer
+            .finish(signal, Duration::from_secs(10))
+            .with_context(|| what.to_owned())?;
+        let problems = run.schema_problems(None);
+        ensure!(problems.is_empty(), "{what}: {problems:?}");
+        let stop = run.stop()?;
+        ensure!(
+            stop["reason"] == reason,
+            "{what}: stop.reason: expected {reason:?}, got {}",
+            stop["reason"]
+        );
+    }
+    Ok(())
+}

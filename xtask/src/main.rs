@@ -66,13 +66,12 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            // A failed child command already printed its own diagnostics: pass its code on.
-            if let Some(failed) = err.downcast_ref::<cmd::CommandFailed>() {
-                eprintln!("xtask: {failed}");
-                return ExitCode::from(failed.exit_code());
-            }
             eprintln!("xtask: error: {err:#}");
-            ExitCode::FAILURE
+            // When a child command failed, exit with its code.
+            err.downcast_ref::<cmd::CommandFailed>()
+                .map_or(ExitCode::FAILURE, |failed| {
+                    ExitCode::from(failed.exit_code())
+                })
         }
     }
 }

@@ -48,11 +48,23 @@ pub fn run_observer(args: &[String]) -> Result<()> {
     Err(err).with_context(|| format!("could not exec {}", display(&exec)))
 }
 
+/// Lint, build, test. A lint failure does not stop the tests (both results are worth seeing in
+/// one CI run), but it still fails the command.
 pub fn test(with_lint: bool, cargo_test_args: &[String]) -> Result<()> {
     setup()?;
-    if with_lint {
-        lint_steps()?;
+    let lint = if with_lint { lint_steps() } else { Ok(()) };
+    let tests = build_and_test(cargo_test_args);
+    match (lint, tests) {
+        (Ok(()), tests) => tests,
+        (Err(lint), Ok(())) => Err(lint.context("tests passed, but lint failed")),
+        (Err(lint), Err(tests)) => {
+            eprintln!("xtask: {lint:#}");
+            Err(tests.context("lint failed, and so did the tests"))
+        }
     }
+}
+
+fn build_and_test(cargo_test_args: &[String]) -> Result<()> {
     run(cargo().args(["build", "-p", "observer"]))?;
     let observer = cmd::target_dir().join("debug").join("observer");
     let mut test = cargo();

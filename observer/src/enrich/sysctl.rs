@@ -38,7 +38,8 @@ pub type Snapshot = BTreeMap<String, String>;
 
 /// Path of a sysctl under a `/proc/sys`-like root: dots become slashes.
 pub fn sysctl_path(root: &Path, name: &str) -> PathBuf {
-    name.split('.').fold(root.to_path_buf(), |p, part| p.join(part))
+    name.split('.')
+        .fold(root.to_path_buf(), |p, part| p.join(part))
 }
 
 /// Normalises a value as read from /proc/sys: trims and folds runs of whitespace (tabs in
@@ -88,7 +89,10 @@ mod tests {
         let path = sysctl_path(&dir, "net.ipv4.tcp_timestamps");
         std::fs::create_dir_all(path.parent().expect("has parent")).expect("mkdir");
         std::fs::write(&path, "0\n").expect("write");
-        let snap = snapshot(&dir, &["net.ipv4.tcp_timestamps", "net.ipv4.tcp_nonexistent"]);
+        let snap = snapshot(
+            &dir,
+            &["net.ipv4.tcp_timestamps", "net.ipv4.tcp_nonexistent"],
+        );
         std::fs::remove_dir_all(&dir).expect("cleanup");
         assert_eq!(snap.len(), 1);
         assert_eq!(snap["net.ipv4.tcp_timestamps"], "0");

@@ -2,12 +2,19 @@
 use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, perf::PerfEventArray},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, perf::PerfEventArray},
     programs::TracePoint,
 };
-use observer_common::{ExportBudget, FlowCounters, FlowKey, KernelConfig, KindStats, event_kind};
+use observer_common::{
+    ExportBudget, FlowCounters, FlowKey, KernelConfig, KindStats, MAX_DROP_REASONS, PacketOffsets,
+    event_kind,
+};
 
-use super::{btf::KernelBtf, tracefs};
+use super::{
+    btf::KernelBtf,
+    reasons::{self, ReasonNames},
+    tracefs,
+};
 use crate::record::ProgramStatus;
 
 /// The compiled kernel programs, built by build.rs.
@@ -17,71 +24,190 @@ static PROGRAMS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb"),
     ("tcp_retransmit_synack", "tcp", "tcp_retransmit_synack"),
+    ("tcp_send_reset", "tcp", "tcp_send_reset"),
+    ("tcp_receive_reset", "tcp", "tcp_receive_reset"),
+    ("kfree_skb", "skb", "kfree_skb"),
+    ("inet_sock_set_state", "sock", "inet_sock_set_state"),
 ];
 
 /// How the programs are loaded.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct LoadOptions {
     /// Events exported per flow per second (0: every event).
     pub export_per_flow: u32,
+    /// Events exported per CPU per second over all flows (0: no limit).
+    pub export_per_cpu: u32,
+    /// Bit mask of `event_kind`s exported at all.
+    pub export_kinds: u32,
     /// Capacity of the per-flow counter map.
     pub max_flows: u32,
+    /// Drop reasons to report, e.g. `default` or `default,-NO_SOCKET` (see `reasons::select`).
+    pub drop_reasons: String,
 }
 
 /// The loaded programs and their maps. Dropping it detaches everything.
 pub struct Loaded {
     pub ebpf: Ebpf,
     pub programs: Vec<ProgramStatus>,
+    /// Names of the running kernel's drop reasons.
+    pub drop_reasons: ReasonNames,
+    /// Names of the running kernel's RST reasons.
+    pub reset_reasons: ReasonNames,
+    /// Drop-reason codes reported.
+    pub selected_drop_reasons: Vec<u32>,
+}
+
+/// A tracepoint's place in the plan: attach it, or why not.
+struct Planned {
+    program: &'static str,
+    category: &'static str,
+    event: &'static str,
+    problem: Option<String>,
+}
+
+/// What start-up learned about the running kernel.
+struct Discovery {
+    config: KernelConfig,
+    plan: Vec<Planned>,
+    drop_reasons: ReasonNames,
+    reset_reasons: ReasonNames,
 }
 
 /// Discovers the running kernel's layouts: tracefs formats and BTF offsets. Tracepoints whose
-/// format is missing or unexpected are reported and left out (`None` layout).
-fn discover(
-    options: &LoadOptions,
-) -> anyhow::Result<(KernelConfig, Vec<(&'static str, &'static str, &'static str, Option<String>)>)>
-{
+/// format is missing or unexpected are reported and left out.
+fn discover(options: &LoadOptions) -> anyhow::Result<Discovery> {
     let tracefs = tracefs::TraceFs::locate_or_mount().context("tracefs is not available")?;
-    let btf = KernelBtf::from_sys().context("kernel BTF (/sys/kernel/btf/vmlinux) is not usable")?;
+    let btf =
+        KernelBtf::from_sys().context("kernel BTF (/sys/kernel/btf/vmlinux) is not usable")?;
     let mut config = KernelConfig {
         offsets: btf
             .struct_offsets()
             .context("reading struct offsets from kernel BTF")?,
+        packet: packet_offsets(&btf).context("reading sk_buff offsets from kernel BTF")?,
         budget: ExportBudget {
             window_ns: 1_000_000_000,
             per_flow: options.export_per_flow,
+            per_cpu: options.export_per_cpu,
+            kinds: options.export_kinds,
             _pad: 0,
         },
         ..KernelConfig::default()
     };
+    let mut drop_reasons = ReasonNames::default();
+    let mut reset_reasons = ReasonNames::default();
     let mut plan = Vec::new();
     for &(program, category, event) in TRACEPOINTS {
         let problem = match tracefs.format(category, event) {
             Err(e) => Some(format!("{e}")),
             Ok(format) => {
                 let layout = match event {
-                    "tcp_retransmit_skb" => tracefs::retransmit_skb_layout(&format)
-                        .map(|l| config.retransmit_skb = l),
-                    _ => tracefs::retransmit_synack_layout(&format)
+                    "tcp_retransmit_skb" => {
+                        tracefs::retransmit_skb_layout(&format).map(|l| config.retransmit_skb = l)
+                    }
+                    "tcp_retransmit_synack" => tracefs::retransmit_synack_layout(&format)
                         .map(|l| config.retransmit_synack = l),
+                    "tcp_receive_reset" => {
+                        tracefs::receive_reset_layout(&format).map(|l| config.receive_reset = l)
+                    }
+                    "tcp_send_reset" => tracefs::send_reset_layout(&format).map(|l| {
+                        reset_reasons = ReasonNames::from_pairs(
+                            format.symbolic_values("reason"),
+                            "SK_RST_REASON_",
+                        );
+                        config.send_reset = l;
+                    }),
+                    "kfree_skb" => tracefs::kfree_skb_layout(&format).map(|l| {
+                        drop_reasons = ReasonNames::from_pairs(
+                            format.symbolic_values("reason"),
+                            "SKB_DROP_REASON_",
+                        );
+                        config.kfree_skb = l;
+                    }),
+                    _ => tracefs::set_state_layout(&format).map(|l| config.set_state = l),
                 };
                 layout.err().map(|e| format!("{e}"))
             }
         };
-        plan.push((program, category, event, problem));
+        plan.push(Planned {
+            program,
+            category,
+            event,
+            problem,
+        });
     }
-    Ok((config, plan))
+    // The print fmt is the first source; BTF names the same enum where the format has none.
+    if drop_reasons.is_empty()
+        && let Ok(values) = btf.enum_values("skb_drop_reason")
+    {
+        drop_reasons =
+            ReasonNames::from_pairs(values.iter().map(|(n, v)| (*v, n)), "SKB_DROP_REASON_");
+    }
+    if reset_reasons.is_empty()
+        && let Ok(values) = btf.enum_values("sk_rst_reason")
+    {
+        reset_reasons =
+            ReasonNames::from_pairs(values.iter().map(|(n, v)| (*v, n)), "SK_RST_REASON_");
+    }
+    Ok(Discovery {
+        config,
+        plan,
+        drop_reasons,
+        reset_reasons,
+    })
+}
+
+/// Offsets for reading packets out of `struct sk_buff` and RTT out of `struct tcp_sock`.
+fn packet_offsets(btf: &KernelBtf) -> anyhow::Result<PacketOffsets> {
+    let offset = |s: &str, path: &str| -> anyhow::Result<u16> {
+        let off = btf.member_offset(s, path)?;
+        u16::try_from(off)
+            .with_context(|| format!("offset of {s}.{path} ({off}) does not fit 16 bits"))
+    };
+    Ok(PacketOffsets {
+        skb_head: offset("sk_buff", "head")?,
+        skb_network_header: offset("sk_buff", "network_header")?,
+        skb_transport_header: offset("sk_buff", "transport_header")?,
+        skb_dev: offset("sk_buff", "dev")?,
+        skb_iif: offset("sk_buff", "skb_iif")?,
+        dev_net: offset("net_device", "nd_net.net")?,
+        tcp_srtt_us: offset("tcp_sock", "srtt_us")?,
+        _pad: 0,
+    })
 }
 
 /// Loads and attaches every program the kernel supports; fails only when none can run.
 pub fn load(options: &LoadOptions) -> anyhow::Result<Loaded> {
-    let (config, plan) = discover(options)?;
+    let Discovery {
+        config,
+        plan,
+        drop_reasons,
+        reset_reasons,
+    } = discover(options)?;
+    let selected_drop_reasons = reasons::select(&drop_reasons, &options.drop_reasons)?;
     let mut ebpf = EbpfLoader::new()
         .override_global("CONFIG", &config, true)
         .map_max_entries("FLOW_COUNTERS", options.max_flows)
         .load(PROGRAMS_OBJECT)
         .context("loading the eBPF programs into the kernel")?;
+    {
+        let map = ebpf
+            .map_mut("DROP_REASON_FILTER")
+            .context("map DROP_REASON_FILTER is missing")?;
+        let mut filter: Array<&mut MapData, u8> = Array::try_from(map)?;
+        for &code in &selected_drop_reasons {
+            filter
+                .set(code, 1, 0)
+                .with_context(|| format!("enabling drop reason {code}"))?;
+        }
+    }
     let mut programs = Vec::new();
-    for (name, category, event, problem) in plan {
+    for Planned {
+        program: name,
+        category,
+        event,
+        problem,
+    } in plan
+    {
         let tracepoint = format!("{category}:{event}");
         let result = match problem {
             Some(problem) => Err(anyhow::anyhow!(problem)),
@@ -101,7 +227,13 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Loaded> {
             .collect();
         anyhow::bail!("no program could be attached ({})", why.join("; "));
     }
-    Ok(Loaded { ebpf, programs })
+    Ok(Loaded {
+        ebpf,
+        programs,
+        drop_reasons,
+        reset_reasons,
+        selected_drop_reasons,
+    })
 }
 
 fn attach(ebpf: &mut Ebpf, name: &str, category: &str, event: &str) -> anyhow::Result<()> {
@@ -158,11 +290,25 @@ impl Loaded {
             .map("FLOW_COUNTERS")
             .context("map FLOW_COUNTERS is missing")?;
         let flows: BpfHashMap<&MapData, FlowKey, FlowCounters> = BpfHashMap::try_from(map)?;
+        // An entry evicted while iterating ends its own lookup with an error: skip it.
+        Ok(flows.iter().flatten().collect())
+    }
+
+    /// Reported drops per reason code, summed over CPUs (only non-zero ones).
+    pub fn drop_reason_counts(&self) -> anyhow::Result<Vec<(u32, u64)>> {
+        let map = self
+            .ebpf
+            .map("DROP_REASON_COUNTS")
+            .context("map DROP_REASON_COUNTS is missing")?;
+        let array: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
         let mut out = Vec::new();
-        for entry in flows.iter() {
-            // An entry evicted while iterating ends its own lookup with an error: skip it.
-            if let Ok(pair) = entry {
-                out.push(pair);
+        for &code in &self.selected_drop_reasons {
+            if code >= MAX_DROP_REASONS {
+                continue;
+            }
+            let total: u64 = array.get(&code, 0)?.iter().sum();
+            if total > 0 {
+                out.push((code, total));
             }
         }
         Ok(out)

@@ -15,7 +15,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use observer_common::{FIELD_ABSENT, RetransmitSkbLayout, RetransmitSynackLayout};
+use observer_common::{
+    FIELD_ABSENT, KfreeSkbLayout, RetransmitSkbLayout, RetransmitSynackLayout, SEND_RESET_SOCKADDR,
+    SEND_RESET_SPLIT, SendResetLayout, SetStateLayout, SockTupleLayout,
+};
 
 /// Where tracefs is mounted on current kernels (and where we mount it if nobody has).
 pub const TRACEFS_PATH: &str = "/sys/kernel/tracing";
@@ -584,6 +587,80 @@ pub fn retransmit_synack_layout(f: &EventFormat) -> Result<RetransmitSynackLayou
     })
 }
 
+/// Where `tcp:tcp_receive_reset` keeps the fields observer reads (the same set as
+/// `tcp_retransmit_synack`).
+pub fn receive_reset_layout(f: &EventFormat) -> Result<SockTupleLayout, FormatError> {
+    retransmit_synack_layout(f)
+}
+
+/// Where `tcp:tcp_send_reset` keeps the fields observer reads: since 6.10 `saddr`/`daddr` are
+/// 28-byte socket-address copies with family and port inside; before, split fields.
+pub fn send_reset_layout(f: &EventFormat) -> Result<SendResetLayout, FormatError> {
+    let common = |style, saddr, daddr, sport, dport| -> Result<SendResetLayout, FormatError> {
+        Ok(SendResetLayout {
+            skaddr: f.offset_of("skaddr", POINTER_SIZE)?,
+            skbaddr: f.offset_of("skbaddr", POINTER_SIZE)?,
+            state: f.offset_of("state", 4)?,
+            reason: f.optional_offset_of("reason", 4)?.unwrap_or(FIELD_ABSENT),
+            saddr,
+            daddr,
+            sport,
+            dport,
+            style,
+            _pad: [0; 3],
+        })
+    };
+    match f.field("saddr") {
+        Some(field) if field.size == SOCKADDR_IN6_SIZE => common(
+            SEND_RESET_SOCKADDR,
+            f.offset_of("saddr", SOCKADDR_IN6_SIZE)?,
+            f.offset_of("daddr", SOCKADDR_IN6_SIZE)?,
+            FIELD_ABSENT,
+            FIELD_ABSENT,
+        ),
+        _ => common(
+            SEND_RESET_SPLIT,
+            f.offset_of("saddr_v6", 16)?,
+            f.offset_of("daddr_v6", 16)?,
+            f.offset_of("sport", 2)?,
+            f.offset_of("dport", 2)?,
+        ),
+    }
+}
+
+/// `sizeof(struct sockaddr_in6)`, the size of tcp_send_reset's address copies.
+const SOCKADDR_IN6_SIZE: usize = 28;
+
+/// Where `skb:kfree_skb` keeps the fields observer reads; `rx_sk` (6.11+) is optional.
+pub fn kfree_skb_layout(f: &EventFormat) -> Result<KfreeSkbLayout, FormatError> {
+    Ok(KfreeSkbLayout {
+        skbaddr: f.offset_of("skbaddr", POINTER_SIZE)?,
+        location: f.offset_of("location", POINTER_SIZE)?,
+        protocol: f.offset_of("protocol", 2)?,
+        reason: f.offset_of("reason", 4)?,
+        rx_sk: f
+            .optional_offset_of("rx_sk", POINTER_SIZE)?
+            .unwrap_or(FIELD_ABSENT),
+        _pad: [0; 3],
+    })
+}
+
+/// Where `sock:inet_sock_set_state` keeps the fields observer reads.
+pub fn set_state_layout(f: &EventFormat) -> Result<SetStateLayout, FormatError> {
+    Ok(SetStateLayout {
+        skaddr: f.offset_of("skaddr", POINTER_SIZE)?,
+        oldstate: f.offset_of("oldstate", 4)?,
+        newstate: f.offset_of("newstate", 4)?,
+        sport: f.offset_of("sport", 2)?,
+        dport: f.offset_of("dport", 2)?,
+        family: f.offset_of("family", 2)?,
+        protocol: f.offset_of("protocol", 2)?,
+        saddr_v6: f.offset_of("saddr_v6", 16)?,
+        daddr_v6: f.offset_of("daddr_v6", 16)?,
+        _pad: [0; 3],
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1011,5 +1088,49 @@ print fmt: "fake __print_symbolic(REC->code, { 99, \"NO\" }) {(\"", (REC->flags 
                 .is_ok_and(|f| retransmit_synack_layout(f).is_ok()),
             "{f:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+
+    fn format(text: &str) -> EventFormat {
+        parse_format(text).expect("fixture parses")
+    }
+
+    #[test]
+    fn send_reset_uses_sockaddr_copies_on_this_kernel() {
+        let layout = send_reset_layout(&format(include_str!("fixtures/tcp_send_reset.format")))
+            .expect("layout");
+        assert_eq!(layout.style, SEND_RESET_SOCKADDR);
+        assert_eq!(
+            (layout.saddr, layout.daddr, layout.reason, layout.state),
+            (32, 60, 28, 24)
+        );
+    }
+
+    #[test]
+    fn kfree_skb_layout_follows_the_file() {
+        let new =
+            kfree_skb_layout(&format(include_str!("fixtures/kfree_skb.format"))).expect("new");
+        assert_eq!((new.reason, new.rx_sk), (36, 24));
+        let old =
+            kfree_skb_layout(&format(include_str!("fixtures/kfree_skb_5.17.format"))).expect("old");
+        assert_eq!(old.rx_sk, FIELD_ABSENT);
+        assert_ne!(old.reason, new.reason);
+    }
+
+    #[test]
+    fn set_state_and_receive_reset_layouts() {
+        let st = set_state_layout(&format(include_str!("fixtures/inet_sock_set_state.format")))
+            .expect("set_state");
+        assert_eq!(
+            (st.oldstate, st.newstate, st.protocol, st.saddr_v6),
+            (16, 20, 30, 40)
+        );
+        let rr = receive_reset_layout(&format(include_str!("fixtures/tcp_receive_reset.format")))
+            .expect("receive_reset");
+        assert_eq!((rr.sport, rr.saddr_v6, rr.skaddr), (16, 30, 8));
     }
 }

@@ -74,12 +74,17 @@ mod tests {
         let mut buf = Vec::new();
         {
             let mut sink = JsonLines::new(&mut buf);
-            sink.write(&serde_json::json!({"type": "a"})).expect("write");
-            sink.write(&serde_json::json!({"type": "b", "n": 1})).expect("write");
+            sink.write(&serde_json::json!({"type": "a"}))
+                .expect("write");
+            sink.write(&serde_json::json!({"type": "b", "n": 1}))
+                .expect("write");
             sink.flush().expect("flush");
             assert_eq!(sink.written(), 2);
         }
-        assert_eq!(String::from_utf8(buf).expect("utf8"), "{\"type\":\"a\"}\n{\"n\":1,\"type\":\"b\"}\n");
+        assert_eq!(
+            String::from_utf8(buf).expect("utf8"),
+            "{\"type\":\"a\"}\n{\"n\":1,\"type\":\"b\"}\n"
+        );
     }
 
     struct Closed;
