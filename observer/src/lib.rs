@@ -3,8 +3,11 @@
 //! Data flows one way: `kernel` (load programs, discover layouts) -> `decode` (perf samples to
 //! events) -> `enrich` (sysctls) -> aggregation -> `sink` (JSON lines). `daemon` wires the stages
 //! together; `cli` is the command line.
+pub mod aggregate;
+pub mod check;
 pub mod cli;
 pub mod clock;
+pub mod config;
 pub mod daemon;
 pub mod decode;
 pub mod enrich;

@@ -206,7 +206,10 @@ Ip6Bar x
             ("C".to_owned(), 1),
             ("New".to_owned(), 50),
         ]);
-        assert_eq!(delta(&before, &after), BTreeMap::from([("A".to_owned(), 3)]));
+        assert_eq!(
+            delta(&before, &after),
+            BTreeMap::from([("A".to_owned(), 3)])
+        );
     }
 
     #[test]

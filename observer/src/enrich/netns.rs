@@ -173,7 +173,9 @@ fn sighting(source: Source, path: PathBuf) -> Option<Candidate> {
 /// All network namespaces in use: the host's (PID 1's), every named one in /run/netns, and
 /// those of running processes (`/proc/*/ns/net`), deduplicated by inode.
 ///
-/// Best effort: files that vanish or cannot be read while scanning are skipped. Namespaces kept
+/// Best effort: files that vanish or cannot be read while scanning are skipped. That includes
+/// PID 1's when a sandbox refuses access to it (EACCES even for root): then no entry is marked
+/// as the host, and observer's own namespace is still found through its process. Namespaces kept
 /// alive only by a socket or a thread (not a thread group leader) or a bind mount elsewhere are
 /// not found.
 pub fn discover() -> Vec<NamespaceRef> {
@@ -220,7 +222,8 @@ pub fn find_by_inode(inode: u64) -> Option<NamespaceRef> {
 /// namespace never changes. Inside `f`, sockets are created in the entered namespace, and
 /// `/proc/sys/net/...` and `/proc/thread-self/net/...` show it (`/proc/net` and `/proc/self/net`
 /// do not: they follow the process's main thread). Threads that `f` spawns inherit the
-/// namespace. Blocks until `f` returns.
+/// namespace. Blocks until `f` returns: from async code, call it in
+/// `tokio::task::spawn_blocking`.
 pub fn in_namespace<T, F>(path: &Path, f: F) -> Result<T, NetnsError>
 where
     T: Send + 'static,
@@ -380,7 +383,12 @@ mod tests {
         // Entering our own namespace needs CAP_SYS_ADMIN; skip the setns part when not root.
         // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIPPED in_namespace_contains_panics: needs root");
+            // Not eprintln!: libtest hides captured output of passing tests.
+            use std::io::Write as _;
+            let _ = writeln!(
+                io::stderr(),
+                "SKIPPED in_namespace_contains_panics: needs root"
+            );
             return;
         }
         let err = in_namespace(Path::new(THREAD_SELF_NETNS), || -> u32 { panic!("boom") })

@@ -1,2 +1,3 @@
 //! Sinks: where records go.
+pub mod file;
 pub mod json;
