@@ -365,6 +365,15 @@ pub struct SocketState {
 }
 const _: () = assert!(size_of::<SocketState>() == 24);
 
+/// Key of the per-namespace drop counters: which namespace, which reason.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct NetnsReason {
+    pub netns: u32,
+    pub reason: u32,
+}
+const _: () = assert!(size_of::<NetnsReason>() == 8);
+
 /// Size of the drop-reason tables (filter and counters); reasons at or above are ignored.
 pub const MAX_DROP_REASONS: u32 = 512;
 
@@ -402,4 +411,6 @@ mod pod {
     unsafe impl aya::Pod for super::SocketState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CpuBudget {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NetnsReason {}
 }

@@ -25,8 +25,8 @@ use aya_ebpf::{
 };
 use observer_common::{
     CpuBudget, FIELD_ABSENT, FlowCounters, FlowKey, KernelConfig, KindStats, MAX_DROP_REASONS,
-    SEND_RESET_SOCKADDR, SocketState, TCP_SYN_SENT, TcpEvent, connect_outcome, direction,
-    event_kind,
+    NetnsReason, SEND_RESET_SOCKADDR, SocketState, TCP_SYN_SENT, TcpEvent, connect_outcome,
+    direction, event_kind,
 };
 
 /// Set by userspace at load time; all zeroes here only so that the object has the symbol.
@@ -65,6 +65,11 @@ static DROP_REASON_FILTER: Array<u8> = Array::with_max_entries(MAX_DROP_REASONS,
 /// Per-CPU count of reported TCP drops per reason.
 #[map]
 static DROP_REASON_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_DROP_REASONS, 0);
+
+/// Reported drops per (network namespace, reason): tells userspace in which namespace to look
+/// for the firewall rule or listener behind them.
+#[map]
+static NETNS_DROPS: LruHashMap<NetnsReason, u64> = LruHashMap::with_max_entries(4096, 0);
 
 /// Per-socket state between state changes, keyed by the socket's address.
 #[map]
@@ -631,6 +636,14 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i32> {
     if let Some(count) = DROP_REASON_COUNTS.get_ptr_mut(reason) {
         // SAFETY: this CPU's slot of the per-CPU array.
         unsafe { *count += 1 };
+    }
+    let key = NetnsReason { netns, reason };
+    if NETNS_DROPS.get_ptr_mut(&key).is_none() {
+        let _ = NETNS_DROPS.insert(&key, 0, u64::from(BPF_NOEXIST));
+    }
+    if let Some(count) = NETNS_DROPS.get_ptr_mut(&key) {
+        // SAFETY: live map value, shared between CPUs: atomic add.
+        unsafe { atomic_add(count, 1) };
     }
     record(ctx, event, Counter::Drops);
     Ok(())

@@ -40,13 +40,18 @@ impl Mode {
         match self {
             Mode::Decode => "decode only",
             Mode::Count => "decode + per-flow count (HashMap<Flow, u64>)",
-            Mode::Engine => "decode + aggregate engine (Engine::observe, tick per simulated second)",
+            Mode::Engine => {
+                "decode + aggregate engine (Engine::observe, tick per simulated second)"
+            }
         }
     }
 }
 
 #[derive(Parser)]
-#[command(name = "pipeline_bench", about = "Decode + aggregation throughput and memory")]
+#[command(
+    name = "pipeline_bench",
+    about = "Decode + aggregation throughput and memory"
+)]
 struct Cli {
     #[arg(long, value_enum, default_value_t = Mode::Engine)]
     mode: Mode,
@@ -92,10 +97,7 @@ fn run(cli: &Cli) -> Result<serde_json::Value, String> {
     let samples = build_samples(flows, peers);
     let rss_input_kib = vm_kib("VmRSS:")?;
     let size = size_of::<TcpEvent>();
-    // Visit the samples in a scattered order (a stride coprime to their number), as events of
-    // many flows interleave in a real stream.
     let n = u64::from(flows);
-    let stride = (1..=n.min(7919)).rev().find(|s| gcd(*s, n) == 1).unwrap_or(1);
 
     let reasons: Vec<Arc<str>> = REASONS.iter().map(|(_, name)| Arc::from(*name)).collect();
     let mut counts: HashMap<Flow, u64> = HashMap::new();
@@ -114,8 +116,12 @@ fn run(cli: &Cli) -> Result<serde_json::Value, String> {
     let start = Instant::now();
     let mut index = 0u64;
     for i in 0..events {
+        // The samples are read in order, as from a perf ring.
         let offset = (index as usize) * size;
-        index = (index + stride) % n;
+        index += 1;
+        if index == n {
+            index = 0;
+        }
         let event = match decode_sample(&samples[offset..offset + size], &[]) {
             Ok(ev) => ev,
             Err(_) => {
@@ -236,11 +242,20 @@ fn observation_of(event: &Event, reasons: &[Arc<str>]) -> Option<Observation> {
 }
 
 /// One raw sample per flow, back to back (as they sit in a perf ring), with a mix of kinds:
-/// half retransmits, then drops, resets, refused connects, SYN and SYN-ACK retransmits.
+/// half retransmits, then drops, resets, refused connects, SYN and SYN-ACK retransmits. The
+/// flows come in a scattered order (a stride coprime to their number), as events of many flows
+/// interleave in a real stream.
 fn build_samples(flows: u32, peers: u32) -> Vec<u8> {
     let size = size_of::<TcpEvent>();
+    let n = u64::from(flows);
+    let stride = (1..=n.min(7919))
+        .rev()
+        .find(|s| gcd(*s, n) == 1)
+        .unwrap_or(1);
     let mut bytes = Vec::with_capacity(flows as usize * size);
-    for i in 0..flows {
+    for k in 0..n {
+        // Below `flows`, so it fits.
+        let i = ((k * stride) % n) as u32;
         let peer = i % peers;
         let local = Ipv4Addr::new(10, 1, (i >> 24) as u8, (i >> 16) as u8);
         let remote = Ipv4Addr::new(10, 2, (peer >> 8) as u8, peer as u8);

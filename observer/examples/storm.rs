@@ -25,7 +25,10 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 
 #[derive(Parser)]
-#[command(name = "storm", about = "Bounded TCP load generators for the observer benchmarks")]
+#[command(
+    name = "storm",
+    about = "Bounded TCP load generators for the observer benchmarks"
+)]
 struct Cli {
     #[command(subcommand)]
     mode: Mode,
@@ -88,7 +91,12 @@ fn main() -> ExitCode {
             conns,
             duration,
             chunk,
-        } => bulk(addr, conns.clamp(1, 64), secs(duration), chunk.clamp(1, 1 << 22)),
+        } => bulk(
+            addr,
+            conns.clamp(1, 64),
+            secs(duration),
+            chunk.clamp(1, 1 << 22),
+        ),
     };
     match result {
         Ok(report) => {
@@ -104,7 +112,11 @@ fn main() -> ExitCode {
 
 /// Durations are capped at ten minutes: a forgotten storm ends by itself.
 fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(if s.is_finite() { s.clamp(0.01, 600.0) } else { 1.0 })
+    Duration::from_secs_f64(if s.is_finite() {
+        s.clamp(0.01, 600.0)
+    } else {
+        1.0
+    })
 }
 
 fn refused(
@@ -274,7 +286,9 @@ fn bulk(
                         Err(e)
                             if matches!(
                                 e.kind(),
-                                ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                                ErrorKind::WouldBlock
+                                    | ErrorKind::TimedOut
+                                    | ErrorKind::Interrupted
                             ) => {}
                         Err(e) => return Err(format!("send: {e}")),
                     }

@@ -172,6 +172,7 @@ fn run(args: RunArgs) -> ExitCode {
         },
         perf_pages: args.perf_pages,
         queue_capacity: 65_536,
+        context_interval: Duration::from_secs(1),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -41,6 +41,17 @@ pub const DEFAULT_PERF_PAGES: usize = 64;
 /// million the map alone takes gigabytes.
 pub const MAX_FLOWS_RANGE: std::ops::RangeInclusive<u32> = 16..=4_194_304;
 
+/// The file `observer run` reads: `explicit` (`--config`), else [`DEFAULT_PATH`] if it exists.
+pub fn choose_path(explicit: Option<&Path>) -> Option<PathBuf> {
+    match explicit {
+        Some(path) => Some(path.to_owned()),
+        None => {
+            let default = Path::new(DEFAULT_PATH);
+            default.exists().then(|| default.to_owned())
+        }
+    }
+}
+
 /// Errors reading or checking a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -102,7 +113,10 @@ impl FromStr for OutputTarget {
         match s {
             "stdout" | "-" => Ok(OutputTarget::Stdout),
             _ => match s.strip_prefix("file:") {
-                Some("") => Err("`file:` needs a path, e.g. `file:/var/log/observer/observer.ndjson`".to_owned()),
+                Some("") => Err(
+                    "`file:` needs a path, e.g. `file:/var/log/observer/observer.ndjson`"
+                        .to_owned(),
+                ),
                 Some(path) => Ok(OutputTarget::File(PathBuf::from(path))),
                 None => Err(format!("expected `stdout` or `file:PATH`, not `{s}`")),
             },
@@ -465,7 +479,9 @@ pub fn check_perf_pages(n: usize) -> Result<usize, String> {
     if n.is_power_of_two() && (1..=4096).contains(&n) {
         Ok(n)
     } else {
-        Err(format!("must be a power of two between 1 and 4096, not {n}"))
+        Err(format!(
+            "must be a power of two between 1 and 4096, not {n}"
+        ))
     }
 }
 
@@ -585,7 +601,10 @@ mod tests {
     #[test]
     fn an_empty_file_sets_nothing() {
         assert_eq!(parse("").expect("valid"), Config::default());
-        assert_eq!(parse("# only comments\n").expect("valid"), Config::default());
+        assert_eq!(
+            parse("# only comments\n").expect("valid"),
+            Config::default()
+        );
     }
 
     #[test]
@@ -706,8 +725,8 @@ per_second = 10
 
     #[test]
     fn flags_override_the_file_which_overrides_defaults() {
-        let file = parse("export_per_flow = 7\nmax_flows = 1024\n[output]\nkeep = 2\n")
-            .expect("valid");
+        let file =
+            parse("export_per_flow = 7\nmax_flows = 1024\n[output]\nkeep = 2\n").expect("valid");
         let flags = Config {
             export_per_flow: Some(9),
             ..Config::default()
@@ -745,8 +764,10 @@ per_second = 10
     fn changed_keys_lists_what_a_reload_changes() {
         let old = Settings::resolve(&Config::default()).expect("defaults");
         let new = Settings::resolve(
-            &parse("export_per_flow = 1\n[output]\ntarget = \"file:/tmp/x\"\n[thresholds]\na = 1\n")
-                .expect("valid"),
+            &parse(
+                "export_per_flow = 1\n[output]\ntarget = \"file:/tmp/x\"\n[thresholds]\na = 1\n",
+            )
+            .expect("valid"),
         )
         .expect("resolves");
         assert_eq!(
@@ -800,7 +821,7 @@ per_second = 10
     fn positions_are_one_based_characters() {
         assert_eq!(line_column("ab\ncd", 0), (1, 1));
         assert_eq!(line_column("ab\ncd", 4), (2, 2));
-        assert_eq!(line_column("é = 1", 3), (1, 2));
+        assert_eq!(line_column("é = 1", 3), (1, 3));
         assert_eq!(line_column("x", 99), (1, 2));
     }
 }

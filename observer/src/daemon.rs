@@ -27,6 +27,7 @@ use tokio::{
 
 use crate::{
     clock::BootClock,
+    context::{ContextRecord, ContextWorker, SharedContext},
     decode::{Event, EventKind, Flow, decode_sample},
     enrich::symbols::KernelSymbols,
     enrich::sysctl,
@@ -47,13 +48,16 @@ pub struct RunOptions {
     pub perf_pages: usize,
     /// Decoded records the queue between readers and the output holds.
     pub queue_capacity: usize,
+    /// How often the context worker reads counters, listeners, sysctls and rules.
+    pub context_interval: Duration,
 }
 
-/// What the readers hand to the output loop.
+/// What the readers and the context worker hand to the output loop.
 #[derive(Debug)]
 enum Incoming {
     Event(Event),
     Lost { cpu: u32, count: u64 },
+    Context(ContextRecord),
 }
 
 /// Counters the readers share with the output loop.
@@ -119,7 +123,19 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
             Arc::clone(&counters),
         )));
     }
+    let context_tx = tx.clone();
     drop(tx);
+    let shared_context: SharedContext = SharedContext::default();
+    let netfilter_reason = loaded.drop_reasons.code("NETFILTER_DROP");
+    let context = ContextWorker::spawn(
+        loaded.take_netns_drops()?,
+        netfilter_reason,
+        options.context_interval,
+        clock,
+        Arc::clone(&shared_context),
+        move |record| context_tx.try_send(Incoming::Context(record)).is_ok(),
+    )
+    .context("starting the context worker")?;
 
     let start = StartRecord {
         kind: "start",
@@ -155,7 +171,11 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
         }
     };
 
-    // Drain: readers empty their buffers one last time, then the queue is emptied.
+    // Drain: the context worker takes a last reading, readers empty their buffers one last
+    // time, then the queue is emptied.
+    let context_totals = tokio::task::spawn_blocking(move || context.finish())
+        .await
+        .unwrap_or_default();
     let _ = stop_tx.send(true);
     for reader in readers {
         match tokio::time::timeout(Duration::from_secs(1), reader).await {
@@ -172,7 +192,10 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
         }
     }
 
-    let stop = stop_record(&loaded, &names, &counters, &received, &clock, reason)?;
+    let mut stop = stop_record(&loaded, &names, &counters, &received, &clock, reason)?;
+    stop.undelivered += context_totals.undelivered;
+    stop.listeners = context_totals.listeners;
+    stop.netfilter_rules = context_totals.netfilter_rules;
     drop(loaded); // detaches the programs before the final record goes out
     if output_open {
         if let Err(e) = sink.write_now(&stop) {
@@ -256,6 +279,11 @@ fn handle<W: Write>(
             cpu,
             count,
         }),
+        Incoming::Context(record) => match record {
+            ContextRecord::ListenerDrops(r) => sink.write(&r),
+            ContextRecord::NetfilterDrop(r) => sink.write(&r),
+            ContextRecord::SysctlChange(r) => sink.write(&r),
+        },
     }
 }
 
@@ -411,6 +439,8 @@ fn stop_record(
             })
             .collect(),
         flows,
+        listeners: Vec::new(),
+        netfilter_rules: Vec::new(),
     })
 }
 

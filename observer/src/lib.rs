@@ -8,6 +8,7 @@ pub mod check;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod context;
 pub mod daemon;
 pub mod decode;
 pub mod enrich;

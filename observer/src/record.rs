@@ -291,6 +291,10 @@ pub struct StopRecord {
     /// Drops per reason (kernel counters).
     pub drop_reasons: Vec<ReasonCount>,
     pub flows: Vec<FlowRecord>,
+    /// Listener drops over the run (accept-queue overflows, SYN-queue drops).
+    pub listeners: Vec<crate::context::ListenerTotal>,
+    /// Packets dropped per firewall rule over the run (rules named exactly).
+    pub netfilter_rules: Vec<crate::context::RuleTotal>,
 }
 
 #[cfg(test)]
@@ -332,4 +336,72 @@ mod tests {
         let text = serde_json::to_string(&rec).expect("serialises");
         assert!(text.starts_with(r#"{"type":"syn_retransmit""#), "{text}");
     }
+}
+
+/// A listener refused connections (accept queue or SYN queue full) during one context interval.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ListenerDropsRecord {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub time: String,
+    pub netns: u64,
+    pub family: Family,
+    pub addr: IpAddr,
+    pub port: u16,
+    pub accept_queue_overflows: u64,
+    pub syn_queue_drops: u64,
+    pub other_drops: u64,
+    /// The listener's backlog (`listen()` backlog capped by somaxconn).
+    pub backlog_limit: u32,
+    pub accept_queue: u32,
+    pub syn_queue: u32,
+    /// The namespace's counters over the same interval (ListenOverflows, ListenDrops,
+    /// TCPReqQFullDrop): the ground truth the split was made from.
+    pub namespace_counters: BTreeMap<String, u64>,
+}
+
+/// Rule whose counter grew while NETFILTER_DROP drops happened.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct RuleRecord {
+    pub family: String,
+    pub table: String,
+    pub chain: String,
+    pub handle: u64,
+    pub rule: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    /// Packets the rule's counter grew by in the interval.
+    pub packets: u64,
+}
+
+/// Netfilter dropped TCP packets in a namespace: the rule(s) that did it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct NetfilterDropRecord {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub time: String,
+    pub netns: u64,
+    /// NETFILTER_DROP drops the kernel reported in this namespace in the interval.
+    pub dropped: u64,
+    /// Rules whose growth accounts exactly for `dropped` (empty when none does).
+    pub rules: Vec<RuleRecord>,
+    /// Every dropping rule that grew (largest first), when `rules` is not exact.
+    pub candidates: Vec<RuleRecord>,
+}
+
+/// A sysctl changed value.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct SysctlChangeRecord {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub time: String,
+    pub netns: u64,
+    pub name: String,
+    pub old: String,
+    pub new: String,
+    /// Rates plausibly affected, before and after the change (filled by the anomaly engine).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rates: Option<serde_json::Value>,
 }

@@ -3,18 +3,28 @@
 //! the packet counters of the iptables rules that drop, and the outcome every connect had in the
 //! test itself. Every comparison is exact, and the ground truth must be non-zero.
 //!
-//! Subnets: 10.200.60-69.0/24 and fd00:200:60-69::/64. Ports: 5060 closed (refused), 5061
+//! Subnets: 10.200.60-69.0/24 and fd00:200:3c-45::/64 (the harness writes the subnet number in
+//! hex there). Ports: 5060 closed (refused), 5061
 //! filtered (SYNs dropped by iptables). Client source ports are bound explicitly, so every flow
 //! the observer reports can be matched to one connect of the test.
-use std::{collections::BTreeSet, net::SocketAddr, process::Command, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    process::Command,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, ensure};
 use observer_tests::{
-    Filter, Observer, Run, Topology, describe, kernel_test, note, observer_bin, run_with_timeout,
+    Filter, Observer, Run, Topology, describe, kernel_test, note, observer_bin, poll_until,
+    run_with_timeout,
 };
 use serde_json::Value;
 use support::{
-    Outcome, check_run, connect_parallel, connect_sequential, ifindex, one_each, rule_packets,
+    KINDS, Outcome, check_run, connect_here, connect_parallel, connect_sequential, ifindex,
+    one_each, rule_packets, u64_of,
 };
 
 /// Exact per-event comparisons: every event exported, close events too.
@@ -682,6 +692,103 @@ fn unknown_drop_reason_is_rejected_by_name() -> Result<()> {
     Ok(())
 }
 
+/// `exported = received + lost + undelivered + decode_errors` (docs/schema.md) must hold when
+/// events keep coming while the observer stops: a refused storm runs across the SIGINT.
+#[test]
+fn stop_accounts_for_events_exported_while_stopping() -> Result<()> {
+    let Some(t) = kernel_test("stop_during_storm") else {
+        return Ok(());
+    };
+    let topo = Topology::new(&t.name, 65)?;
+    let mut observer = Observer::start(&ARGS)?;
+    let done = AtomicBool::new(false);
+    let count = AtomicU64::new(0);
+    let to = SocketAddr::new(topo.server_ip(false), REFUSED_PORT);
+    let local = SocketAddr::new(topo.client_ip(false), 0);
+    let (run, at_sigint, at_stop) = thread::scope(|s| -> Result<(Run, u64, u64)> {
+        let storm = s.spawn(|| {
+            topo.client.run(|| -> Result<()> {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                for _ in 0..300_000 {
+                    if done.load(Ordering::Relaxed) || Instant::now() >= deadline {
+                        break;
+                    }
+                    let a = connect_here(local, to, Duration::from_secs(1))?;
+                    ensure!(
+                        matches!(a.outcome, Outcome::Refused),
+                        "storm connect: expected refused, got {:?}",
+                        a.outcome
+                    );
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+        });
+        // A running storm first, then SIGINT while it goes on.
+        let started = poll_until(
+            "2000 refused connects",
+            Duration::from_secs(10),
+            Duration::from_millis(10),
+            || Ok((count.load(Ordering::Relaxed) >= 2000).then_some(())),
+        );
+        let at_sigint = count.load(Ordering::Relaxed);
+        let run = started.and_then(|()| observer.stop());
+        let at_stop = count.load(Ordering::Relaxed);
+        done.store(true, Ordering::Relaxed);
+        storm
+            .join()
+            .map_err(|_| anyhow::anyhow!("storm thread panicked"))???;
+        Ok((run?, at_sigint, at_stop))
+    })?;
+    let stop = run.stop()?;
+    let mut exported = 0;
+    let mut received = 0;
+    let mut breakdown = Vec::new();
+    for (kind, types) in KINDS {
+        let tot = &stop["totals"][kind];
+        let (e, r) = (u64_of(tot, "exported")?, u64_of(tot, "received")?);
+        let written = run
+            .records
+            .iter()
+            .filter(|v| v["type"].as_str().is_some_and(|ty| types.contains(&ty)))
+            .count() as u64;
+        ensure!(
+            r == written,
+            "stop.totals.{kind}.received {r} but {written} records written"
+        );
+        exported += e;
+        received += r;
+        if e != r {
+            breakdown.push(format!("{kind}: exported {e}, received {r}"));
+        }
+    }
+    let (lost, undelivered, decode_errors) = (
+        u64_of(stop, "lost")?,
+        u64_of(stop, "undelivered")?,
+        u64_of(stop, "decode_errors")?,
+    );
+    note(&format!(
+        "{}: {at_sigint} refused connects before SIGINT, {at_stop} when the stop record was \
+         in; exported {exported}, received {received}, lost {lost}, undelivered {undelivered}, \
+         decode_errors {decode_errors}; {}",
+        t.name,
+        breakdown.join("; ")
+    ));
+    ensure!(
+        at_stop > at_sigint,
+        "the storm did not run across the stop ({at_sigint} -> {at_stop} connects)"
+    );
+    ensure!(
+        exported == received + lost + undelivered + decode_errors,
+        "stop.totals: exported {exported} != received {received} + lost {lost} + undelivered \
+         {undelivered} + decode_errors {decode_errors}: {} events exported by the kernel are \
+         neither written nor reported lost ({})",
+        exported.saturating_sub(received + lost + undelivered + decode_errors),
+        breakdown.join("; ")
+    );
+    Ok(())
+}
+
 /// Helpers this file needs beyond the shared harness.
 mod support {
     use std::{
@@ -1047,7 +1154,7 @@ mod support {
     }
 
     /// Record types written per `stop.totals` kind.
-    const KINDS: [(&str, &[&str]); 10] = [
+    pub const KINDS: [(&str, &[&str]); 10] = [
         ("retransmit", &["retransmit", "retransmit_failed"]),
         ("syn_retransmit", &["syn_retransmit"]),
         ("synack_retransmit", &["synack_retransmit"]),

@@ -599,15 +599,17 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_partial_configs_keep_them() -> Result<(), serde_json::Error> {
         assert_eq!(Thresholds::default().validate(), Ok(()));
-        let parsed: Thresholds = serde_json::from_str(
-            r#"{"reset_storm": {"open_per_sec": 50}, "close_hold_secs": 5}"#,
-        )?;
+        let parsed: Thresholds =
+            serde_json::from_str(r#"{"reset_storm": {"open_per_sec": 50}, "close_hold_secs": 5}"#)?;
         assert_eq!(parsed.reset_storm.open_per_sec, 50.0);
         assert_eq!(parsed.reset_storm.close_threshold_per_sec(), 25.0);
         assert_eq!(parsed.reset_storm.floor_threshold_per_sec(), 25.0);
         assert!(parsed.reset_storm.enabled);
         assert_eq!(parsed.close_hold_secs, 5);
-        assert_eq!(parsed.flow_retransmit_spike, Thresholds::default().flow_retransmit_spike);
+        assert_eq!(
+            parsed.flow_retransmit_spike,
+            Thresholds::default().flow_retransmit_spike
+        );
         assert!(serde_json::from_str::<Thresholds>(r#"{"no_such_kind": {}}"#).is_err());
         assert!(serde_json::from_str::<Thresholds>(r#"{"reset_storm": {}}"#).is_err());
         Ok(())

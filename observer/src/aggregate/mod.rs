@@ -522,7 +522,12 @@ impl Engine {
     /// `span_ns` from it on (e.g. around a sysctl change). History reaches back 16 minutes;
     /// call it once the "after" span is over for a full comparison (`after_covered_secs`
     /// tells how much of it has passed).
-    pub fn rate_before_after(&self, signal: Signal, change_at_ns: u64, span_ns: u64) -> BeforeAfter {
+    pub fn rate_before_after(
+        &self,
+        signal: Signal,
+        change_at_ns: u64,
+        span_ns: u64,
+    ) -> BeforeAfter {
         let span_secs = u32::try_from(span_ns.div_ceil(NANOS_PER_SEC)).unwrap_or(u32::MAX);
         self.host.before_after(
             signal,
@@ -640,7 +645,10 @@ impl TickPass<'_> {
         anomaly.peak_rate_per_sec = anomaly.peak_rate_per_sec.max(rate);
         if rate < thresholds.close_threshold_per_sec() {
             let below_since_ns = *anomaly.below_since_ns.get_or_insert(self.now_ns);
-            let hold_ns = self.thresholds.close_hold_secs.saturating_mul(NANOS_PER_SEC);
+            let hold_ns = self
+                .thresholds
+                .close_hold_secs
+                .saturating_mul(NANOS_PER_SEC);
             if self.now_ns - below_since_ns >= hold_ns {
                 row.open_kinds &= !kind.bit();
                 let closing = Closing {
@@ -683,8 +691,7 @@ impl TickPass<'_> {
     fn update_baselines<K: TableKey>(&self, row: &mut Row<K>) {
         let open_kinds = row.open_kinds;
         for series in row.series_mut() {
-            if open_kinds != 0 && AnomalyKind::watching(K::TABLE, series.signal) & open_kinds != 0
-            {
+            if open_kinds != 0 && AnomalyKind::watching(K::TABLE, series.signal) & open_kinds != 0 {
                 continue;
             }
             let rate = series.rate_per_sec(Window::Last10s, self.now_sec) as f32;

@@ -482,9 +482,15 @@ mod tests {
             row.total(Signal::Retransmit.bit() | Signal::ResetSent.bit()),
             4
         );
-        assert_eq!(row.rate_per_sec(Signal::Retransmit.bit(), Window::Last10s, 7), 0.3);
+        assert_eq!(
+            row.rate_per_sec(Signal::Retransmit.bit(), Window::Last10s, 7),
+            0.3
+        );
         assert_eq!(row.counts(Signal::ResetSent.bit(), 7).last_1s, 1);
-        assert_eq!((row.first_seen_ns, row.last_seen_ns), (5_000_000_000, 6_000_000_000));
+        assert_eq!(
+            (row.first_seen_ns, row.last_seen_ns),
+            (5_000_000_000, 6_000_000_000)
+        );
         assert_eq!(
             row.series_of(Signal::ResetSent).map(|s| s.first_seen_ns),
             Some(6_000_000_000)
@@ -494,9 +500,21 @@ mod tests {
     #[test]
     fn full_table_evicts_least_recently_seen_and_counts_it() {
         let mut table = Table::new(3);
-        assert!(table.record(peer(1), &sample(Signal::Retransmit, 1)).is_none());
-        assert!(table.record(peer(2), &sample(Signal::Retransmit, 2)).is_none());
-        assert!(table.record(peer(3), &sample(Signal::Retransmit, 3)).is_none());
+        assert!(
+            table
+                .record(peer(1), &sample(Signal::Retransmit, 1))
+                .is_none()
+        );
+        assert!(
+            table
+                .record(peer(2), &sample(Signal::Retransmit, 2))
+                .is_none()
+        );
+        assert!(
+            table
+                .record(peer(3), &sample(Signal::Retransmit, 3))
+                .is_none()
+        );
         // Peer 1 seen again: peer 2 is now the least recently seen.
         table.record(peer(1), &sample(Signal::Retransmit, 4));
         let evicted = table.record(peer(4), &sample(Signal::Retransmit, 5));

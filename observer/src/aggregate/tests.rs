@@ -57,10 +57,7 @@ fn retransmits(engine: &mut Engine, start: u64, per_sec: u64, flow: Flow) {
 }
 
 fn phases(events: &[AnomalyEvent]) -> Vec<(Phase, AnomalyKind)> {
-    events
-        .iter()
-        .map(|e| (e.phase, e.anomaly.kind))
-        .collect()
+    events.iter().map(|e| (e.phase, e.anomaly.kind)).collect()
 }
 
 #[test]
@@ -244,7 +241,10 @@ fn baseline_is_an_ewma_of_the_10s_rate() {
         expected += alpha * (rate - expected);
     }
     let got = baseline(&engine);
-    assert!((got - expected).abs() < 1e-3, "baseline {got}, expected {expected}");
+    assert!(
+        (got - expected).abs() < 1e-3,
+        "baseline {got}, expected {expected}"
+    );
     assert!((6.0..7.0).contains(&got), "{got}");
 
     // Silence: it decays toward zero with the same time constant.
@@ -276,7 +276,9 @@ fn a_steady_rate_at_its_baseline_does_not_open_but_a_spike_does() {
         "steady rate opened something: {events:?}"
     );
     let row = &engine.top_rows(TableId::Flows, SortKey::Severity, 1)[0];
-    let baseline = row.signal(Signal::Retransmit).map_or(0.0, |s| s.baseline_per_sec);
+    let baseline = row
+        .signal(Signal::Retransmit)
+        .map_or(0.0, |s| s.baseline_per_sec);
     assert!((baseline - 20.0).abs() < 1.0, "baseline {baseline}");
 
     // Four times the usual rate departs from 3 × baseline + floor.
@@ -353,7 +355,12 @@ fn peer_anomalies_keep_five_recent_distinct_exemplars() {
     };
     assert_eq!(open.phase, Phase::Open);
     assert_eq!(open.anomaly.key, RowKey::Peer(peer_of(9)));
-    let ports: Vec<u16> = open.anomaly.exemplar_flows.iter().map(|f| f.sport).collect();
+    let ports: Vec<u16> = open
+        .anomaly
+        .exemplar_flows
+        .iter()
+        .map(|f| f.sport)
+        .collect();
     assert_eq!(ports, vec![50011, 50010, 50009, 50008, 50007]);
     assert_eq!(open.anomaly.signals, &[Signal::SynRetransmit]);
 }
@@ -516,7 +523,10 @@ fn before_and_after_a_change() {
     let rates = engine.rate_before_after(Signal::Retransmit, T0 + 300 * SEC, 300 * SEC);
     assert_eq!(rates.before_per_min, Some(120.0));
     assert_eq!(rates.after_per_min, Some(360.0));
-    assert_eq!((rates.before_covered_secs, rates.after_covered_secs), (300, 300));
+    assert_eq!(
+        (rates.before_covered_secs, rates.after_covered_secs),
+        (300, 300)
+    );
     let resets = engine.rate_before_after(Signal::ResetSent, T0 + 300 * SEC, 300 * SEC);
     assert_eq!(resets.before_per_min, Some(0.0));
 }
@@ -545,7 +555,10 @@ fn top_rows_rank_by_the_asked_key() {
     );
     let keys: Vec<RowKey> = by_rate.iter().map(|r| r.key.clone()).collect();
     assert_eq!(keys, vec![RowKey::Flow(busy), RowKey::Flow(mild)]);
-    assert_eq!(by_rate[0].rate_per_sec(Some(Signal::Retransmit), Window::Last1s), 50.0);
+    assert_eq!(
+        by_rate[0].rate_per_sec(Some(Signal::Retransmit), Window::Last1s),
+        50.0
+    );
     assert_eq!(by_rate[0].total(None), 50);
 
     let by_severity = engine.top_rows(TableId::Flows, SortKey::Severity, 3);
@@ -559,17 +572,31 @@ fn top_rows_rank_by_the_asked_key() {
     let peers = engine.top_rows(TableId::Peers, SortKey::Total { signal: None }, 10);
     assert_eq!(peers.len(), 3);
     assert_eq!(peers[0].key, RowKey::Peer(peer_of(1)));
-    assert!(engine.top_rows(TableId::Rules, SortKey::Severity, 10).is_empty());
-    assert!(engine.top_rows(TableId::Flows, SortKey::Severity, 0).is_empty());
+    assert!(
+        engine
+            .top_rows(TableId::Rules, SortKey::Severity, 10)
+            .is_empty()
+    );
+    assert!(
+        engine
+            .top_rows(TableId::Flows, SortKey::Severity, 0)
+            .is_empty()
+    );
 }
 
 #[test]
 fn time_never_runs_backwards() {
     let mut engine = engine_with(Thresholds::default());
     let f = flow(1, 1);
-    engine.observe(T0 + 10 * SEC, Observation::new(Signal::Retransmit, 1).with_flow(f));
+    engine.observe(
+        T0 + 10 * SEC,
+        Observation::new(Signal::Retransmit, 1).with_flow(f),
+    );
     // Late events count at the latest time seen.
-    engine.observe(T0 + 2 * SEC, Observation::new(Signal::Retransmit, 1).with_flow(f));
+    engine.observe(
+        T0 + 2 * SEC,
+        Observation::new(Signal::Retransmit, 1).with_flow(f),
+    );
     engine.tick(T0 + 11 * SEC);
     let row = &engine.top_rows(TableId::Flows, SortKey::LastSeen, 1)[0];
     assert_eq!(row.count(None, Window::Last1s), 2);
@@ -594,7 +621,11 @@ fn close_all_reports_every_open_anomaly() {
     assert!(engine.open_anomalies().is_empty());
     // The storm is still in the window, so it opens again: a new anomaly, a new id.
     let reopened = engine.tick(T0 + 2 * SEC);
-    assert!(reopened.iter().all(|e| e.phase == Phase::Open && e.anomaly.id > 2));
+    assert!(
+        reopened
+            .iter()
+            .all(|e| e.phase == Phase::Open && e.anomaly.id > 2)
+    );
 }
 
 #[test]
@@ -604,7 +635,10 @@ fn disabled_kinds_never_open() {
     let mut engine = engine_with(thresholds);
     retransmits(&mut engine, T0, 500, flow(1, 1));
     let events = engine.tick(T0 + SEC);
-    assert_eq!(phases(&events), vec![(Phase::Open, AnomalyKind::PeerRetransmitSpike)]);
+    assert_eq!(
+        phases(&events),
+        vec![(Phase::Open, AnomalyKind::PeerRetransmitSpike)]
+    );
 }
 
 #[test]
@@ -706,7 +740,10 @@ fn zz_measure() {
             .collect();
         let start = std::time::Instant::now();
         for (i, f) in flows.iter().enumerate() {
-            engine.observe(T0 + i as u64 * 1000, Observation::new(Signal::Retransmit, 1).with_flow(*f));
+            engine.observe(
+                T0 + i as u64 * 1000,
+                Observation::new(Signal::Retransmit, 1).with_flow(*f),
+            );
         }
         let insert = start.elapsed();
         let after = rss_kib();
@@ -715,15 +752,23 @@ fn zz_measure() {
         let mut x = 12345u64;
         let start = std::time::Instant::now();
         for i in 0..n {
-            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
             let f = flows[(x % 100_000) as usize];
-            engine.observe(T0 + SEC + i as u64 * 250, Observation::new(Signal::Retransmit, 1).with_flow(f));
+            engine.observe(
+                T0 + SEC + i as u64 * 250,
+                Observation::new(Signal::Retransmit, 1).with_flow(f),
+            );
         }
         let random = start.elapsed();
         let start = std::time::Instant::now();
         for i in 0..n {
             let f = flows[i % 16];
-            engine.observe(T0 + 3 * SEC + i as u64 * 250, Observation::new(Signal::Retransmit, 1).with_flow(f));
+            engine.observe(
+                T0 + 3 * SEC + i as u64 * 250,
+                Observation::new(Signal::Retransmit, 1).with_flow(f),
+            );
         }
         let hot = start.elapsed();
         let start = std::time::Instant::now();
@@ -734,10 +779,15 @@ fn zz_measure() {
         let top_t = start.elapsed();
         eprintln!(
             "{label}: rss +{} KiB (total {after}); insert 100k {:?}; random {:.2} M/s; hot {:.2} M/s; tick {:?} ({} events); top {:?} ({}) stats {:?}",
-            after - before, insert,
+            after - before,
+            insert,
             n as f64 / random.as_secs_f64() / 1e6,
             n as f64 / hot.as_secs_f64() / 1e6,
-            tick, events.len(), top_t, top.len(), engine.stats()
+            tick,
+            events.len(),
+            top_t,
+            top.len(),
+            engine.stats()
         );
         drop(engine);
     }
@@ -745,8 +795,8 @@ fn zz_measure() {
 
 #[test]
 fn zz_breakdown() {
-    use std::hint::black_box;
     use std::hash::BuildHasher;
+    use std::hint::black_box;
     let mut engine = engine_with(Thresholds::default());
     let flows: Vec<Flow> = (0..100_000u32)
         .map(|i| Flow {
@@ -759,53 +809,91 @@ fn zz_breakdown() {
         })
         .collect();
     for (i, f) in flows.iter().enumerate() {
-        engine.observe(T0 + i as u64 * 1000, Observation::new(Signal::Retransmit, 1).with_flow(*f));
+        engine.observe(
+            T0 + i as u64 * 1000,
+            Observation::new(Signal::Retransmit, 1).with_flow(*f),
+        );
     }
     let n = 4_000_000usize;
     let run = |label: &str, f: &mut dyn FnMut(usize, Flow)| {
         let mut x = 12345u64;
         let start = std::time::Instant::now();
         for i in 0..n {
-            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
             let fl = flows[(x % 100_000) as usize];
             f(i, fl);
         }
         let t = start.elapsed();
         eprintln!("{label}: {:.1} ns/op", t.as_nanos() as f64 / n as f64);
     };
-    run("loop", &mut |_, f| { black_box(f); });
+    run("loop", &mut |_, f| {
+        black_box(f);
+    });
     let hasher = foldhash::fast::RandomState::default();
-    run("hash", &mut |_, f| { black_box(hasher.hash_one(f)); });
-    run("slot_of", &mut |_, f| { black_box(engine.flows.slot_of(&f)); });
+    run("hash", &mut |_, f| {
+        black_box(hasher.hash_one(f));
+    });
+    run("slot_of", &mut |_, f| {
+        black_box(engine.flows.slot_of(&f));
+    });
     let mut e2 = engine_with(Thresholds::default());
     for (i, f) in flows.iter().enumerate() {
-        e2.observe(T0 + i as u64 * 1000, Observation::new(Signal::Retransmit, 1).with_flow(*f));
+        e2.observe(
+            T0 + i as u64 * 1000,
+            Observation::new(Signal::Retransmit, 1).with_flow(*f),
+        );
     }
     run("flows.record", &mut |i, f| {
         let now = T0 + SEC + i as u64 * 250;
-        let s = Sample { signal: Signal::Retransmit, amount: 1, now_ns: now, now_sec: second_of(now), flow: Some(&f), reason: None };
+        let s = Sample {
+            signal: Signal::Retransmit,
+            amount: 1,
+            now_ns: now,
+            now_sec: second_of(now),
+            flow: Some(&f),
+            reason: None,
+        };
         black_box(e2.flows.record(f, &s).is_some());
     });
     run("observe", &mut |i, f| {
-        e2.observe(T0 + 3 * SEC + i as u64 * 250, Observation::new(Signal::Retransmit, 1).with_flow(f));
+        e2.observe(
+            T0 + 3 * SEC + i as u64 * 250,
+            Observation::new(Signal::Retransmit, 1).with_flow(f),
+        );
     });
-    eprintln!("row size {} series size {}", std::mem::size_of::<Row<Flow>>(), std::mem::size_of::<table::Series>());
+    eprintln!(
+        "row size {} series size {}",
+        std::mem::size_of::<Row<Flow>>(),
+        std::mem::size_of::<table::Series>()
+    );
 }
 
 #[test]
 fn zz_hash() {
-    use std::hint::black_box;
     use std::hash::BuildHasher;
+    use std::hint::black_box;
     let n = 10_000_000u64;
     let fl = flow(1, 2);
     let h = foldhash::fast::RandomState::default();
     let s = std::hash::RandomState::new();
     let f2 = foldhash::fast::FixedState::default();
-    macro_rules! t { ($label:expr, $e:expr) => {{
-        let start = std::time::Instant::now();
-        for i in 0..n { let mut k = fl; k.sport = i as u16; black_box($e(black_box(k))); }
-        eprintln!("{}: {:.1} ns", $label, start.elapsed().as_nanos() as f64 / n as f64);
-    }}}
+    macro_rules! t {
+        ($label:expr, $e:expr) => {{
+            let start = std::time::Instant::now();
+            for i in 0..n {
+                let mut k = fl;
+                k.sport = i as u16;
+                black_box($e(black_box(k)));
+            }
+            eprintln!(
+                "{}: {:.1} ns",
+                $label,
+                start.elapsed().as_nanos() as f64 / n as f64
+            );
+        }};
+    }
     t!("fold flow", |k: Flow| h.hash_one(k));
     t!("fold fixed flow", |k: Flow| f2.hash_one(k));
     t!("sip flow", |k: Flow| s.hash_one(k));
@@ -826,13 +914,24 @@ fn zz_observe_only() {
             netns: 1,
         })
         .collect();
-    let n = 20_000_000usize;
+    let n: usize = std::env::var("ZZ_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000_000);
     let mut x = 12345u64;
     let start = std::time::Instant::now();
     for i in 0..n {
-        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
         let f = flows[(x % 100_000) as usize];
-        engine.observe(T0 + i as u64 * 250, Observation::new(Signal::Retransmit, 1).with_flow(f));
+        engine.observe(
+            T0 + i as u64 * 250,
+            Observation::new(Signal::Retransmit, 1).with_flow(f),
+        );
     }
-    eprintln!("observe: {:.1} ns/op", start.elapsed().as_nanos() as f64 / n as f64);
+    eprintln!(
+        "observe: {:.1} ns/op",
+        start.elapsed().as_nanos() as f64 / n as f64
+    );
 }

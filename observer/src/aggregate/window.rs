@@ -253,9 +253,8 @@ impl HostHistory {
         span_secs: u32,
         now_sec: u32,
     ) -> BeforeAfter {
-        let per_min = |(sum, secs): (u64, u32)| {
-            (secs > 0).then(|| sum as f64 * 60.0 / f64::from(secs))
-        };
+        let per_min =
+            |(sum, secs): (u64, u32)| (secs > 0).then(|| sum as f64 * 60.0 / f64::from(secs));
         let before = if change_sec == 0 {
             (0, 0)
         } else {
@@ -402,7 +401,10 @@ mod tests {
         let rates = history.before_after(Signal::Retransmit, start + 300, 300, start + 600);
         assert_eq!(rates.before_per_min, Some(60.0));
         assert_eq!(rates.after_per_min, Some(180.0));
-        assert_eq!((rates.before_covered_secs, rates.after_covered_secs), (300, 300));
+        assert_eq!(
+            (rates.before_covered_secs, rates.after_covered_secs),
+            (300, 300)
+        );
         let resets = history.before_after(Signal::ResetSent, start + 300, 300, start + 600);
         assert_eq!(resets.before_per_min, Some(0.0));
         assert_eq!(resets.after_per_min, Some(60.0));

@@ -272,6 +272,10 @@ impl ListenerTracker {
             .filter(|l| l.netns == netns)
             .map(|l| (l.key(), l.clone()))
             .collect();
+        // A namespace seen before has a baseline for every listener it had then: a listener
+        // that is new since counts its drops from zero (its sk_drops started at zero when it
+        // was created). In a namespace seen for the first time, existing drops are history.
+        let namespace_known = self.previous.contains_key(&netns);
         let previous = self.previous.remove(&netns).unwrap_or_default();
         let counter = |name: &str| counter_delta.get(name).copied().unwrap_or(0);
         let overflows = counter(LISTEN_OVERFLOWS);
@@ -283,8 +287,10 @@ impl ListenerTracker {
             .collect();
         let drops: Vec<u64> = entries
             .iter()
-            .map(|(now, before)| {
-                before.map_or(0, |before| u64::from(now.drops.wrapping_sub(before.drops)))
+            .map(|(now, before)| match before {
+                Some(before) => u64::from(now.drops.wrapping_sub(before.drops)),
+                None if namespace_known => u64::from(now.drops),
+                None => 0,
             })
             .collect();
 

@@ -724,3 +724,12 @@ mod tests {
         ));
     }
 }
+
+impl From<Family> for crate::decode::Family {
+    fn from(family: Family) -> Self {
+        match family {
+            Family::V4 => crate::decode::Family::Ipv4,
+            Family::V6 => crate::decode::Family::Ipv6,
+        }
+    }
+}

@@ -6,8 +6,8 @@ use aya::{
     programs::TracePoint,
 };
 use observer_common::{
-    ExportBudget, FlowCounters, FlowKey, KernelConfig, KindStats, MAX_DROP_REASONS, PacketOffsets,
-    event_kind,
+    ExportBudget, FlowCounters, FlowKey, KernelConfig, KindStats, MAX_DROP_REASONS, NetnsReason,
+    PacketOffsets, event_kind,
 };
 
 use super::{
@@ -292,6 +292,15 @@ impl Loaded {
         let flows: BpfHashMap<&MapData, FlowKey, FlowCounters> = BpfHashMap::try_from(map)?;
         // An entry evicted while iterating ends its own lookup with an error: skip it.
         Ok(flows.iter().flatten().collect())
+    }
+
+    /// Takes the per-namespace drop counters (once), for the context worker.
+    pub fn take_netns_drops(&mut self) -> anyhow::Result<BpfHashMap<MapData, NetnsReason, u64>> {
+        let map = self
+            .ebpf
+            .take_map("NETNS_DROPS")
+            .context("map NETNS_DROPS is missing from the object")?;
+        BpfHashMap::try_from(map).context("map NETNS_DROPS is not a hash map")
     }
 
     /// Reported drops per reason code, summed over CPUs (only non-zero ones).

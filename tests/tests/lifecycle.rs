@@ -1,0 +1,1021 @@
+//! Connection lifecycle against ground truth: connect latency and SYN retransmits (the client
+//! namespace's `TcpExtTCPSynRetrans`, the packet counters of per-connection iptables rules),
+//! application-side connect timeouts, accepts (`TcpPassiveOpens`, the connections the test
+//! accepted) and connection lifetimes at close.
+//!
+//! Subnets: 10.200.70-79.0/24 and fd00:200:46-4f::/64 (the harness writes the subnet number in
+//! hex there). Ports: 5070 (SYNs dropped: timeouts),
+//! 5071 (first SYN dropped: latency), 5072 (accept/close). Client source ports are bound
+//! explicitly, so every flow the observer reports can be matched to one connect of the test.
+use std::{
+    collections::BTreeMap,
+    net::{SocketAddr, TcpListener},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, ensure};
+use observer_tests::{Filter, Observer, Run, Topology, describe, kernel_test, note};
+use serde_json::Value;
+use support::{
+    Outcome, accept_n, check_run, connect_parallel, one_each, rule_packets, u64_of,
+    wait_until_closed,
+};
+
+/// Exact per-event comparisons: every event exported, close events too.
+const ARGS: [&str; 6] = [
+    "--export-per-flow",
+    "0",
+    "--export-per-cpu",
+    "0",
+    "--export-kinds",
+    "all",
+];
+const TIMEOUT_PORT: u16 = 5070;
+const LATENCY_PORT: u16 = 5071;
+const ACCEPT_PORT: u16 = 5072;
+
+fn family(v6: bool) -> &'static str {
+    if v6 { "ipv6" } else { "ipv4" }
+}
+
+/// The client's view of its flows to `port` (`v6` picks the addresses).
+fn client_side(topo: &Topology, v6: bool, port: u16) -> Result<Filter> {
+    Ok(Filter {
+        saddr: Some(topo.client_ip(v6)),
+        daddr: Some(topo.server_ip(v6)),
+        dport: Some(port),
+        netns: Some(topo.client.inode()?),
+        ..Filter::default()
+    })
+}
+
+/// The server's view of its flows on `port`.
+fn server_side(topo: &Topology, v6: bool, port: u16) -> Result<Filter> {
+    Ok(Filter {
+        saddr: Some(topo.server_ip(v6)),
+        sport: Some(port),
+        daddr: Some(topo.client_ip(v6)),
+        netns: Some(topo.server.inode()?),
+        ..Filter::default()
+    })
+}
+
+/// The single event of type `ty` of the client flow from `sport`.
+fn the_event<'a>(run: &'a Run, ty: &str, filter: &Filter, sport: u16) -> Result<&'a Value> {
+    let evs = run.events(
+        ty,
+        &Filter {
+            sport: Some(sport),
+            ..*filter
+        },
+    );
+    match evs[..] {
+        [e] => Ok(e),
+        _ => anyhow::bail!(
+            "expected exactly one {ty} event for client port {sport}, got {}: {evs:?}\n{}",
+            evs.len(),
+            describe(run)
+        ),
+    }
+}
+
+/// The single `stop.flows` entry of `filter` narrowed to one port (`sport` or `dport`).
+fn the_flow<'a>(
+    run: &'a Run,
+    filter: &Filter,
+    sport: Option<u16>,
+    dport: Option<u16>,
+) -> Result<&'a Value> {
+    let flows = run.flows(&Filter {
+        sport: sport.or(filter.sport),
+        dport: dport.or(filter.dport),
+        ..*filter
+    })?;
+    match flows[..] {
+        [f] => Ok(f),
+        _ => anyhow::bail!(
+            "expected exactly one stop.flows entry for {filter:?} sport {sport:?} dport {dport:?}, got {flows:?}"
+        ),
+    }
+}
+
+/// Server: every SYN from each client port is dropped (one rule per port, so each rule's packet
+/// counter is one connection's SYNs). Client: parallel connects over IPv4 and IPv6 that give up
+/// after `T`; each sends its SYN and the retransmits due within `T` (ground truth: rule packets
+/// - 1; their sum is the client's `TcpExtTCPSynRetrans` delta).
+#[test]
+fn connect_timeouts_report_outcome_duration_and_syn_retransmits() -> Result<()> {
+    let Some(t) = kernel_test("connect_timeouts") else {
+        return Ok(());
+    };
+    let topo = Topology::new(&t.name, 70)?;
+    // SYN retries at 1, 2, 3, 4 s on this kernel (tcp_syn_linear_timeouts=4): 2.5 s sits half
+    // a second away from the retransmits on either side and allows two.
+    let timeout = Duration::from_millis(2500);
+    let conns: Vec<(bool, u16)> =
+        vec![(false, 43000), (false, 43001), (true, 43010), (true, 43011)];
+    for &(v6, sport) in &conns {
+        topo.server.iptables(
+            v6,
+            &[
+                "-w",
+                "5",
+                "-A",
+                "INPUT",
+                "-p",
+                "tcp",
+                "--dport",
+                &TIMEOUT_PORT.to_string(),
+                "--sport",
+                &sport.to_string(),
+                "--syn",
+                "-j",
+                "DROP",
+            ],
+        )?;
+    }
+    let pairs: Vec<(SocketAddr, SocketAddr)> = conns
+        .iter()
+        .map(|&(v6, sport)| {
+            (
+                SocketAddr::new(topo.client_ip(v6), sport),
+                SocketAddr::new(topo.server_ip(v6), TIMEOUT_PORT),
+            )
+        })
+        .collect();
+
+    let mut observer = Observer::start(&ARGS)?;
+    let before = topo.client.counters()?;
+    let attempts = connect_parallel(&topo.client, &pairs, timeout)?;
+    let after = topo.client.counters()?;
+    let syn_retrans = before.delta(&after, "TcpExtTCPSynRetrans")?;
+    // Per connection: SYNs the rule dropped, minus the first.
+    let mut truth: BTreeMap<u16, (bool, u64, Duration)> = BTreeMap::new();
+    for (a, &(v6, sport)) in attempts.iter().zip(&conns) {
+        ensure!(
+            matches!(a.outcome, Outcome::TimedOut) && a.elapsed >= timeout,
+            "connect from {}: expected a timeout after {timeout:?}, got {:?} after {:?}",
+            a.local,
+            a.outcome,
+            a.elapsed
+        );
+        let syns = rule_packets(&topo.server, v6, "INPUT", &format!("spt:{sport}"))?;
+        ensure!(
+            syns >= 2,
+            "client port {sport}: the rule dropped {syns} SYNs; expected the first and at least one retransmit"
+        );
+        truth.insert(sport, (v6, syns - 1, a.elapsed));
+    }
+    let run = observer.stop()?;
+    let k_sum: u64 = truth.values().map(|t| t.1).sum();
+    note(&format!(
+        "{}: ground truth: client TcpExtTCPSynRetrans +{syn_retrans}; per port (v6, retransmits, \
+         app elapsed): {truth:?}",
+        t.name
+    ));
+    ensure!(
+        k_sum == syn_retrans,
+        "SYN retransmits from the rule counters ({k_sum}) != client TcpExtTCPSynRetrans delta \
+         {syn_retrans}: the ground truth disagrees with itself"
+    );
+    check_run(
+        &run,
+        &[
+            client_side(&topo, false, TIMEOUT_PORT)?,
+            client_side(&topo, true, TIMEOUT_PORT)?,
+        ],
+    )?;
+
+    let mut observed_sum = 0;
+    for (&sport, &(v6, k, elapsed)) in &truth {
+        let client = client_side(&topo, v6, TIMEOUT_PORT)?;
+        let e = the_event(&run, "connect_failed", &client, sport)?;
+        let duration = e["duration_ms"].as_f64().context("duration_ms")?;
+        note(&format!(
+            "{}: port {sport} ({}): ground truth {k} SYN retransmits, app timeout {timeout:?} \
+             (elapsed {elapsed:?}); observer: {e}",
+            t.name,
+            family(v6)
+        ));
+        ensure!(e["outcome"] == "timeout", "outcome: expected timeout: {e}");
+        ensure!(
+            e["family"] == family(v6),
+            "family: expected {}: {e}",
+            family(v6)
+        );
+        ensure!(
+            e["syn_retransmits"].as_u64() == Some(k),
+            "port {sport}: syn_retransmits {} != {k} (the rule's dropped SYNs - 1)",
+            e["syn_retransmits"]
+        );
+        observed_sum += k;
+        let t_ms = timeout.as_secs_f64() * 1000.0;
+        ensure!(
+            (duration - t_ms).abs() <= 300.0,
+            "port {sport}: duration_ms {duration} not within 300 ms of the {t_ms} ms timeout \
+             (the application measured {elapsed:?})"
+        );
+        let retrans = run.events(
+            "syn_retransmit",
+            &Filter {
+                sport: Some(sport),
+                ..client
+            },
+        );
+        ensure!(
+            retrans.len() as u64 == k,
+            "port {sport}: {} syn_retransmit events != {k}",
+            retrans.len()
+        );
+        let f = the_flow(&run, &client, Some(sport), None)?;
+        for (key, want) in [
+            ("connects_timed_out", 1),
+            ("syn_retransmits", k),
+            ("connects", 0),
+            ("connects_refused", 0),
+            ("resets_received", 0),
+        ] {
+            ensure!(
+                u64_of(f, key)? == want,
+                "port {sport}: stop.flows {key} expected {want}: {f}"
+            );
+        }
+        // The server's side of the flow: every SYN was dropped by the rule.
+        let server = server_side(&topo, v6, TIMEOUT_PORT)?;
+        let sf = the_flow(&run, &server, None, Some(sport))?;
+        ensure!(
+            u64_of(sf, "drops")? == k + 1,
+            "port {sport}: server stop.flows drops {} != {} SYNs dropped by the rule",
+            sf["drops"],
+            k + 1
+        );
+    }
+    ensure!(observed_sum == syn_retrans, "sum of syn_retransmits");
+    for v6 in [false, true] {
+        let client = client_side(&topo, v6, TIMEOUT_PORT)?;
+        for ty in ["connect", "reset_received"] {
+            let evs = run.events(ty, &client);
+            ensure!(evs.is_empty(), "unexpected {ty} events: {evs:?}");
+        }
+        let failed = run.events("connect_failed", &client);
+        let ports: Vec<u16> = conns.iter().filter(|c| c.0 == v6).map(|c| c.1).collect();
+        one_each(&failed, "sport", &ports, "connect_failed")?;
+    }
+    Ok(())
+}
+
+/// The first SYN of one connection is dropped (a rule on its source port with `statistic
+/// --mode nth`): it connects after the 1 s SYN timeout, with one SYN retransmit. Another
+/// connection in the same test connects at once.
+#[test]
+fn connect_latency_counts_the_syn_timeout() -> Result<()> {
+    let Some(t) = kernel_test("connect_latency") else {
+        return Ok(());
+    };
+    let topo = Topology::new(&t.name, 71)?;
+    let (slow, fast) = (44000u16, 44001u16);
+    topo.server.iptables(
+        false,
+        &[
+            "-w",
+            "5",
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            &LATENCY_PORT.to_string(),
+            "--sport",
+            &slow.to_string(),
+            "--syn",
+            "-m",
+            "statistic",
+            "--mode",
+            "nth",
+            "--every",
+            "2",
+            "--packet",
+            "0",
+            "-j",
+            "DROP",
+        ],
+    )?;
+    let to = SocketAddr::new(topo.server_ip(false), LATENCY_PORT);
+    let listener = topo
+        .server
+        .run(|| TcpListener::bind(to))?
+        .with_context(|| format!("binding {to}"))?;
+
+    let mut observer = Observer::start(&ARGS)?;
+    let (cb, sb) = (topo.client.counters()?, topo.server.counters()?);
+    let attempts = connect_parallel(
+        &topo.client,
+        &[
+            (SocketAddr::new(topo.client_ip(false), slow), to),
+            (SocketAddr::new(topo.client_ip(false), fast), to),
+        ],
+        Duration::from_secs(5),
+    )?;
+    let (ca, sa) = (topo.client.counters()?, topo.server.counters()?);
+    let mut streams = Vec::new();
+    let mut elapsed = BTreeMap::new();
+    for a in attempts {
+        elapsed.insert(a.local.port(), a.elapsed);
+        match a.outcome {
+            Outcome::Connected(s) => streams.push(s),
+            other => anyhow::bail!("connect from {}: expected success, got {other:?}", a.local),
+        }
+    }
+    let accepted = accept_n(&listener, 2, Duration::from_secs(5))?;
+    let dropped = rule_packets(&topo.server, false, "INPUT", &format!("spt:{slow}"))?;
+    let syn_retrans = cb.delta(&ca, "TcpExtTCPSynRetrans")?;
+    let active_opens = cb.delta(&ca, "TcpActiveOpens")?;
+    let passive_opens = sb.delta(&sa, "TcpPassiveOpens")?;
+    drop(streams);
+    drop(accepted);
+    wait_until_closed(&topo.client, &[slow, fast])?;
+    wait_until_closed(&topo.server, &[LATENCY_PORT])?;
+    let run = observer.stop()?;
+    note(&format!(
+        "{}: ground truth: rule dropped {dropped} SYN(s) of port {slow}, client \
+         TcpExtTCPSynRetrans +{syn_retrans}, TcpActiveOpens +{active_opens}, server \
+         TcpPassiveOpens +{passive_opens}; app connect times {elapsed:?}",
+        t.name
+    ));
+    ensure!(
+        dropped == 1 && syn_retrans == 1,
+        "the fault did not happen as planned: {dropped} SYNs dropped, {syn_retrans} SYN retransmits"
+    );
+    ensure!(
+        active_opens == 2,
+        "TcpActiveOpens delta {active_opens}, expected 2"
+    );
+    let client = client_side(&topo, false, LATENCY_PORT)?;
+    check_run(&run, &[client, server_side(&topo, false, LATENCY_PORT)?])?;
+
+    let e = the_event(&run, "connect", &client, slow)?;
+    note(&format!("{}: slow connect: {e}", t.name));
+    let d = e["duration_ms"].as_f64().context("duration_ms")?;
+    ensure!(
+        (900.0..=1500.0).contains(&d),
+        "port {slow}: connect duration_ms {d} not in 900..=1500 (one SYN timeout; the application \
+         measured {:?})",
+        elapsed[&slow]
+    );
+    ensure!(
+        e["syn_retransmits"].as_u64() == Some(syn_retrans),
+        "port {slow}: syn_retransmits {} != client TcpExtTCPSynRetrans delta {syn_retrans}",
+        e["syn_retransmits"]
+    );
+    let e = the_event(&run, "connect", &client, fast)?;
+    note(&format!("{}: fast connect: {e}", t.name));
+    let d = e["duration_ms"].as_f64().context("duration_ms")?;
+    ensure!(
+        d < 100.0,
+        "port {fast}: connect duration_ms {d}, expected < 100 (no loss; the application \
+         measured {:?})",
+        elapsed[&fast]
+    );
+    ensure!(
+        e["syn_retransmits"] == 0,
+        "port {fast}: syn_retransmits: {e}"
+    );
+    for (port, k) in [(slow, 1), (fast, 0)] {
+        let f = the_flow(&run, &client, Some(port), None)?;
+        for (key, want) in [
+            ("connects", 1),
+            ("syn_retransmits", k),
+            ("connects_timed_out", 0),
+            ("connects_refused", 0),
+        ] {
+            ensure!(
+                u64_of(f, key)? == want,
+                "port {port}: stop.flows {key} expected {want}: {f}"
+            );
+        }
+    }
+    let failed = run.events("connect_failed", &client);
+    ensure!(failed.is_empty(), "connect_failed events: {failed:?}");
+    Ok(())
+}
+
+/// The server accepts every connection the client made (`accept`, one per connection =
+/// `TcpPassiveOpens`), both ends hold them open, then close: `close` events on both sides carry
+/// a lifetime at least as long as the hold.
+#[test]
+fn accepts_and_close_lifetimes() -> Result<()> {
+    let Some(t) = kernel_test("accept_close") else {
+        return Ok(());
+    };
+    let topo = Topology::new(&t.name, 72)?;
+    let hold = Duration::from_millis(300);
+    let ports: Vec<u16> = (45000..45005).collect();
+    let to = SocketAddr::new(topo.server_ip(false), ACCEPT_PORT);
+    let listener = topo
+        .server
+        .run(|| TcpListener::bind(to))?
+        .with_context(|| format!("binding {to}"))?;
+
+    let mut observer = Observer::start(&ARGS)?;
+    let (cb, sb) = (topo.client.counters()?, topo.server.counters()?);
+    let pairs: Vec<_> = ports
+        .iter()
+        .map(|&p| (SocketAddr::new(topo.client_ip(false), p), to))
+        .collect();
+    let attempts = connect_parallel(&topo.client, &pairs, Duration::from_secs(5))?;
+    let mut streams = Vec::new();
+    for a in attempts {
+        match a.outcome {
+            Outcome::Connected(s) => streams.push(s),
+            other => anyhow::bail!("connect from {}: expected success, got {other:?}", a.local),
+        }
+    }
+    let accepted = accept_n(&listener, ports.len(), Duration::from_secs(5))?;
+    let opened = Instant::now();
+    // Holding the connections open is the stimulus (their lifetime), not a wait for a condition.
+    thread::sleep(hold);
+    let held = opened.elapsed();
+    // Client closes first; the server closes after reading the EOF.
+    drop(streams);
+    support::close_after_eof(accepted, Duration::from_secs(5))?;
+    wait_until_closed(&topo.client, &ports)?;
+    wait_until_closed(&topo.server, &[ACCEPT_PORT])?;
+    let (ca, sa) = (topo.client.counters()?, topo.server.counters()?);
+    let run = observer.stop()?;
+    drop(listener);
+    let passive = sb.delta(&sa, "TcpPassiveOpens")?;
+    let active = cb.delta(&ca, "TcpActiveOpens")?;
+    let n = ports.len() as u64;
+    let client = client_side(&topo, false, ACCEPT_PORT)?;
+    let server = server_side(&topo, false, ACCEPT_PORT)?;
+    check_run(&run, &[client, server])?;
+    let accepts = run.events("accept", &server);
+    let connects = run.events("connect", &client);
+    let server_closes = run.events("close", &server);
+    let client_closes = run.events("close", &client);
+    note(&format!(
+        "{}: ground truth: {n} connections made and accepted, server TcpPassiveOpens +{passive}, \
+         client TcpActiveOpens +{active}, held {held:?}; observer: {} accept, {} connect, {} \
+         server close, {} client close",
+        t.name,
+        accepts.len(),
+        connects.len(),
+        server_closes.len(),
+        client_closes.len()
+    ));
+    for e in accepts.iter().chain(&server_closes).chain(&client_closes) {
+        note(&format!("  {e}"));
+    }
+    ensure!(
+        passive == n && active == n,
+        "ground truth: TcpPassiveOpens +{passive}, TcpActiveOpens +{active}, expected {n}"
+    );
+    ensure!(
+        accepts.len() as u64 == passive,
+        "{} accept events != server TcpPassiveOpens delta {passive} ({n} accepted)\n{}",
+        accepts.len(),
+        describe(&run)
+    );
+    one_each(&accepts, "dport", &ports, "accept")?;
+    for e in &accepts {
+        ensure!(
+            e["handshake_rtt_us"]
+                .as_u64()
+                .is_some_and(|us| us < 1_000_000),
+            "accept: handshake_rtt_us missing or over 1 s on a veth: {e}"
+        );
+    }
+    ensure!(
+        connects.len() as u64 == active,
+        "{} connect events != client TcpActiveOpens delta {active}",
+        connects.len()
+    );
+    one_each(&connects, "sport", &ports, "connect")?;
+    one_each(&server_closes, "dport", &ports, "server close")?;
+    one_each(&client_closes, "sport", &ports, "client close")?;
+    let min_ms = 250.0;
+    for (side, closes, active_side) in [
+        ("server", &server_closes, false),
+        ("client", &client_closes, true),
+    ] {
+        for e in closes.iter() {
+            let d = e["duration_ms"].as_f64().context("duration_ms")?;
+            ensure!(
+                d >= min_ms && d <= held.as_secs_f64() * 1000.0 + 5000.0,
+                "{side} close: duration_ms {d}, expected >= {min_ms} (held {held:?}) and not much \
+                 more: {e}"
+            );
+            ensure!(
+                e["active"] == active_side,
+                "{side} close: `active` expected {active_side}: {e}"
+            );
+            ensure!(
+                !matches!(
+                    e["from_state"].as_str(),
+                    Some("SYN_SENT" | "SYN_RECV" | "LISTEN") | None
+                ),
+                "{side} close: from_state of an established connection expected: {e}"
+            );
+        }
+    }
+    for &p in &ports {
+        let sf = the_flow(&run, &server, None, Some(p))?;
+        let cf = the_flow(&run, &client, Some(p), None)?;
+        for (what, f, key) in [
+            ("server", sf, "accepts"),
+            ("server", sf, "closes"),
+            ("client", cf, "connects"),
+            ("client", cf, "closes"),
+        ] {
+            ensure!(
+                u64_of(f, key)? == 1,
+                "port {p}: {what} stop.flows {key} expected 1: {f}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Helpers this file needs beyond the shared harness.
+mod support {
+    use std::{
+        collections::BTreeMap,
+        io::{self, Read},
+        net::{SocketAddr, TcpListener, TcpStream},
+        os::fd::{AsRawFd, FromRawFd, OwnedFd},
+        thread,
+        time::{Duration, Instant},
+    };
+
+    use anyhow::{Context, Result, anyhow, bail, ensure};
+    use observer_tests::{Filter, Netns, Run, describe, note, poll_until};
+    use serde_json::Value;
+
+    pub fn u64_of(v: &Value, k: &str) -> Result<u64> {
+        v[k].as_u64()
+            .with_context(|| format!("`{k}` missing in {v}"))
+    }
+
+    /// How a connect ended.
+    #[derive(Debug)]
+    // The payloads are shown in failure messages (Debug), which the dead-code lint ignores.
+    #[allow(dead_code)]
+    pub enum Outcome {
+        Connected(TcpStream),
+        Refused,
+        TimedOut,
+        Failed(io::Error),
+    }
+
+    #[derive(Debug)]
+    pub struct Attempt {
+        pub local: SocketAddr,
+        pub outcome: Outcome,
+        /// From connect(2) until the outcome was known (for timeouts: until the socket closed).
+        pub elapsed: Duration,
+    }
+
+    fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+        // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid value.
+        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let len = match addr {
+            SocketAddr::V4(a) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(a.ip().octets()),
+                    },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+                unsafe { std::ptr::write((&raw mut storage).cast::<libc::sockaddr_in>(), sin) };
+                size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(a) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: a.port().to_be(),
+                    sin6_flowinfo: 0,
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
+                    sin6_scope_id: 0,
+                };
+                // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+                unsafe { std::ptr::write((&raw mut storage).cast::<libc::sockaddr_in6>(), sin6) };
+                size_of::<libc::sockaddr_in6>()
+            }
+        };
+        (storage, len as libc::socklen_t)
+    }
+
+    fn check(rc: libc::c_int, what: &str) -> Result<()> {
+        if rc < 0 {
+            Err(io::Error::last_os_error()).with_context(|| what.to_owned())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Connects from `local` (bound first: the test knows every flow's 4-tuple) to `to` in the
+    /// calling thread's network namespace, waiting at most `timeout`. On a timeout the socket is
+    /// closed (the kernel sees SYN_SENT -> CLOSE) before this returns.
+    pub fn connect_here(local: SocketAddr, to: SocketAddr, timeout: Duration) -> Result<Attempt> {
+        let domain = if to.is_ipv6() {
+            libc::AF_INET6
+        } else {
+            libc::AF_INET
+        };
+        // SAFETY: plain syscall; the fd is owned right below.
+        let fd = unsafe {
+            libc::socket(
+                domain,
+                libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                0,
+            )
+        };
+        check(fd, "socket")?;
+        // SAFETY: fd is a fresh socket owned by nobody else.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        let one: libc::c_int = 1;
+        // SAFETY: the pointer and length describe `one`.
+        check(
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_REUSEADDR,
+                    (&raw const one).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            },
+            "SO_REUSEADDR",
+        )?;
+        let (addr, len) = sockaddr(local);
+        // SAFETY: addr/len describe a valid socket address.
+        check(
+            unsafe { libc::bind(fd, (&raw const addr).cast(), len) },
+            &format!("bind {local}"),
+        )?;
+        let (addr, len) = sockaddr(to);
+        let start = Instant::now();
+        let deadline = start + timeout;
+        // SAFETY: addr/len describe a valid socket address.
+        let rc = unsafe { libc::connect(fd, (&raw const addr).cast(), len) };
+        let mut err = 0;
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINPROGRESS) {
+                err = e.raw_os_error().unwrap_or(libc::EIO);
+            } else {
+                loop {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        drop(sock);
+                        return Ok(Attempt {
+                            local,
+                            outcome: Outcome::TimedOut,
+                            elapsed: start.elapsed(),
+                        });
+                    }
+                    let mut pfd = libc::pollfd {
+                        fd: sock.as_raw_fd(),
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    };
+                    let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(1000);
+                    // SAFETY: pfd is one valid pollfd.
+                    let n = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+                    if n < 0 {
+                        let e = io::Error::last_os_error();
+                        if e.kind() == io::ErrorKind::Interrupted {
+                            continue;
+                        }
+                        return Err(e).context("poll");
+                    }
+                    if n > 0 {
+                        let mut so_error: libc::c_int = 0;
+                        let mut l = size_of::<libc::c_int>() as libc::socklen_t;
+                        // SAFETY: the pointer and length describe `so_error`.
+                        check(
+                            unsafe {
+                                libc::getsockopt(
+                                    fd,
+                                    libc::SOL_SOCKET,
+                                    libc::SO_ERROR,
+                                    (&raw mut so_error).cast(),
+                                    &mut l,
+                                )
+                            },
+                            "SO_ERROR",
+                        )?;
+                        err = so_error;
+                        break;
+                    }
+                }
+            }
+        }
+        let elapsed = start.elapsed();
+        let outcome = match err {
+            0 => {
+                let stream = TcpStream::from(sock);
+                stream.set_nonblocking(false)?;
+                Outcome::Connected(stream)
+            }
+            libc::ECONNREFUSED => Outcome::Refused,
+            e => Outcome::Failed(io::Error::from_raw_os_error(e)),
+        };
+        Ok(Attempt {
+            local,
+            outcome,
+            elapsed,
+        })
+    }
+
+    /// Connects in parallel (one thread per connect, each in `ns`): `(local, to)` pairs.
+    pub fn connect_parallel(
+        ns: &Netns,
+        pairs: &[(SocketAddr, SocketAddr)],
+        timeout: Duration,
+    ) -> Result<Vec<Attempt>> {
+        thread::scope(|s| {
+            let handles: Vec<_> = pairs
+                .iter()
+                .map(|&(local, to)| s.spawn(move || ns.run(|| connect_here(local, to, timeout))?))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().map_err(|_| anyhow!("connect thread panicked"))?)
+                .collect()
+        })
+    }
+
+    /// Packet counter of the rule(s) of `chain` whose `-L -v -n` line has the token `needle`
+    /// (e.g. `dpt:5061`, `spt:41000`); fails if no rule has it.
+    pub fn rule_packets(ns: &Netns, v6: bool, chain: &str, needle: &str) -> Result<u64> {
+        let out = ns.exec(
+            if v6 { "ip6tables" } else { "iptables" },
+            &["-w", "5", "-L", chain, "-v", "-n", "-x"],
+        )?;
+        let mut found = false;
+        let mut total = 0;
+        for line in out.lines().skip(2) {
+            if line.split_whitespace().any(|t| t == needle) {
+                found = true;
+                total += line
+                    .split_whitespace()
+                    .next()
+                    .and_then(|p| p.parse::<u64>().ok())
+                    .with_context(|| format!("no packet count in {line:?}"))?;
+            }
+        }
+        ensure!(
+            found,
+            "no rule with {needle} in {chain} of {}:\n{out}",
+            ns.name
+        );
+        Ok(total)
+    }
+
+    /// Each of `ports` appears exactly once as `field` of `events` (and nothing else does).
+    pub fn one_each(events: &[&Value], field: &str, ports: &[u16], what: &str) -> Result<()> {
+        let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
+        for e in events {
+            *seen
+                .entry(e[field].as_u64().unwrap_or(u64::MAX))
+                .or_default() += 1;
+        }
+        let want: BTreeMap<u64, usize> = ports.iter().map(|&p| (u64::from(p), 1)).collect();
+        if seen != want {
+            let missing: Vec<u64> = want
+                .keys()
+                .filter(|p| !seen.contains_key(p))
+                .copied()
+                .collect();
+            let extra: Vec<(u64, usize)> = seen
+                .iter()
+                .filter(|(p, n)| want.get(p) != Some(n))
+                .map(|(p, n)| (*p, *n))
+                .collect();
+            bail!(
+                "{what} events: expected one per client port ({} ports); missing {missing:?}, \
+                 unexpected or repeated (port, count) {extra:?}",
+                ports.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// Field checks of the event kinds these tests use (the harness's schema check predates
+    /// them). Only events matching one of `filters` are checked.
+    pub fn event_problems(run: &Run, filters: &[Filter]) -> Vec<String> {
+        let mut p = Vec::new();
+        for (i, r) in run.records.iter().enumerate() {
+            let ty = r["type"].as_str().unwrap_or("");
+            let required: &[&str] = match ty {
+                "drop" => &[
+                    "reason",
+                    "reason_code",
+                    "location",
+                    "ifindex",
+                    "tcp_flags",
+                    "direction",
+                ],
+                "reset_sent" => &["reason", "reason_code"],
+                "reset_received" => &[],
+                "connect" => &["duration_ms", "syn_retransmits"],
+                "connect_failed" => &["outcome", "duration_ms", "syn_retransmits"],
+                "accept" => &["handshake_rtt_us"],
+                "close" => &["duration_ms", "from_state", "active"],
+                _ => continue,
+            };
+            if !filters.iter().any(|f| f.matches(r)) {
+                continue;
+            }
+            for k in ["time", "family", "saddr", "daddr", "state"] {
+                if !r[k].is_string() {
+                    p.push(format!("record {i} ({ty}): `{k}` missing: {r}"));
+                }
+            }
+            for k in ["sport", "dport", "netns", "segs", "flow_count", "pid"] {
+                if !r[k].is_u64() {
+                    p.push(format!(
+                        "record {i} ({ty}): `{k}` not an unsigned integer: {r}"
+                    ));
+                }
+            }
+            for &k in required {
+                let ok = match k {
+                    "reason" | "location" | "tcp_flags" | "from_state" => {
+                        r[k].as_str().is_some_and(|s| !s.is_empty())
+                    }
+                    "direction" => matches!(r[k].as_str(), Some("inbound" | "outbound")),
+                    "outcome" => matches!(r[k].as_str(), Some("refused" | "timeout")),
+                    "duration_ms" => r[k].as_f64().is_some_and(|d| d >= 0.0),
+                    "active" => r[k].is_boolean(),
+                    _ => r[k].is_u64(),
+                };
+                if !ok {
+                    p.push(format!(
+                        "record {i} ({ty}): `{k}` missing or malformed: {r}"
+                    ));
+                }
+            }
+        }
+        p
+    }
+
+    /// Record types written per `stop.totals` kind.
+    const KINDS: [(&str, &[&str]); 10] = [
+        ("retransmit", &["retransmit", "retransmit_failed"]),
+        ("syn_retransmit", &["syn_retransmit"]),
+        ("synack_retransmit", &["synack_retransmit"]),
+        ("drop", &["drop"]),
+        ("reset_sent", &["reset_sent"]),
+        ("reset_received", &["reset_received"]),
+        ("connect", &["connect"]),
+        ("connect_failed", &["connect_failed"]),
+        ("accept", &["accept"]),
+        ("close", &["close"]),
+    ];
+
+    /// With every event exported (`--export-per-flow 0 --export-per-cpu 0 --export-kinds all`):
+    /// nothing lost, undelivered or suppressed, every received event written, and the test's
+    /// events well formed. Then per-event counts can be compared exactly.
+    ///
+    /// `exported = received + lost + undelivered + decode_errors` (docs/schema.md) is a global
+    /// identity over every namespace, so traffic of other tests running at the same time enters
+    /// it; a mismatch is printed (and shows in the test's own exact counts if it touches them)
+    /// rather than failing here.
+    pub fn check_run(run: &Run, filters: &[Filter]) -> Result<()> {
+        let stop = run.stop()?;
+        run.ensure_nothing_lost().with_context(|| describe(run))?;
+        for k in ["undelivered", "decode_errors"] {
+            ensure!(
+                stop[k] == 0,
+                "stop.{k} = {}: events were not written",
+                stop[k]
+            );
+        }
+        let mut unaccounted = Vec::new();
+        for (kind, types) in KINDS {
+            let t = &stop["totals"][kind];
+            let written = run
+                .records
+                .iter()
+                .filter(|r| r["type"].as_str().is_some_and(|ty| types.contains(&ty)))
+                .count() as u64;
+            let (exported, received, suppressed) = (
+                u64_of(t, "exported")?,
+                u64_of(t, "received")?,
+                u64_of(t, "suppressed")?,
+            );
+            ensure!(
+                received == written && suppressed == 0,
+                "stop.totals.{kind}: received {received}, suppressed {suppressed}, but {written} \
+                 {types:?} records written (expected equal, nothing suppressed)"
+            );
+            if exported != received {
+                unaccounted.push(format!("{kind}: exported {exported}, received {received}"));
+            }
+        }
+        if !unaccounted.is_empty() {
+            note(&format!(
+                "OBSERVER CONTRACT: exported != received + lost (0) + undelivered (0) + \
+                 decode_errors (0) for {}",
+                unaccounted.join("; ")
+            ));
+        }
+        let problems = event_problems(run, filters);
+        ensure!(
+            problems.is_empty(),
+            "event records do not match the schema:\n  {}",
+            problems.join("\n  ")
+        );
+        Ok(())
+    }
+
+    /// Accepts `n` connections within `timeout` (blocking streams).
+    pub fn accept_n(listener: &TcpListener, n: usize, timeout: Duration) -> Result<Vec<TcpStream>> {
+        listener.set_nonblocking(true)?;
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    stream.set_nonblocking(false)?;
+                    out.push(stream);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ensure!(
+                        Instant::now() < deadline,
+                        "accepted {} of {n} connections within {timeout:?}",
+                        out.len()
+                    );
+                    thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(e).context("accept"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads each stream to EOF (the peer closed), then closes it; all within `timeout`.
+    pub fn close_after_eof(streams: Vec<TcpStream>, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 1024];
+        for mut s in streams {
+            s.set_read_timeout(Some(Duration::from_millis(200)))?;
+            loop {
+                ensure!(Instant::now() < deadline, "no EOF within {timeout:?}");
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => bail!("the peer sent data"),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock
+                                | io::ErrorKind::TimedOut
+                                | io::ErrorKind::Interrupted
+                        ) => {}
+                    Err(e) => return Err(e).context("read"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits (10 s at most) until no socket of `ns` with one of `ports` as local port is in a
+    /// state before CLOSE other than LISTEN and TIME_WAIT (whose full socket already closed).
+    pub fn wait_until_closed(ns: &Netns, ports: &[u16]) -> Result<()> {
+        // /proc/net/tcp states: 01 ESTABLISHED .. 0B CLOSING; 06 TIME_WAIT and 0A LISTEN pass.
+        const OPEN: [&str; 9] = ["01", "02", "03", "04", "05", "07", "08", "09", "0B"];
+        let suffixes: Vec<String> = ports.iter().map(|p| format!(":{p:04X}")).collect();
+        poll_until(
+            &format!("sockets on ports {ports:?} in {} to close", ns.name),
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            || {
+                let files = ns.run(|| {
+                    ["tcp", "tcp6"]
+                        .iter()
+                        .map(|f| std::fs::read_to_string(format!("/proc/thread-self/net/{f}")))
+                        .collect::<io::Result<Vec<_>>>()
+                })??;
+                let open = files
+                    .iter()
+                    .flat_map(|t| t.lines().skip(1))
+                    .filter(|l| {
+                        let cols: Vec<&str> = l.split_whitespace().collect();
+                        cols.len() > 3
+                            && suffixes.iter().any(|s| cols[1].ends_with(s.as_str()))
+                            && OPEN.contains(&cols[3])
+                    })
+                    .count();
+                Ok((open == 0).then_some(()))
+            },
+        )
+    }
+}
