@@ -118,7 +118,7 @@ pub fn summary(lines: &[CheckLine]) -> String {
             "observer can run, degraded: missing {}",
             named(Verdict::Warn)
         ),
-        Outcome::CannotRun => format!("observer cannot run: {}", named(Verdict::Fail)),
+        Outcome::CannotRun => format!("observer cannot run (FAIL: {})", named(Verdict::Fail)),
     }
 }
 
@@ -725,7 +725,7 @@ mod tests {
             [Outcome::Full, Outcome::Degraded, Outcome::CannotRun].map(Outcome::exit_code),
             [0, 1, 2]
         );
-        assert_eq!(summary(&degraded), "observer can run, degraded: missing tp");
+        assert_eq!(summary(&degraded), "observer can run, degraded (WARN: tp)");
         assert_eq!(summary(&fatal), "observer cannot run: privileges, programs");
     }
 
@@ -754,7 +754,7 @@ mod tests {
         );
         assert_eq!(
             rows[3],
-            "observer can run, degraded: missing tracepoint:tcp:tcp_send_reset"
+            "observer can run, degraded (WARN: tracepoint:tcp:tcp_send_reset)"
         );
     }
 

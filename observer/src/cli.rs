@@ -1,13 +1,22 @@
 //! Command line: `observer run` and friends.
-use std::{process::ExitCode, time::Duration};
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
-use clap::{Parser, Subcommand};
+use clap::{
+    ArgMatches, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, parser::ValueSource,
+};
 
+pub use crate::config::export_kinds_mask;
 use crate::{
+    check,
+    config::{self, Config, OutputConfig, OutputTarget, Settings},
     daemon::{self, RunOptions},
-    decode::EventKind,
-    kernel::loader::LoadOptions,
     privileges,
+    sink::file::{DEFAULT_KEEP, DEFAULT_MAX_BYTES, MAX_KEEP, RotatingFile},
 };
 
 /// Kernel-level TCP observer: retransmits, SYN and SYN-ACK retransmits (and, as they land,
@@ -30,78 +39,108 @@ pub enum Command {
     /// List the running kernel's drop reasons (names and numbers) and which are reported by
     /// default.
     Reasons,
+    /// Check whether observer can run here: kernel, BTF, tracefs, each tracepoint, privileges,
+    /// loading and attaching the programs (detached at once), the configuration and the output.
+    ///
+    /// Prints one line per check (name, OK/WARN/FAIL, detail) and exits 0 when observer can
+    /// run fully, 1 when it runs degraded (the WARN lines say what is missing), 2 when it
+    /// cannot run (the FAIL lines say why).
+    Check(CheckArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// Configuration file to check and to load the programs with [default:
+    /// /etc/observer/observer.toml if it exists].
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
+    /// Configuration file (TOML, see docs/config.md); flags given here override it [default:
+    /// /etc/observer/observer.toml if it exists].
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
     /// Stop by itself after this many seconds (for scripts and tests).
     #[arg(long, value_name = "SECS")]
     pub duration: Option<f64>,
     /// Events exported per flow per second; further events of the flow are counted in the
     /// kernel but not exported. 0 exports every event.
-    #[arg(long, value_name = "N", default_value_t = 100)]
+    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_EXPORT_PER_FLOW)]
     pub export_per_flow: u32,
     /// Flows tracked in the kernel's counter map (least recently used are evicted).
-    #[arg(long, value_name = "N", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(16..=4_194_304))]
+    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_MAX_FLOWS, value_parser = clap::value_parser!(u32).range(16..=4_194_304))]
     pub max_flows: u32,
     /// Events exported per CPU per second over all flows: bounds the export cost of storms
     /// spread over many flows (the kernel still counts everything). 0: no limit.
-    #[arg(long, value_name = "N", default_value_t = 2000)]
+    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_EXPORT_PER_CPU)]
     pub export_per_cpu: u32,
     /// Event kinds exported as records, comma-separated: `default` (all but `close`), `all`,
     /// or names (retransmit, syn_retransmit, synack_retransmit, drop, reset_sent,
     /// reset_received, connect, connect_failed, accept, close); `-NAME` removes one.
-    #[arg(long, value_name = "KINDS", default_value = "default")]
+    #[arg(long, value_name = "KINDS", default_value = config::DEFAULT_EXPORT_KINDS, value_parser = parse_export_kinds)]
     pub export_kinds: String,
     /// Drop reasons reported, comma-separated names of this kernel's `enum skb_drop_reason`:
     /// `default` (all but routine frees such as NOT_SPECIFIED, QUEUE_PURGE, SOCKET_CLOSE),
     /// `all`, `NAME`, `-NAME`. `observer reasons` lists them.
-    #[arg(long, value_name = "REASONS", default_value = "default")]
+    #[arg(long, value_name = "REASONS", default_value = config::DEFAULT_DROP_REASONS)]
     pub drop_reasons: String,
     /// Pages per CPU for the perf buffers (a power of two).
-    #[arg(long, value_name = "PAGES", default_value_t = 64, value_parser = parse_pages)]
+    #[arg(long, value_name = "PAGES", default_value_t = config::DEFAULT_PERF_PAGES, value_parser = parse_pages)]
     pub perf_pages: usize,
+    /// Where records go: `stdout`, or `file:PATH`, a file rotated by size at record boundaries
+    /// (PATH.1 is the newest rotated file).
+    #[arg(long, value_name = "TARGET", default_value = "stdout")]
+    pub output: OutputTarget,
+    /// With `--output file:PATH`: rotate the file once it reaches this many bytes (0: never).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_BYTES)]
+    pub output_max_bytes: u64,
+    /// With `--output file:PATH`: rotated files kept (PATH.1 ... PATH.N).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_KEEP, value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_KEEP)))]
+    pub output_keep: u32,
 }
 
-/// Resolves `--export-kinds` into the kernel's bit mask.
-pub fn export_kinds_mask(spec: &str) -> Result<u32, String> {
-    let bit = |k: EventKind| 1u32 << k.kernel_kind();
-    let mut mask = 0u32;
-    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        match item {
-            "all" => mask |= EventKind::ALL.into_iter().map(bit).fold(0, |a, b| a | b),
-            "default" => {
-                mask |= EventKind::ALL
-                    .into_iter()
-                    .filter(|k| *k != EventKind::Close)
-                    .map(bit)
-                    .fold(0, |a, b| a | b)
-            }
-            _ => {
-                let (remove, name) = match item.strip_prefix('-') {
-                    Some(rest) => (true, rest),
-                    None => (false, item),
-                };
-                let kind = EventKind::from_name(name)
-                    .ok_or_else(|| format!("unknown event kind `{name}` in --export-kinds"))?;
-                if remove {
-                    mask &= !bit(kind);
-                } else {
-                    mask |= bit(kind);
-                }
-            }
-        }
+/// The flags given explicitly on the command line, as a configuration layer over the file:
+/// a flag left at its default does not override the file.
+pub fn explicit_flags(args: &RunArgs, matches: &ArgMatches) -> Config {
+    let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+    let RunArgs {
+        config: _,
+        duration: _,
+        export_per_flow,
+        max_flows,
+        export_per_cpu,
+        export_kinds,
+        drop_reasons,
+        perf_pages,
+        output,
+        output_max_bytes,
+        output_keep,
+    } = args;
+    Config {
+        export_per_flow: given("export_per_flow").then_some(*export_per_flow),
+        export_per_cpu: given("export_per_cpu").then_some(*export_per_cpu),
+        max_flows: given("max_flows").then_some(*max_flows),
+        export_kinds: given("export_kinds").then(|| export_kinds.clone()),
+        drop_reasons: given("drop_reasons").then(|| drop_reasons.clone()),
+        perf_pages: given("perf_pages").then_some(*perf_pages),
+        output: OutputConfig {
+            target: given("output").then(|| output.clone()),
+            max_bytes: given("output_max_bytes").then_some(*output_max_bytes),
+            keep: given("output_keep").then_some(*output_keep),
+        },
+        thresholds: None,
     }
-    Ok(mask)
+}
+
+fn parse_export_kinds(s: &str) -> Result<String, String> {
+    export_kinds_mask(s).map(|_| s.to_owned())
 }
 
 fn parse_pages(s: &str) -> Result<usize, String> {
     let n: usize = s.parse().map_err(|e| format!("{e}"))?;
-    if n.is_power_of_two() && (1..=4096).contains(&n) {
-        Ok(n)
-    } else {
-        Err("must be a power of two between 1 and 4096".to_owned())
-    }
+    config::check_perf_pages(n)
 }
 
 fn duration_from_secs(secs: Option<f64>) -> Result<Option<Duration>, String> {
@@ -115,11 +154,57 @@ fn duration_from_secs(secs: Option<f64>) -> Result<Option<Duration>, String> {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Parsed through ArgMatches to learn which flags were given explicitly (they override the
+    // configuration file; defaults do not).
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => {
+            let flags = matches
+                .subcommand_matches("run")
+                .map(|m| explicit_flags(&args, m))
+                .unwrap_or_default();
+            run(args, flags)
+        }
         Command::Reasons => reasons(),
+        Command::Check(args) => check_command(&args),
     }
+}
+
+fn check_command(args: &CheckArgs) -> ExitCode {
+    let lines = check::run_checks(args.config.as_deref());
+    print!("{}", check::render(&lines));
+    let _ = std::io::stdout().flush();
+    ExitCode::from(check::outcome(&lines).exit_code())
+}
+
+/// The settings of `observer run`: `flags` over the configuration file over the defaults.
+/// Returns the file used, if any.
+pub fn resolve_settings(
+    explicit_path: Option<&Path>,
+    flags: &Config,
+) -> Result<(Option<PathBuf>, Settings), config::ConfigError> {
+    let path = config::choose_path(explicit_path);
+    let file = match &path {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    Ok((path, Settings::resolve(&file.overlay(flags))?))
+}
+
+/// Opens where the records go.
+fn open_output(output: &config::OutputSettings) -> anyhow::Result<Box<dyn Write>> {
+    use anyhow::Context as _;
+    Ok(match &output.target {
+        OutputTarget::Stdout => Box::new(std::io::stdout()),
+        OutputTarget::File(path) => Box::new(
+            RotatingFile::open(path, output.max_bytes, output.keep)
+                .with_context(|| format!("opening the output `{}`", output.target))?,
+        ),
+    })
 }
 
 fn reasons() -> ExitCode {
@@ -142,7 +227,7 @@ fn reasons() -> ExitCode {
     }
 }
 
-fn run(args: RunArgs) -> ExitCode {
+fn run(args: RunArgs, flags: Config) -> ExitCode {
     let duration = match duration_from_secs(args.duration) {
         Ok(d) => d,
         Err(e) => {
@@ -150,8 +235,14 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let export_kinds = match export_kinds_mask(&args.export_kinds) {
-        Ok(mask) => mask,
+    let settings = match resolve_settings(args.config.as_deref(), &flags) {
+        Ok((path, settings)) => {
+            // Reading /etc/observer/observer.toml without being asked deserves a word.
+            if let (Some(path), None) = (&path, &args.config) {
+                eprintln!("observer: using configuration {}", path.display());
+            }
+            settings
+        }
         Err(e) => {
             eprintln!("observer: {e}");
             return ExitCode::from(2);
@@ -161,16 +252,17 @@ fn run(args: RunArgs) -> ExitCode {
         eprintln!("observer: {sentence}");
         return ExitCode::from(1);
     }
+    let out = match open_output(&settings.output) {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("observer: error: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
     let options = RunOptions {
         duration,
-        load: LoadOptions {
-            export_per_flow: args.export_per_flow,
-            export_per_cpu: args.export_per_cpu,
-            export_kinds,
-            max_flows: args.max_flows,
-            drop_reasons: args.drop_reasons,
-        },
-        perf_pages: args.perf_pages,
+        load: settings.load_options(),
+        perf_pages: settings.perf_pages,
         queue_capacity: 65_536,
         context_interval: Duration::from_secs(1),
     };
@@ -185,7 +277,7 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(daemon::run(options, std::io::stdout())) {
+    match runtime.block_on(daemon::run(options, out)) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("observer: error: {e:#}");
@@ -197,7 +289,6 @@ fn run(args: RunArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_is_consistent() {
@@ -233,6 +324,115 @@ mod tests {
             0
         );
         assert!(export_kinds_mask("bogus").is_err());
+    }
+
+    fn run_flags(argv: &[&str]) -> (RunArgs, Config) {
+        let matches = Cli::command()
+            .try_get_matches_from(argv)
+            .expect("valid command line");
+        let cli = Cli::from_arg_matches(&matches).expect("matches");
+        let Command::Run(args) = cli.command else {
+            panic!("not `run`");
+        };
+        let sub = matches.subcommand_matches("run").expect("run matches");
+        let flags = explicit_flags(&args, sub);
+        (args, flags)
+    }
+
+    #[test]
+    fn only_explicit_flags_override_the_file() {
+        let (_, flags) = run_flags(&["observer", "run"]);
+        assert_eq!(flags, Config::default());
+        let (args, flags) = run_flags(&[
+            "observer",
+            "run",
+            "--config",
+            "/x.toml",
+            "--export-per-flow",
+            "0",
+            "--max-flows",
+            "32",
+            "--export-per-cpu",
+            "5",
+            "--export-kinds",
+            "all",
+            "--drop-reasons",
+            "all",
+            "--perf-pages",
+            "8",
+            "--output",
+            "file:/tmp/o.ndjson",
+            "--output-max-bytes",
+            "1000",
+            "--output-keep",
+            "0",
+        ]);
+        assert_eq!(args.config.as_deref(), Some(Path::new("/x.toml")));
+        assert_eq!(
+            flags,
+            Config {
+                export_per_flow: Some(0),
+                export_per_cpu: Some(5),
+                max_flows: Some(32),
+                export_kinds: Some("all".to_owned()),
+                drop_reasons: Some("all".to_owned()),
+                perf_pages: Some(8),
+                output: OutputConfig {
+                    target: Some(OutputTarget::File("/tmp/o.ndjson".into())),
+                    max_bytes: Some(1000),
+                    keep: Some(0),
+                },
+                thresholds: None,
+            }
+        );
+        // Flag over file over default.
+        let file = Config::parse(
+            "export_per_flow = 7
+export_per_cpu = 9
+",
+            Path::new("f"),
+        )
+        .expect("valid");
+        let (_, flags) = run_flags(&["observer", "run", "--export-per-flow", "3"]);
+        let settings = Settings::resolve(&file.overlay(&flags)).expect("resolves");
+        assert_eq!(
+            (
+                settings.export_per_flow,
+                settings.export_per_cpu,
+                settings.max_flows
+            ),
+            (3, 9, config::DEFAULT_MAX_FLOWS)
+        );
+    }
+
+    #[test]
+    fn flag_defaults_match_the_config_defaults() {
+        let (args, _) = run_flags(&["observer", "run"]);
+        let settings = Settings::resolve(&Config::default()).expect("defaults");
+        assert_eq!(args.export_per_flow, settings.export_per_flow);
+        assert_eq!(args.export_per_cpu, settings.export_per_cpu);
+        assert_eq!(args.max_flows, settings.max_flows);
+        assert_eq!(args.export_kinds, settings.export_kinds);
+        assert_eq!(args.drop_reasons, settings.drop_reasons);
+        assert_eq!(args.perf_pages, settings.perf_pages);
+        assert_eq!(args.output, settings.output.target);
+        assert_eq!(args.output_max_bytes, settings.output.max_bytes);
+        assert_eq!(args.output_keep, settings.output.keep);
+    }
+
+    #[test]
+    fn bad_flags_are_refused_by_the_parser() {
+        for argv in [
+            &["observer", "run", "--export-kinds", "bogus"][..],
+            &["observer", "run", "--output", "syslog"],
+            &["observer", "run", "--output-keep", "1001"],
+            &["observer", "run", "--max-flows", "4"],
+        ] {
+            assert!(
+                Cli::command().try_get_matches_from(argv).is_err(),
+                "{argv:?}"
+            );
+        }
     }
 
     #[test]

@@ -1,5 +1,9 @@
 //! Converts the kernel's CLOCK_BOOTTIME timestamps into wall-clock RFC 3339 times.
-use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use time::{OffsetDateTime, format_description::FormatItem, macros::format_description};
+
+/// RFC 3339 in UTC with all nine sub-second digits, so every record's time has the same width.
+const RFC3339_NANOS: &[FormatItem<'static>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:9]Z");
 
 /// Maps boot-time nanoseconds to Unix time, with the offset measured once at start-up.
 #[derive(Clone, Copy, Debug)]
@@ -61,8 +65,8 @@ impl Default for BootClock {
 pub fn rfc3339_unix_ns(unix_ns: i128) -> String {
     OffsetDateTime::from_unix_timestamp_nanos(unix_ns)
         .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_owned())
+        .and_then(|t| t.format(RFC3339_NANOS).ok())
+        .unwrap_or_else(|| "1970-01-01T00:00:00.000000000Z".to_owned())
 }
 
 #[cfg(test)]
@@ -80,6 +84,6 @@ mod tests {
     #[test]
     fn boot_offset_is_applied() {
         let clock = BootClock::with_offset(1_000_000_000_000_000_000);
-        assert_eq!(clock.rfc3339(500_000_000), "2001-09-09T01:46:40.5Z");
+        assert_eq!(clock.rfc3339(500_000_000), "2001-09-09T01:46:40.500000000Z");
     }
 }

@@ -21,7 +21,7 @@ use aya::maps::{
 use observer_common::event_kind;
 use tokio::{
     io::{Interest, unix::AsyncFd},
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
     sync::{mpsc, watch},
 };
 
@@ -96,13 +96,6 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
         reset_reasons: loaded.reset_reasons.clone(),
         symbols: KernelSymbols::load(),
     };
-    for p in loaded.programs.iter().filter(|p| !p.attached) {
-        eprintln!(
-            "observer: warning: {} is not attached ({}); its events will be missing",
-            p.tracepoint,
-            p.error.as_deref().unwrap_or("unknown reason")
-        );
-    }
 
     let counters = Arc::new(ReaderCounters::default());
     let (tx, mut rx) = mpsc::channel(options.queue_capacity);
@@ -137,6 +130,19 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
     )
     .context("starting the context worker")?;
 
+    // Signals are caught from here on: a SIGINT right after `start` still ends with `stop`.
+    let sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    // Readers are running: attach now, so every exported event lands in a buffer being read.
+    loaded.attach_all()?;
+    for p in loaded.programs.iter().filter(|p| !p.attached) {
+        eprintln!(
+            "observer: warning: {} is not attached ({}); its events will be missing",
+            p.tracepoint,
+            p.error.as_deref().unwrap_or("unknown reason")
+        );
+    }
+
     let start = StartRecord {
         kind: "start",
         schema_version: SCHEMA_VERSION,
@@ -166,6 +172,7 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
                 &names,
                 &mut received,
                 options.duration,
+                (sigint, sigterm),
             )
             .await?
         }
@@ -176,19 +183,45 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
     let context_totals = tokio::task::spawn_blocking(move || context.finish())
         .await
         .unwrap_or_default();
+    // Detach first, so nothing is exported after the readers' final drain: every event the
+    // kernel counted as exported is then either written or reported lost.
+    loaded.detach_all();
     let _ = stop_tx.send(true);
+    let mut buffers = Vec::new();
     for reader in readers {
         match tokio::time::timeout(Duration::from_secs(1), reader).await {
-            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Ok(buffer))) => buffers.push(buffer),
             Ok(Ok(Err(e))) => eprintln!("observer: warning: perf reader failed: {e:#}"),
             Ok(Err(e)) => eprintln!("observer: warning: perf reader task failed: {e}"),
             Err(_) => eprintln!("observer: warning: a perf reader did not finish in time"),
         }
     }
     let mut output_open = reason != StopReason::OutputClosed;
-    while let Ok(msg) = rx.try_recv() {
-        if output_open {
-            output_open = handle(msg, &mut sink, &clock, &names, &mut received).is_ok();
+    // A program run that began before the detach may still complete its export after it
+    // returned: drain until the kernel's exported count is stable and fully accounted for
+    // (bounded: at most 50 rounds, a few milliseconds apart).
+    for round in 0..50 {
+        let exported_before = total_exported(&loaded);
+        let (final_tx, mut final_rx) = mpsc::channel(options.queue_capacity);
+        for (cpu, buffer) in &mut buffers {
+            drain(*cpu, buffer, &final_tx, &counters);
+        }
+        drop(final_tx);
+        while let Ok(msg) = rx.try_recv().or_else(|_| final_rx.try_recv()) {
+            if output_open {
+                output_open = handle(msg, &mut sink, &clock, &names, &mut received).is_ok();
+            }
+        }
+        let accounted = received.values().sum::<u64>()
+            + counters.lost.load(Ordering::Relaxed)
+            + counters.undelivered.load(Ordering::Relaxed)
+            + counters.decode_errors.load(Ordering::Relaxed);
+        let exported_after = total_exported(&loaded);
+        if exported_after == exported_before && accounted >= exported_after {
+            break;
+        }
+        if round < 49 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 
@@ -196,7 +229,7 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
     stop.undelivered += context_totals.undelivered;
     stop.listeners = context_totals.listeners;
     stop.netfilter_rules = context_totals.netfilter_rules;
-    drop(loaded); // detaches the programs before the final record goes out
+    drop(loaded);
     if output_open {
         if let Err(e) = sink.write_now(&stop) {
             report_unwritten_stop(&stop, &e);
@@ -220,9 +253,8 @@ async fn output_loop<W: Write>(
     names: &Names,
     received: &mut BTreeMap<EventKind, u64>,
     duration: Option<Duration>,
+    (mut sigint, mut sigterm): (Signal, Signal),
 ) -> anyhow::Result<StopReason> {
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let deadline = async {
         match duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -287,14 +319,15 @@ fn handle<W: Write>(
     }
 }
 
-/// Reads one CPU's perf buffer until told to stop, then drains it once more.
+/// Reads one CPU's perf buffer until told to stop, then hands the buffer back for the final
+/// drains.
 async fn read_cpu(
     cpu: u32,
     buffer: PerfEventArrayBuffer<MapData>,
     tx: mpsc::Sender<Incoming>,
     mut stop: watch::Receiver<bool>,
     counters: Arc<ReaderCounters>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(u32, PerfEventArrayBuffer<MapData>)> {
     // SAFETY: the perf buffer owns its file descriptor, keeps it open until it is dropped, and
     // always returns the same one; the AsyncFd owns the buffer for its whole life.
     let registered = unsafe { AsyncFd::register_with_interest(buffer, Interest::READABLE) };
@@ -309,11 +342,19 @@ async fn read_cpu(
                 guard.clear_ready();
             }
             _ = stop.changed() => {
-                drain(cpu, fd.get_mut(), &tx, &counters);
-                return Ok(());
+                // The final drains happen in `run`, after the programs are detached.
+                return Ok((cpu, fd.into_inner()));
             }
         }
     }
+}
+
+/// Events the kernel handed to the perf buffers so far, all kinds.
+fn total_exported(loaded: &Loaded) -> u64 {
+    loaded
+        .kind_stats()
+        .map(|stats| stats.iter().map(|s| s.exported).sum())
+        .unwrap_or(0)
 }
 
 fn drain(

@@ -328,7 +328,7 @@ mod tests {
         assert_eq!(
             json,
             serde_json::json!({
-                "type": "syn_retransmit", "time": "1970-01-01T00:00:01.5Z", "family": "ipv4",
+                "type": "syn_retransmit", "time": "1970-01-01T00:00:01.500000000Z", "family": "ipv4",
                 "saddr": "10.0.0.1", "sport": 40000, "daddr": "10.0.0.2", "dport": 80,
                 "state": "SYN_SENT", "segs": 1, "flow_count": 3, "netns": 7, "err": 0, "pid": 9
             })

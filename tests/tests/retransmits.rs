@@ -41,9 +41,8 @@ fn check_run(run: &Run, export_per_flow: u64) -> Result<()> {
         problems.join("\n  "),
         describe(run)
     );
-    if let Some(problem) = run.accounting_problem() {
-        bail!("exported events missing from the output: {problem}");
-    }
+    // Not the global accounting identity (exported = received + lost + ...): it covers every
+    // event on the host, including other tests' storms; events_flowing_at_start_* tests it.
     run.ensure_nothing_lost().with_context(|| describe(run))
 }
 

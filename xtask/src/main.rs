@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: the project's one entry point for setting up a machine, building,
 //! running, linting and testing. See `cargo xtask --help` and the README's "Development" section.
 
+mod bench;
 mod cmd;
 mod setup;
 mod tasks;
@@ -43,11 +44,10 @@ enum Command {
     },
     /// rustfmt check, clippy on the host crates, clippy on the eBPF crate (BPF target).
     Lint,
-    /// Benchmarks (not implemented yet).
-    Bench {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        args: Vec<String>,
-    },
+    /// Setup, build (release, with examples), then measure observer's costs (kernel ns per
+    /// event, host slowdown, userspace throughput and memory, start-up) and the other tools';
+    /// prints a table and writes BENCHMARKS.md. Needs root; about 3 minutes.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,10 +58,7 @@ fn main() -> ExitCode {
         Command::Run { args } => tasks::run_observer(&args),
         Command::Test { no_lint, args } => tasks::test(!no_lint, &args),
         Command::Lint => tasks::lint(),
-        Command::Bench { args: _ } => {
-            eprintln!("xtask bench: not implemented yet");
-            return ExitCode::from(2);
-        }
+        Command::Bench(args) => bench::bench(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

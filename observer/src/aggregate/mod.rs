@@ -351,32 +351,39 @@ impl Engine {
             rule,
             reason,
         } = observation;
-        let sample = Sample {
+        let mut sample = Sample {
             signal,
             amount,
             now_ns,
             now_sec: second_of(now_ns),
-            flow: flow.as_ref(),
+            exemplar: None,
             reason: reason.as_ref(),
         };
         self.host.add(sample.now_sec, signal, amount);
-        if let Some(flow) = flow
-            && let Some(evicted) = self.flows.record(flow, &sample)
-        {
-            self.close_evicted(evicted, now_ns);
+        if let Some(flow) = &flow {
+            let recorded = self.flows.record(*flow, &sample);
+            // Other tables note the flow as an exemplar once a second per flow and signal:
+            // recency to the second is all exemplars need, and the busiest flows then cost
+            // their peer nothing.
+            if recorded.first_this_second {
+                sample.exemplar = Some(flow);
+            }
+            if let Some(evicted) = recorded.evicted {
+                self.close_evicted(evicted, now_ns);
+            }
         }
         if let Some(peer) = peer.or_else(|| flow.as_ref().map(PeerKey::of_flow))
-            && let Some(evicted) = self.peers.record(peer, &sample)
+            && let Some(evicted) = self.peers.record(peer, &sample).evicted
         {
             self.close_evicted(evicted, now_ns);
         }
         if let Some(listener) = listener
-            && let Some(evicted) = self.listeners.record(listener, &sample)
+            && let Some(evicted) = self.listeners.record(listener, &sample).evicted
         {
             self.close_evicted(evicted, now_ns);
         }
         if let Some(rule) = rule
-            && let Some(evicted) = self.rules.record(rule, &sample)
+            && let Some(evicted) = self.rules.record(rule, &sample).evicted
         {
             self.close_evicted(evicted, now_ns);
         }

@@ -4,7 +4,10 @@
 //! to slots, and an intrusive doubly-linked list through the rows orders them by last sighting,
 //! so lookup, insertion and eviction are all O(1). The hash table stores only the `u32` slot,
 //! not a second copy of the key: at 100,000 flows that saves ~6 MiB.
-use std::{hash::BuildHasher, sync::Arc};
+use std::{
+    hash::{BuildHasher, Hasher},
+    sync::Arc,
+};
 
 use hashbrown::HashTable;
 
@@ -31,7 +34,8 @@ pub(crate) struct Sample<'a> {
     pub(crate) amount: u64,
     pub(crate) now_ns: u64,
     pub(crate) now_sec: u32,
-    pub(crate) flow: Option<&'a Flow>,
+    /// A flow to remember as an exemplar (on tables that keep them).
+    pub(crate) exemplar: Option<&'a Flow>,
     pub(crate) reason: Option<&'a Arc<str>>,
 }
 
@@ -97,16 +101,20 @@ impl SeriesExtras {
 }
 
 /// One signal's counts on one row.
+///
+/// `repr(C)`: the fields every event writes come first, next to the start of the ring, so that
+/// an event touches as few cache lines as possible.
 #[derive(Debug)]
+#[repr(C)]
 pub(crate) struct Series {
-    pub(crate) signal: Signal,
-    /// Slow EWMA of the 10 s window's rate, per second; see `Engine::tick`.
-    pub(crate) baseline_per_sec: f32,
-    pub(crate) ring: SecondRing,
+    pub(crate) last_seen_ns: u64,
     pub(crate) total: u64,
     pub(crate) first_seen_ns: u64,
-    pub(crate) last_seen_ns: u64,
     pub(crate) extras: Option<Box<SeriesExtras>>,
+    /// Slow EWMA of the 10 s window's rate, per second; see `Engine::tick`.
+    pub(crate) baseline_per_sec: f32,
+    pub(crate) signal: Signal,
+    pub(crate) ring: SecondRing,
 }
 
 impl Series {
@@ -122,15 +130,17 @@ impl Series {
         }
     }
 
+    /// Counts the sample; true if it is the series' first in this second.
     #[inline]
-    fn record(&mut self, sample: &Sample<'_>, keeps_exemplars: bool) {
+    fn record(&mut self, sample: &Sample<'_>, keeps_exemplars: bool) -> bool {
+        let first_this_second = self.ring.newest_sec() < sample.now_sec;
         self.ring.add(
             sample.now_sec,
             u32::try_from(sample.amount).unwrap_or(u32::MAX),
         );
         self.total = self.total.saturating_add(sample.amount);
         self.last_seen_ns = sample.now_ns;
-        if keeps_exemplars && let Some(flow) = sample.flow {
+        if keeps_exemplars && let Some(flow) = sample.exemplar {
             self.extras
                 .get_or_insert_with(Box::default)
                 .note_flow(flow, sample.now_ns);
@@ -140,6 +150,7 @@ impl Series {
                 .get_or_insert_with(Box::default)
                 .note_reason(reason, sample.amount);
         }
+        first_this_second
     }
 
     /// Events per second in `window`.
@@ -153,17 +164,22 @@ impl Series {
 }
 
 /// Everything a table knows about one key.
+///
+/// `repr(C, align(64))`: a flow's key, the recency links and `last_seen_ns` fill the first
+/// cache line exactly, and the first series' counters start the second, so that an event on an
+/// existing row reads about three lines (key, series, ring bucket).
 #[derive(Debug)]
+#[repr(C, align(64))]
 pub(crate) struct Row<K> {
     pub(crate) key: K,
-    pub(crate) first_seen_ns: u64,
-    pub(crate) last_seen_ns: u64,
     /// Bit per [`Signal::bit`] with a series on this row.
     pub(crate) signals: u16,
     /// Bit per `AnomalyKind::bit` open on this row.
     pub(crate) open_kinds: u16,
     newer: u32,
     older: u32,
+    pub(crate) last_seen_ns: u64,
+    pub(crate) first_seen_ns: u64,
     /// The signal the row was created for, inline: most rows only ever see one.
     first_series: Series,
     more_series: Vec<Series>,
@@ -184,20 +200,19 @@ impl<K> Row<K> {
         }
     }
 
+    /// Counts the sample; true if it is the first of its signal on this row in this second.
     #[inline]
-    fn record(&mut self, sample: &Sample<'_>, keeps_exemplars: bool) {
+    fn record(&mut self, sample: &Sample<'_>, keeps_exemplars: bool) -> bool {
         self.last_seen_ns = sample.now_ns;
         if self.first_series.signal == sample.signal {
-            self.first_series.record(sample, keeps_exemplars);
-            return;
+            return self.first_series.record(sample, keeps_exemplars);
         }
         if let Some(series) = self
             .more_series
             .iter_mut()
             .find(|s| s.signal == sample.signal)
         {
-            series.record(sample, keeps_exemplars);
-            return;
+            return series.record(sample, keeps_exemplars);
         }
         // Rows rarely gain signals: grow exactly, not by doubling (a Series is ~300 bytes).
         self.more_series.reserve_exact(1);
@@ -205,6 +220,7 @@ impl<K> Row<K> {
         series.record(sample, keeps_exemplars);
         self.more_series.push(series);
         self.signals |= sample.signal.bit();
+        true
     }
 
     pub(crate) fn series(&self) -> impl Iterator<Item = &Series> {
@@ -278,6 +294,19 @@ pub(crate) struct Evicted<K> {
     pub(crate) row: Row<K>,
 }
 
+/// What counting a sample did.
+pub(crate) struct Recorded<K> {
+    /// The sample was the first of its signal on its row in this second (or created the row).
+    pub(crate) first_this_second: bool,
+    pub(crate) evicted: Option<Evicted<K>>,
+}
+
+fn hash_key<K: TableKey>(hasher: &foldhash::fast::RandomState, key: &K) -> u64 {
+    let mut state = hasher.build_hasher();
+    key.hash_with(&mut state);
+    state.finish()
+}
+
 impl<K: TableKey> Table<K> {
     /// `capacity` must be in `1..u32::MAX` (the engine's configuration checks it).
     pub(crate) fn new(capacity: usize) -> Self {
@@ -320,7 +349,7 @@ impl<K: TableKey> Table<K> {
 
     #[cfg(test)]
     pub(crate) fn slot_of(&self, key: &K) -> Option<u32> {
-        let hash = self.hasher.hash_one(key);
+        let hash = hash_key(&self.hasher, key);
         let rows = &self.rows;
         self.index
             .find(hash, |&slot| rows[slot as usize].key == *key)
@@ -330,8 +359,8 @@ impl<K: TableKey> Table<K> {
     /// Counts `sample` on `key`'s row, creating it if needed. When the table is full, the least
     /// recently seen row makes room and is returned (its slot now holds `key`).
     #[inline]
-    pub(crate) fn record(&mut self, key: K, sample: &Sample<'_>) -> Option<Evicted<K>> {
-        let hash = self.hasher.hash_one(&key);
+    pub(crate) fn record(&mut self, key: K, sample: &Sample<'_>) -> Recorded<K> {
+        let hash = hash_key(&self.hasher, &key);
         let Self {
             index,
             hasher,
@@ -343,11 +372,14 @@ impl<K: TableKey> Table<K> {
             // Reordering once a second per row keeps the list sorted by last-seen second while
             // sparing the busiest rows the pointer updates on every event.
             let seen_earlier_second = second_of(row.last_seen_ns) < sample.now_sec;
-            row.record(sample, K::KEEPS_EXEMPLARS);
+            let first_this_second = row.record(sample, K::KEEPS_EXEMPLARS);
             if seen_earlier_second {
                 self.move_to_newest(slot);
             }
-            return None;
+            return Recorded {
+                first_this_second,
+                evicted: None,
+            };
         }
 
         let mut row = Row::new(key, sample);
@@ -355,13 +387,16 @@ impl<K: TableKey> Table<K> {
         if rows.len() < self.capacity {
             let slot = u32::try_from(rows.len()).unwrap_or(NIL);
             rows.push(row);
-            index.insert_unique(hash, slot, |&s| hasher.hash_one(&rows[s as usize].key));
+            index.insert_unique(hash, slot, |&s| hash_key(hasher, &rows[s as usize].key));
             self.link_newest(slot);
-            return None;
+            return Recorded {
+                first_this_second: true,
+                evicted: None,
+            };
         }
 
         let slot = self.oldest;
-        let old_hash = hasher.hash_one(&rows[slot as usize].key);
+        let old_hash = hash_key(hasher, &rows[slot as usize].key);
         if let Ok(entry) = index.find_entry(old_hash, |&s| s == slot) {
             entry.remove();
         }
@@ -370,10 +405,13 @@ impl<K: TableKey> Table<K> {
         let rows = &self.rows;
         let hasher = &self.hasher;
         self.index
-            .insert_unique(hash, slot, |&s| hasher.hash_one(&rows[s as usize].key));
+            .insert_unique(hash, slot, |&s| hash_key(hasher, &rows[s as usize].key));
         self.link_newest(slot);
         self.evictions += 1;
-        Some(Evicted { slot, row: evicted })
+        Recorded {
+            first_this_second: true,
+            evicted: Some(Evicted { slot, row: evicted }),
+        }
     }
 
     fn link_newest(&mut self, slot: u32) {
@@ -462,7 +500,7 @@ mod tests {
             amount: 1,
             now_ns: u64::from(sec) * 1_000_000_000,
             now_sec: sec,
-            flow: None,
+            exemplar: None,
             reason: None,
         }
     }
@@ -500,25 +538,18 @@ mod tests {
     #[test]
     fn full_table_evicts_least_recently_seen_and_counts_it() {
         let mut table = Table::new(3);
-        assert!(
+        let evicted_by = |table: &mut Table<PeerKey>, n: u8, sec: u32| {
             table
-                .record(peer(1), &sample(Signal::Retransmit, 1))
-                .is_none()
-        );
-        assert!(
-            table
-                .record(peer(2), &sample(Signal::Retransmit, 2))
-                .is_none()
-        );
-        assert!(
-            table
-                .record(peer(3), &sample(Signal::Retransmit, 3))
-                .is_none()
-        );
+                .record(peer(n), &sample(Signal::Retransmit, sec))
+                .evicted
+                .map(|e| e.row.key)
+        };
+        assert_eq!(evicted_by(&mut table, 1, 1), None);
+        assert_eq!(evicted_by(&mut table, 2, 2), None);
+        assert_eq!(evicted_by(&mut table, 3, 3), None);
         // Peer 1 seen again: peer 2 is now the least recently seen.
-        table.record(peer(1), &sample(Signal::Retransmit, 4));
-        let evicted = table.record(peer(4), &sample(Signal::Retransmit, 5));
-        assert_eq!(evicted.map(|e| e.row.key), Some(peer(2)));
+        assert_eq!(evicted_by(&mut table, 1, 4), None);
+        assert_eq!(evicted_by(&mut table, 4, 5), Some(peer(2)));
         assert_eq!(table.evictions(), 1);
         assert_eq!(table.len(), 3);
         assert!(table.slot_of(&peer(2)).is_none());
@@ -529,9 +560,24 @@ mod tests {
         let slot = table.slot_of(&peer(4)).map(|s| s as usize);
         assert_eq!(slot.map(|s| table.rows()[s].total(u16::MAX)), Some(1));
 
-        let evicted = table.record(peer(5), &sample(Signal::Retransmit, 6));
-        assert_eq!(evicted.map(|e| e.row.key), Some(peer(3)));
+        assert_eq!(evicted_by(&mut table, 5, 6), Some(peer(3)));
         assert_eq!(table.evictions(), 2);
+    }
+
+    #[test]
+    fn first_event_per_second_is_flagged() {
+        let mut table = Table::new(3);
+        let mut first = |signal, sec| {
+            table
+                .record(peer(1), &sample(signal, sec))
+                .first_this_second
+        };
+        assert!(first(Signal::Retransmit, 1), "new row");
+        assert!(!first(Signal::Retransmit, 1));
+        assert!(first(Signal::ResetSent, 1), "new signal");
+        assert!(!first(Signal::ResetSent, 1));
+        assert!(first(Signal::Retransmit, 2), "new second");
+        assert!(!first(Signal::Retransmit, 2));
     }
 
     #[test]
@@ -561,12 +607,12 @@ mod tests {
         let flows: Vec<Flow> = (1..=8).map(flow).collect();
         for (i, f) in flows.iter().enumerate() {
             let mut s = sample(Signal::Retransmit, 10 + i as u32);
-            s.flow = Some(f);
+            s.exemplar = Some(f);
             table.record(peer(2), &s);
         }
         // Flow 5 again: it moves to the front without duplicating.
         let mut again = sample(Signal::Retransmit, 30);
-        again.flow = Some(&flows[4]);
+        again.exemplar = Some(&flows[4]);
         table.record(peer(2), &again);
         let row = &table.rows()[0];
         let ports: Vec<u16> = row
@@ -581,7 +627,7 @@ mod tests {
         let mut table = Table::new(4);
         let f = flow(1);
         let mut s = sample(Signal::Retransmit, 1);
-        s.flow = Some(&f);
+        s.exemplar = Some(&f);
         table.record(f, &s);
         assert!(table.rows()[0].first_series.extras.is_none());
     }

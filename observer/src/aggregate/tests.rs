@@ -852,10 +852,10 @@ fn zz_breakdown() {
             amount: 1,
             now_ns: now,
             now_sec: second_of(now),
-            flow: Some(&f),
+            exemplar: None,
             reason: None,
         };
-        black_box(e2.flows.record(f, &s).is_some());
+        black_box(e2.flows.record(f, &s).first_this_second);
     });
     run("observe", &mut |i, f| {
         e2.observe(

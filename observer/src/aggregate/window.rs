@@ -82,6 +82,7 @@ const RING_LEN: u32 = 61;
 /// Buckets are `u32` (4 billion per second per row is beyond any NIC) to keep 100,000 rows
 /// within the memory budget; adds saturate rather than wrap.
 #[derive(Clone, Debug)]
+#[repr(C)] // `newest_sec` first, beside the row's other per-event fields (see `table::Series`).
 pub(crate) struct SecondRing {
     buckets: [u32; RING_LEN as usize],
     /// The second the newest bucket holds; buckets for later seconds are implicitly zero.
@@ -98,6 +99,10 @@ impl SecondRing {
 
     fn slot(sec: u32) -> usize {
         (sec % RING_LEN) as usize
+    }
+
+    pub(crate) fn newest_sec(&self) -> u32 {
+        self.newest_sec
     }
 
     /// Counts `amount` in second `sec`, first clearing the buckets of the seconds skipped since

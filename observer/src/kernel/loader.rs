@@ -48,7 +48,9 @@ pub struct LoadOptions {
 /// The loaded programs and their maps. Dropping it detaches everything.
 pub struct Loaded {
     pub ebpf: Ebpf,
+    /// Filled by [`Loaded::attach_all`].
     pub programs: Vec<ProgramStatus>,
+    plan: Vec<Planned>,
     /// Names of the running kernel's drop reasons.
     pub drop_reasons: ReasonNames,
     /// Names of the running kernel's RST reasons.
@@ -175,7 +177,9 @@ fn packet_offsets(btf: &KernelBtf) -> anyhow::Result<PacketOffsets> {
     })
 }
 
-/// Loads and attaches every program the kernel supports; fails only when none can run.
+/// Loads the programs into the kernel (verified, not yet attached) with the running kernel's
+/// layouts. Attach with [`Loaded::attach_all`] once the perf buffers are being read, so no
+/// exported event goes to an unread buffer.
 pub fn load(options: &LoadOptions) -> anyhow::Result<Loaded> {
     let Discovery {
         config,
@@ -200,36 +204,10 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Loaded> {
                 .with_context(|| format!("enabling drop reason {code}"))?;
         }
     }
-    let mut programs = Vec::new();
-    for Planned {
-        program: name,
-        category,
-        event,
-        problem,
-    } in plan
-    {
-        let tracepoint = format!("{category}:{event}");
-        let result = match problem {
-            Some(problem) => Err(anyhow::anyhow!(problem)),
-            None => attach(&mut ebpf, name, category, event),
-        };
-        programs.push(ProgramStatus {
-            name: name.to_owned(),
-            tracepoint,
-            attached: result.is_ok(),
-            error: result.err().map(|e| format!("{e:#}")),
-        });
-    }
-    if !programs.iter().any(|p| p.attached) {
-        let why: Vec<String> = programs
-            .iter()
-            .map(|p| format!("{}: {}", p.tracepoint, p.error.as_deref().unwrap_or("?")))
-            .collect();
-        anyhow::bail!("no program could be attached ({})", why.join("; "));
-    }
     Ok(Loaded {
         ebpf,
-        programs,
+        programs: Vec::new(),
+        plan,
         drop_reasons,
         reset_reasons,
         selected_drop_reasons,
@@ -252,6 +230,51 @@ fn attach(ebpf: &mut Ebpf, name: &str, category: &str, event: &str) -> anyhow::R
 }
 
 impl Loaded {
+    /// Attaches every program the kernel supports; fails only when none can run.
+    pub fn attach_all(&mut self) -> anyhow::Result<()> {
+        let mut programs = Vec::new();
+        for Planned {
+            program: name,
+            category,
+            event,
+            problem,
+        } in std::mem::take(&mut self.plan)
+        {
+            let tracepoint = format!("{category}:{event}");
+            let result = match problem {
+                Some(problem) => Err(anyhow::anyhow!(problem)),
+                None => attach(&mut self.ebpf, name, category, event),
+            };
+            programs.push(ProgramStatus {
+                name: name.to_owned(),
+                tracepoint,
+                attached: result.is_ok(),
+                error: result.err().map(|e| format!("{e:#}")),
+            });
+        }
+        if !programs.iter().any(|p| p.attached) {
+            let why: Vec<String> = programs
+                .iter()
+                .map(|p| format!("{}: {}", p.tracepoint, p.error.as_deref().unwrap_or("?")))
+                .collect();
+            anyhow::bail!("no program could be attached ({})", why.join("; "));
+        }
+        self.programs = programs;
+        Ok(())
+    }
+
+    /// Detaches and unloads every program, keeping the maps readable: after this nothing more
+    /// is counted or exported, so a final drain sees everything that was exported.
+    pub fn detach_all(&mut self) {
+        for (name, program) in self.ebpf.programs_mut() {
+            if let Ok(tracepoint) = <&mut TracePoint>::try_from(program)
+                && let Err(e) = tracepoint.unload()
+            {
+                eprintln!("observer: warning: detaching {name}: {e}");
+            }
+        }
+    }
+
     /// Takes the perf event array (once).
     pub fn take_events(&mut self) -> anyhow::Result<PerfEventArray<MapData>> {
         let map = self
