@@ -479,7 +479,8 @@ pub fn memlock_line(version: Option<(u32, u32)>, limit: Option<u64>) -> CheckLin
     }
 }
 
-/// Loads and attaches the real programs with the configured options, then detaches them.
+/// Loads the real programs with the configured options, opens the perf buffers and attaches
+/// the programs, in `observer run`'s order, then detaches everything.
 fn program_lines(settings: &Settings, lines: &mut Vec<CheckLine>) {
     let mut loaded = match loader::load(&settings.load_options()) {
         Ok(loaded) => loaded,
@@ -488,6 +489,21 @@ fn program_lines(settings: &Settings, lines: &mut Vec<CheckLine>) {
             return;
         }
     };
+    let mut maps: Vec<String> = loaded
+        .ebpf
+        .maps()
+        .filter(|(name, _)| !name.starts_with('.'))
+        .map(|(name, map)| format!("{name} {}", map_kind(map)))
+        .collect();
+    maps.sort();
+    // Kept open until the programs are attached and detached again, as in `observer run`.
+    let (buffers_line, _buffers) = perf_buffers(&mut loaded);
+    if let Err(e) = loaded.attach_all() {
+        lines.push(CheckLine::fail("programs", format!("{e:#}")));
+        lines.push(CheckLine::ok("maps", maps.join(", ")));
+        lines.push(buffers_line);
+        return;
+    }
     let attached = loaded.programs.iter().filter(|p| p.attached).count();
     let total = loaded.programs.len();
     lines.push(CheckLine::new(
@@ -514,15 +530,9 @@ fn program_lines(settings: &Settings, lines: &mut Vec<CheckLine>) {
             )
         });
     }
-    let maps: Vec<String> = loaded
-        .ebpf
-        .maps()
-        .filter(|(name, _)| !name.starts_with('.'))
-        .map(|(name, map)| format!("{name} {}", map_kind(map)))
-        .collect();
     lines.push(CheckLine::ok("maps", maps.join(", ")));
-    lines.push(perf_buffers_line(&mut loaded));
-    // Dropping `loaded` detaches and unloads everything.
+    lines.push(buffers_line);
+    loaded.detach_all();
 }
 
 /// The map types observer uses (an unknown one is still named by its aya type).
@@ -545,29 +555,38 @@ fn map_kind(map: &aya::maps::Map) -> String {
 }
 
 /// Opens a one-page perf buffer on every online CPU, as `observer run` does with more pages.
-fn perf_buffers_line(loaded: &mut loader::Loaded) -> CheckLine {
+fn perf_buffers(
+    loaded: &mut loader::Loaded,
+) -> (
+    CheckLine,
+    Vec<aya::maps::perf::PerfEventArrayBuffer<aya::maps::MapData>>,
+) {
     const NAME: &str = "perf-buffers";
     let mut events = match loaded.take_events() {
         Ok(events) => events,
-        Err(e) => return CheckLine::fail(NAME, format!("{e:#}")),
+        Err(e) => return (CheckLine::fail(NAME, format!("{e:#}")), Vec::new()),
     };
     let cpus = match aya::util::online_cpus() {
         Ok(cpus) => cpus,
-        Err((path, e)) => return CheckLine::fail(NAME, format!("reading {path}: {e}")),
+        Err((path, e)) => {
+            return (
+                CheckLine::fail(NAME, format!("reading {path}: {e}")),
+                Vec::new(),
+            );
+        }
     };
     let mut buffers = Vec::new();
     for &cpu in &cpus {
         match events.open(cpu, Some(1)) {
             Ok(buffer) => buffers.push(buffer),
             Err(e) => {
-                return CheckLine::fail(
-                    NAME,
-                    format!("opening the perf buffer of CPU {cpu}: {}", error_chain(&e)),
-                );
+                let why = format!("opening the perf buffer of CPU {cpu}: {}", error_chain(&e));
+                return (CheckLine::fail(NAME, why), buffers);
             }
         }
     }
-    CheckLine::ok(NAME, format!("opened on {} online CPUs", buffers.len()))
+    let line = CheckLine::ok(NAME, format!("opened on {} online CPUs", buffers.len()));
+    (line, buffers)
 }
 
 /// /proc/sys/kernel/bpf_stats_enabled: only for measuring observer's own kernel-side cost.

@@ -82,7 +82,10 @@ const PIPELINE_EVENTS: u64 = 5_000_000;
 const PIPELINE_FLOWS: u32 = 100_000;
 const RETRANS_PORT: u16 = 5001;
 const RETRANS_DROP_PROBABILITY: &str = "0.2";
-const RETRANS_CONNS: u32 = 4;
+const RETRANS_CONNS: u32 = 16;
+/// Load generators and the pipeline benchmark run at this nice value, so that other work on a
+/// busy machine disturbs their rates less (observer itself runs at normal priority).
+const STORM_NICE: &str = "-10";
 /// Longest an observer may take to write `start` before the bench gives up on it.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long another tool may take to start (the brief's `timeout 10`).
@@ -458,10 +461,12 @@ struct ProgCounters {
     run_cnt: u64,
 }
 
-/// The programs a process holds open (by id), with their run-time counters, from its fdinfo.
+/// The programs a process holds (by id), with their run-time counters. Program fds carry
+/// `run_time_ns`/`run_cnt` in their fdinfo; link fds only name the `prog_id`: for a program held
+/// only through a link, the counters come from `bpftool prog show`.
 fn prog_counters(pid: u32) -> Result<BTreeMap<u32, ProgCounters>> {
     let dir = format!("/proc/{pid}/fdinfo");
-    let mut progs = BTreeMap::new();
+    let mut progs: BTreeMap<u32, Option<ProgCounters>> = BTreeMap::new();
     for entry in fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
         let Ok(entry) = entry else { continue };
         // fds come and go: an unreadable entry is not an error.
@@ -473,38 +478,53 @@ fn prog_counters(pid: u32) -> Result<BTreeMap<u32, ProgCounters>> {
                 .find_map(|l| l.strip_prefix(name))
                 .and_then(|v| v.trim().parse::<u64>().ok())
         };
-        if let Some(id) = field("prog_id:").and_then(|id| u32::try_from(id).ok()) {
-            progs.insert(
-                id,
-                ProgCounters {
-                    run_time_ns: field("run_time_ns:").unwrap_or(0),
-                    run_cnt: field("run_cnt:").unwrap_or(0),
-                },
-            );
+        let Some(id) = field("prog_id:").and_then(|id| u32::try_from(id).ok()) else {
+            continue;
+        };
+        match (field("run_time_ns:"), field("run_cnt:")) {
+            (Some(run_time_ns), Some(run_cnt)) => {
+                progs.insert(
+                    id,
+                    Some(ProgCounters {
+                        run_time_ns,
+                        run_cnt,
+                    }),
+                );
+            }
+            _ => {
+                progs.entry(id).or_insert(None);
+            }
         }
     }
-    Ok(progs)
+    Ok(progs
+        .into_iter()
+        .map(|(id, counters)| (id, counters.unwrap_or_else(|| bpftool_counters(id))))
+        .collect())
 }
 
-/// Program names by id (`bpftool -j prog show id N`; `prog N` when bpftool cannot tell).
+/// `bpftool -j prog show id N`: its JSON object (None when bpftool is missing or fails).
+fn bpftool_prog(id: u32) -> Option<Value> {
+    let bpftool = find_program("bpftool")?;
+    let out =
+        run_checked(Command::new(bpftool).args(["-j", "prog", "show", "id", &id.to_string()]))
+            .ok()?;
+    serde_json::from_str(&out).ok()
+}
+
+fn bpftool_counters(id: u32) -> ProgCounters {
+    let v = bpftool_prog(id).unwrap_or(Value::Null);
+    ProgCounters {
+        run_time_ns: v["run_time_ns"].as_u64().unwrap_or(0),
+        run_cnt: v["run_cnt"].as_u64().unwrap_or(0),
+    }
+}
+
+/// Program names by id (`bpftool prog show`; `prog N` when bpftool cannot tell).
 fn prog_names(ids: impl IntoIterator<Item = u32>) -> BTreeMap<u32, String> {
-    let bpftool = find_program("bpftool");
     ids.into_iter()
         .map(|id| {
-            let name = bpftool
-                .as_ref()
-                .and_then(|bpftool| {
-                    let out = run_checked(Command::new(bpftool).args([
-                        "-j",
-                        "prog",
-                        "show",
-                        "id",
-                        &id.to_string(),
-                    ]))
-                    .ok()?;
-                    let v: Value = serde_json::from_str(&out).ok()?;
-                    v["name"].as_str().map(str::to_owned)
-                })
+            let name = bpftool_prog(id)
+                .and_then(|v| v["name"].as_str().map(str::to_owned))
                 .unwrap_or_else(|| format!("prog {id}"));
             (id, name)
         })
@@ -781,6 +801,8 @@ fn measure_pipeline(bins: &Bins) -> Result<Pipeline> {
     for mode in ["decode", "count", "engine"] {
         let (status, stdout, stderr) = run_bounded(
             Command::new(&bins.pipeline).args([
+                "--nice",
+                STORM_NICE,
                 "--mode",
                 mode,
                 "--events",
@@ -868,6 +890,8 @@ fn storm_window(
 
 fn refused_args(secs: f64) -> Vec<String> {
     [
+        "--nice",
+        STORM_NICE,
         "refused",
         "--addr",
         "127.0.0.1:1",
@@ -887,6 +911,8 @@ struct ModeRuns {
     cost: Vec<Window>,
     /// Stats off: the storm's rate.
     rate: Vec<Window>,
+    /// The run without observer just before each of `rate`.
+    paired_none: Vec<Window>,
     /// Stop records and line counts.
     stops: Vec<(Option<Value>, u64)>,
 }
@@ -905,27 +931,25 @@ fn measure_refused(bins: &Bins, args: &BenchArgs, stats: &BpfStats) -> Result<Re
     // Warm-up: first connects in a fresh namespace, page cache of the storm binary.
     storm_window(&ns, bins, &refused_args(0.5), None, stats, false, 0.5)?;
     let mut refused = Refused::default();
+    // Each observer run is paired with a run without observer just before it (a busy machine's
+    // background load drifts; pairs see about the same).
     for round in 0..args.runs {
-        let w = storm_window(&ns, bins, &storm, None, stats, false, secs)?;
-        say(&format!(
-            "refused storm, run {}: no observer: {} connects/s",
-            round + 1,
-            int(w.rate())
-        ));
-        refused.none.push(w);
         for export in [Export::Default, Export::OneByOne] {
+            let none = storm_window(&ns, bins, &storm, None, stats, false, secs)?;
             let observer = Observer::start(bins, export, &format!("refused-{export:?}-{round}"))?;
             let watched = Some((observer.pid(), &observer.names));
-            let cost = storm_window(&ns, bins, &storm, watched, stats, true, secs)?;
             let rate = storm_window(&ns, bins, &storm, None, stats, false, secs)?;
+            let cost = storm_window(&ns, bins, &storm, watched, stats, true, secs)?;
             let all = total(&cost.progs);
             say(&format!(
-                "refused storm, run {}: observer {}: {} ns/event over {} events; {} connects/s (stats off)",
+                "refused storm, run {}: no observer {} connects/s; observer {}: {} connects/s, \
+                 {} ns/event over {} events (stats on)",
                 round + 1,
+                int(none.rate()),
                 export_label(export),
+                int(rate.rate()),
                 ns_opt(ns_per_event(all)),
                 int(all.run_cnt as f64),
-                int(rate.rate())
             ));
             let stop = observer.stop();
             let runs = match export {
@@ -934,7 +958,9 @@ fn measure_refused(bins: &Bins, args: &BenchArgs, stats: &BpfStats) -> Result<Re
             };
             runs.cost.push(cost);
             runs.rate.push(rate);
+            runs.paired_none.push(none.clone());
             runs.stops.push(stop);
+            refused.none.push(none);
         }
     }
     Ok(refused)
@@ -973,8 +999,10 @@ fn measure_retrans(bins: &Bins, args: &BenchArgs, stats: &BpfStats) -> Result<Re
     ])?;
     client.ip(&["addr", "add", "10.201.0.1/24", "dev", "veth0"])?;
     server.ip(&["addr", "add", "10.201.0.2/24", "dev", "veth1"])?;
-    client.ip(&["link", "set", "veth0", "up"])?;
-    server.ip(&["link", "set", "veth1", "up"])?;
+    // One segment per skb: every retransmit and every drop is one event (with GSO, one lost
+    // 64 KiB skb stands for dozens of segments and the storm has few events).
+    client.ip(&["link", "set", "veth0", "gso_max_segs", "1", "up"])?;
+    server.ip(&["link", "set", "veth1", "gso_max_segs", "1", "up"])?;
     // Drop a share of the data segments (not the handshake) arriving at the server.
     run_checked(server.command("iptables").args([
         "-w",
@@ -1018,6 +1046,8 @@ fn measure_retrans(bins: &Bins, args: &BenchArgs, stats: &BpfStats) -> Result<Re
         .map_err(|_| anyhow!("the sink in {} did not start listening", server.name))?;
 
     let storm: Vec<String> = [
+        "--nice",
+        STORM_NICE,
         "bulk",
         "--addr",
         &addr,
@@ -1128,6 +1158,8 @@ enum ToolOutcome {
     Measured {
         programs: Vec<String>,
         cost: Box<Window>,
+        /// The run without the tool just before it started, and the run with it (stats off).
+        none: Box<Window>,
         rate: Box<Window>,
     },
 }
@@ -1167,20 +1199,24 @@ fn measure_tools(bins: &Bins, args: &BenchArgs, stats: &BpfStats) -> Result<Vec<
                 let names = prog_names(prog_counters(started.proc.pid)?.keys().copied());
                 let storm = refused_args(args.storm_secs);
                 let watched = Some((started.proc.pid, &names));
-                let cost = storm_window(&ns, bins, &storm, watched, stats, true, args.storm_secs)?;
                 let rate = storm_window(&ns, bins, &storm, None, stats, false, args.storm_secs)?;
+                let cost = storm_window(&ns, bins, &storm, watched, stats, true, args.storm_secs)?;
                 started.proc.stop(Duration::from_secs(5));
+                // Paired with a run without it, right after.
+                let none = storm_window(&ns, bins, &storm, None, stats, false, args.storm_secs)?;
                 let all = total(&cost.progs);
                 say(&format!(
-                    "{}: {} ns per program run over {} runs; {} connects/s (stats off)",
+                    "{}: {} connects/s (without: {}), {} ns per program run over {} runs (stats on)",
                     tool.label,
+                    int(rate.rate()),
+                    int(none.rate()),
                     ns_opt(ns_per_event(all)),
                     int(all.run_cnt as f64),
-                    int(rate.rate())
                 ));
                 ToolOutcome::Measured {
                     programs: names.into_values().collect(),
                     cost: Box::new(cost),
+                    none: Box::new(none),
                     rate: Box::new(rate),
                 }
             }
@@ -1629,10 +1665,15 @@ impl Report {
         rows.push(SummaryRow {
             what: "2. host slowdown, refused storm, default options".to_owned(),
             result: format!(
-                "{} ({} → {} connects/s, median of {runs})",
+                "{} ({} → {} connects/s, medians of {} and {runs} runs; paired runs: {})",
                 pct(slow),
                 int(base),
-                int(default_rate)
+                int(default_rate),
+                self.refused.none.len(),
+                pct(median(&paired_slowdowns(
+                    &self.refused.default.paired_none,
+                    &self.refused.default.rate
+                )))
             ),
             target: format!("≤ {}%", TARGET_SLOWDOWN_PCT),
             status: status(slow <= TARGET_SLOWDOWN_PCT).to_owned(),
@@ -1640,9 +1681,13 @@ impl Report {
         rows.push(SummaryRow {
             what: "2. host slowdown, refused storm, one-by-one export".to_owned(),
             result: format!(
-                "{} ({} connects/s)",
+                "{} ({} connects/s; paired runs: {})",
                 pct(self.slowdown(obo_rate)),
-                int(obo_rate)
+                int(obo_rate),
+                pct(median(&paired_slowdowns(
+                    &self.refused.one_by_one.paired_none,
+                    &self.refused.one_by_one.rate
+                )))
             ),
             target: "(comparison)".to_owned(),
             status: String::new(),
@@ -1670,9 +1715,9 @@ impl Report {
                     int(v["tracked_flows"].as_f64().unwrap_or(0.0))
                 ),
                 result: format!(
-                    "{rss:.1} MiB (peak {:.1} MiB; {:.1} MiB of it synthetic input)",
-                    v["hwm_kib"].as_f64().unwrap_or(0.0) / 1024.0,
-                    v["input_bytes"].as_f64().unwrap_or(0.0) / 1024.0 / 1024.0
+                    "{rss:.1} MiB (with the {:.1} MiB synthetic input still held: {:.1} MiB)",
+                    v["input_bytes"].as_f64().unwrap_or(0.0) / 1024.0 / 1024.0,
+                    v["rss_with_input_kib"].as_f64().unwrap_or(0.0) / 1024.0,
                 ),
                 target: format!("≤ {} MiB", TARGET_RSS_MIB),
                 status: status(rss <= TARGET_RSS_MIB).to_owned(),
@@ -1861,23 +1906,28 @@ impl Report {
         let _ = writeln!(s, "## 2. Host slowdown (refused-connect storm)\n");
         let _ = writeln!(
             s,
-            "The storm's own rate (one thread of blocking connects to a closed port), with BPF \
-             statistics off, median of {runs} runs of {:.0} s, rounds interleaved (none, default, \
-             one-by-one).\n",
+            "The storm's own rate (one thread of blocking connects to a closed port, nice \
+             {STORM_NICE}), with BPF statistics off, {:.0} s per run. Each run with a tool \
+             attached is paired with a run without it (just before; for the other tools, just \
+             after). The target is judged on the \
+             medians over {runs} runs, as specified; the paired slowdowns and the storm's CPU \
+             time per connect (user + system, from getrusage) are less sensitive to other load \
+             on the machine.\n",
             self.storm_secs
         );
         let _ = writeln!(
             s,
-            "| configuration | connects/s (runs) | slowdown | target ≤ {}% |",
+            "| configuration | connects/s, median (runs) | slowdown of medians | paired slowdown, median (runs) | CPU µs per connect, median | target ≤ {}% |",
             TARGET_SLOWDOWN_PCT
         );
-        let _ = writeln!(s, "|---|---:|---:|---|");
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---|");
         let none = Self::rates(&self.refused.none);
         let _ = writeln!(
             s,
-            "| no observer | {} ({}) | – | |",
+            "| no observer | {} ({}) | – | – | {:.2} | |",
             int(median(&none)),
-            list(&none, int)
+            list(&none, int),
+            median(&cpu_per_connect(&self.refused.none))
         );
         for (label, runs, judged) in [
             ("observer, default options", &self.refused.default, true),
@@ -1889,12 +1939,16 @@ impl Report {
         ] {
             let rates = Self::rates(&runs.rate);
             let slow = self.slowdown(median(&rates));
+            let paired = paired_slowdowns(&runs.paired_none, &runs.rate);
             let _ = writeln!(
                 s,
-                "| {label} | {} ({}) | {} | {} |",
+                "| {label} | {} ({}) | {} | {} ({}) | {:.2} | {} |",
                 int(median(&rates)),
                 list(&rates, int),
                 pct(slow),
+                pct(median(&paired)),
+                list(&paired, pct),
+                median(&cpu_per_connect(&runs.rate)),
                 if judged {
                     status(slow <= TARGET_SLOWDOWN_PCT)
                 } else {
@@ -1903,13 +1957,16 @@ impl Report {
             );
         }
         for tool in &self.tools {
-            if let ToolOutcome::Measured { rate, .. } = &tool.outcome {
+            if let ToolOutcome::Measured { none, rate, .. } = &tool.outcome {
+                let paired = paired_slowdowns(std::slice::from_ref(none), std::slice::from_ref(rate));
                 let _ = writeln!(
                     s,
-                    "| {} (1 run) | {} | {} | (comparison) |",
+                    "| {} (1 run) | {} | {} | {} | {:.2} | (comparison) |",
                     tool.label,
                     int(rate.rate()),
-                    pct(self.slowdown(rate.rate()))
+                    pct(self.slowdown(rate.rate())),
+                    pct(median(&paired)),
+                    median(&cpu_per_connect(std::slice::from_ref(rate)))
                 );
             }
         }
@@ -1922,8 +1979,10 @@ impl Report {
             s,
             "`observer/examples/pipeline_bench.rs`, pinned to one core: {} raw `TcpEvent` samples \
              for {} distinct flows (to 1,000 peers) laid out as in a perf ring, decoded with \
-             `observer::decode::decode_sample` and aggregated; VmRSS from /proc/self/status \
-             afterwards (it includes the {:.1} MiB synthetic input).\n",
+             `observer::decode::decode_sample` and aggregated (nice {STORM_NICE}). VmRSS from \
+             /proc/self/status afterwards, once after freeing the {:.1} MiB synthetic input (what \
+             the process holds for the flows; the daemon reads perf rings instead) and once \
+             before; the peak (VmHWM) includes the input.\n",
             int(PIPELINE_EVENTS as f64),
             int(f64::from(PIPELINE_FLOWS)),
             self.pipeline
@@ -1936,9 +1995,9 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "| stage | events/s | ns/event | flows tracked | VmRSS | peak (VmHWM) | target |"
+            "| stage | events/s | ns/event | flows tracked | VmRSS | VmRSS with input | peak (VmHWM) | target |"
         );
-        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---|");
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---|");
         for v in &self.pipeline.runs {
             let eps = v["events_per_sec"].as_f64().unwrap_or(0.0);
             let rss = v["rss_kib"].as_f64().unwrap_or(0.0) / 1024.0;
@@ -1954,12 +2013,13 @@ impl Report {
             };
             let _ = writeln!(
                 s,
-                "| {} | {:.2} M | {:.0} | {} | {:.1} MiB | {:.1} MiB | {} |",
+                "| {} | {:.2} M | {:.0} | {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {} |",
                 v["label"].as_str().unwrap_or("?"),
                 eps / 1e6,
                 v["ns_per_event"].as_f64().unwrap_or(0.0),
                 int(v["tracked_flows"].as_f64().unwrap_or(0.0)),
                 rss,
+                v["rss_with_input_kib"].as_f64().unwrap_or(0.0) / 1024.0,
                 v["hwm_kib"].as_f64().unwrap_or(0.0) / 1024.0,
                 target
             );
@@ -1995,15 +2055,33 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "Each started with a {} s limit; those that start are measured on the same refused-connect \
-             storm (1 run: kernel cost with stats on, then the storm's rate with stats off).\n",
+            "Each started with a {} s limit (`apt-get install`ed first when missing). Those that \
+             start are measured on the same refused-connect storm, 1 run: the storm's rate (stats \
+             off), then the kernel cost (stats on), then a run without the tool. observer's rows \
+             (medians from sections 1 and 2) are for comparison.\n",
             TOOL_START_TIMEOUT.as_secs()
         );
         let _ = writeln!(
             s,
-            "| tool | outcome | ns per program run | program runs | slowdown |"
+            "| tool | outcome | ns per program run | program runs | slowdown (paired) |"
         );
         let _ = writeln!(s, "|---|---|---:|---:|---:|");
+        for (label, runs) in [
+            ("observer, default options", &self.refused.default),
+            ("observer, one-by-one export", &self.refused.one_by_one),
+        ] {
+            let summary = summarize(&runs.cost);
+            if let Some(all) = all_programs(&summary) {
+                let paired = paired_slowdowns(&runs.paired_none, &runs.rate);
+                let _ = writeln!(
+                    s,
+                    "| {label} | started | {} | {} | {} |",
+                    int(all.ns),
+                    int(all.events),
+                    pct(median(&paired))
+                );
+            }
+        }
         for tool in &self.tools {
             match &tool.outcome {
                 ToolOutcome::NotStarted(why) => {
@@ -2012,9 +2090,12 @@ impl Report {
                 ToolOutcome::Measured {
                     programs,
                     cost,
+                    none,
                     rate,
                 } => {
                     let all = total(&cost.progs);
+                    let paired =
+                        paired_slowdowns(std::slice::from_ref(none), std::slice::from_ref(rate));
                     let _ = writeln!(
                         s,
                         "| {} | started; programs: {} | {} | {} | {} |",
@@ -2026,7 +2107,7 @@ impl Report {
                             .join(", "),
                         ns_opt(ns_per_event(all)),
                         int(all.run_cnt as f64),
-                        pct(self.slowdown(rate.rate()))
+                        pct(median(&paired))
                     );
                 }
             }
@@ -2072,6 +2153,22 @@ impl Report {
         );
         let _ = writeln!(s);
     }
+}
+
+/// Per-run slowdowns (%) of `with` against the run without just before it.
+fn paired_slowdowns(none: &[Window], with: &[Window]) -> Vec<f64> {
+    none.iter()
+        .zip(with)
+        .map(|(n, w)| (n.rate() - w.rate()) / n.rate() * 100.0)
+        .collect()
+}
+
+/// The storm's CPU time per connect, µs, per run.
+fn cpu_per_connect(windows: &[Window]) -> Vec<f64> {
+    windows
+        .iter()
+        .map(|w| w.storm["cpu_us_per_connect"].as_f64().unwrap_or(f64::NAN))
+        .collect()
 }
 
 /// "exported 12,000, received 11,900, lost 100" from a stop record.

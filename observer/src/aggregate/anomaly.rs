@@ -419,10 +419,11 @@ pub struct AnomalySnapshot {
     pub signals: &'static [Signal],
     /// Counts in the completed 1 s, 10 s and 60 s windows.
     pub counts: WindowCounts,
+    /// Rate over the 10 s window, per second: what the thresholds are compared with.
     pub rate_per_sec: f64,
     /// Highest 10 s rate seen at a tick since opening.
     pub peak_rate_per_sec: f64,
-    /// Since the key was first seen.
+    /// Count of the signals since the key was first seen.
     pub lifetime_count: u64,
     /// The baseline the rate departed from, per second (frozen while the anomaly is open).
     pub baseline_per_sec: f64,
@@ -436,13 +437,14 @@ pub struct AnomalySnapshot {
     pub closed_ns: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub close_reason: Option<CloseReason>,
-    /// Up to five flows that contributed, most recent first (empty for a flow's own anomaly).
+    /// Up to five distinct flows that contributed, most recent (to the second) first; empty for a
+    /// flow's own anomaly, whose key is the flow.
     #[serde(serialize_with = "serialize_flows")]
     pub exemplar_flows: Vec<Flow>,
     /// Drop or reset reasons seen with the signals, most frequent first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub reasons: Vec<ReasonCount>,
-    /// Observations whose reasons were beyond the ones listed.
+    /// Count with reasons beyond the ones listed (a row keeps eight distinct reasons a signal).
     #[serde(skip_serializing_if = "is_zero")]
     pub other_reasons: u64,
 }
@@ -497,18 +499,17 @@ pub(crate) fn snapshot<K: TableKey>(
     let mask = kind.signal_mask();
     let counts = row.counts(mask, now_sec);
 
-    let mut exemplars: Vec<_> = row
+    // Interleaved by recency rank when several signals count (each series orders its own).
+    let per_series: Vec<Vec<&Flow>> = row
         .series_in(mask)
-        .flat_map(|s| s.exemplars().iter().copied())
+        .map(|s| s.exemplars().collect())
         .collect();
-    exemplars.sort_by_key(|e| std::cmp::Reverse(e.last_seen_ns));
     let mut exemplar_flows: Vec<Flow> = Vec::with_capacity(MAX_EXEMPLARS);
-    for exemplar in exemplars {
-        if exemplar_flows.len() == MAX_EXEMPLARS {
-            break;
-        }
-        if !exemplar_flows.contains(&exemplar.flow) {
-            exemplar_flows.push(exemplar.flow);
+    for rank in 0..MAX_EXEMPLARS {
+        for flow in per_series.iter().filter_map(|flows| flows.get(rank)) {
+            if exemplar_flows.len() < MAX_EXEMPLARS && !exemplar_flows.contains(flow) {
+                exemplar_flows.push(**flow);
+            }
         }
     }
 
@@ -532,7 +533,7 @@ pub(crate) fn snapshot<K: TableKey>(
         .series_in(mask)
         .map(|s| s.first_seen_ns)
         .min()
-        .unwrap_or(row.first_seen_ns);
+        .unwrap_or_else(|| row.first_seen_ns());
     let last_seen_ns = row
         .series_in(mask)
         .map(|s| s.last_seen_ns)

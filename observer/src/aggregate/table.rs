@@ -39,19 +39,12 @@ pub(crate) struct Sample<'a> {
     pub(crate) reason: Option<&'a Arc<str>>,
 }
 
-/// A flow that contributed to a signal on a row, and when it last did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Exemplar {
-    pub(crate) flow: Flow,
-    pub(crate) last_seen_ns: u64,
-}
-
 /// What only some series need; boxed so that the common series (a flow's retransmits, with no
 /// exemplars or reasons) pays one pointer for it.
 #[derive(Debug, Default)]
 pub(crate) struct SeriesExtras {
-    /// Most recent first, distinct, at most [`MAX_EXEMPLARS`].
-    pub(crate) exemplars: Vec<Exemplar>,
+    /// Distinct flows, most recent first; `None` past the flows seen so far.
+    pub(crate) exemplars: [Option<Flow>; MAX_EXEMPLARS],
     /// Lifetime count per reason, at most [`MAX_REASONS`], in order of first sighting.
     pub(crate) reasons: Vec<(Arc<str>, u64)>,
     /// Lifetime count of reasons beyond the first [`MAX_REASONS`].
@@ -59,30 +52,18 @@ pub(crate) struct SeriesExtras {
 }
 
 impl SeriesExtras {
-    fn note_flow(&mut self, flow: &Flow, now_ns: u64) {
-        if let Some(newest) = self.exemplars.first_mut()
-            && newest.flow == *flow
-        {
-            newest.last_seen_ns = now_ns;
+    fn note_flow(&mut self, flow: &Flow) {
+        if self.exemplars[0] == Some(*flow) {
             return;
         }
-        let seen = Exemplar {
-            flow: *flow,
-            last_seen_ns: now_ns,
-        };
-        match self.exemplars.iter().position(|e| e.flow == *flow) {
-            Some(at) => {
-                self.exemplars[at] = seen;
-                self.exemplars[..=at].rotate_right(1);
-            }
-            None => {
-                if self.exemplars.capacity() == 0 {
-                    self.exemplars.reserve_exact(MAX_EXEMPLARS);
-                }
-                self.exemplars.truncate(MAX_EXEMPLARS - 1);
-                self.exemplars.insert(0, seen);
-            }
-        }
+        // Move the flow to the front; if it is new, the oldest falls off the end.
+        let at = self
+            .exemplars
+            .iter()
+            .position(|e| *e == Some(*flow))
+            .unwrap_or(MAX_EXEMPLARS - 1);
+        self.exemplars[..=at].rotate_right(1);
+        self.exemplars[0] = Some(*flow);
     }
 
     fn note_reason(&mut self, reason: &Arc<str>, amount: u64) {
@@ -131,7 +112,7 @@ impl Series {
     }
 
     /// Counts the sample; true if it is the series' first in this second.
-    #[inline]
+    #[inline(always)]
     fn record(&mut self, sample: &Sample<'_>, keeps_exemplars: bool) -> bool {
         let first_this_second = self.ring.newest_sec() < sample.now_sec;
         self.ring.add(
@@ -141,9 +122,7 @@ impl Series {
         self.total = self.total.saturating_add(sample.amount);
         self.last_seen_ns = sample.now_ns;
         if keeps_exemplars && let Some(flow) = sample.exemplar {
-            self.extras
-                .get_or_insert_with(Box::default)
-                .note_flow(flow, sample.now_ns);
+            self.extras.get_or_insert_with(Box::default).note_flow(flow);
         }
         if let Some(reason) = sample.reason {
             self.extras
@@ -158,18 +137,22 @@ impl Series {
         self.ring.count_last(now_sec, window.secs()) as f64 / f64::from(window.secs())
     }
 
-    pub(crate) fn exemplars(&self) -> &[Exemplar] {
-        self.extras.as_deref().map_or(&[], |e| &e.exemplars)
+    /// Flows that contributed, most recent first.
+    pub(crate) fn exemplars(&self) -> impl Iterator<Item = &Flow> {
+        self.extras
+            .as_deref()
+            .into_iter()
+            .flat_map(|e| e.exemplars.iter().map_while(Option::as_ref))
     }
 }
 
 /// Everything a table knows about one key.
 ///
-/// `repr(C, align(64))`: a flow's key, the recency links and `last_seen_ns` fill the first
-/// cache line exactly, and the first series' counters start the second, so that an event on an
-/// existing row reads about three lines (key, series, ring bucket).
+/// `repr(C)`: a flow's key, the recency links and `last_seen_ns` take 64 bytes, followed by the
+/// first series' counters, so that an event on an existing row reads few cache lines (aligning
+/// rows to cache lines as well would cost a fifth more memory).
 #[derive(Debug)]
-#[repr(C, align(64))]
+#[repr(C)]
 pub(crate) struct Row<K> {
     pub(crate) key: K,
     /// Bit per [`Signal::bit`] with a series on this row.
@@ -179,7 +162,6 @@ pub(crate) struct Row<K> {
     newer: u32,
     older: u32,
     pub(crate) last_seen_ns: u64,
-    pub(crate) first_seen_ns: u64,
     /// The signal the row was created for, inline: most rows only ever see one.
     first_series: Series,
     more_series: Vec<Series>,
@@ -189,7 +171,6 @@ impl<K> Row<K> {
     fn new(key: K, sample: &Sample<'_>) -> Self {
         Self {
             key,
-            first_seen_ns: sample.now_ns,
             last_seen_ns: sample.now_ns,
             signals: sample.signal.bit(),
             open_kinds: 0,
@@ -201,7 +182,7 @@ impl<K> Row<K> {
     }
 
     /// Counts the sample; true if it is the first of its signal on this row in this second.
-    #[inline]
+    #[inline(always)]
     fn record(&mut self, sample: &Sample<'_>, keeps_exemplars: bool) -> bool {
         self.last_seen_ns = sample.now_ns;
         if self.first_series.signal == sample.signal {
@@ -214,13 +195,18 @@ impl<K> Row<K> {
         {
             return series.record(sample, keeps_exemplars);
         }
-        // Rows rarely gain signals: grow exactly, not by doubling (a Series is ~300 bytes).
+        // Rows rarely gain signals: grow exactly, not by doubling (a Series is 176 bytes).
         self.more_series.reserve_exact(1);
         let mut series = Series::new(sample.signal, sample.now_ns, sample.now_sec);
         series.record(sample, keeps_exemplars);
         self.more_series.push(series);
         self.signals |= sample.signal.bit();
         true
+    }
+
+    /// When the row was created (its first series is as old as the row).
+    pub(crate) fn first_seen_ns(&self) -> u64 {
+        self.first_series.first_seen_ns
     }
 
     pub(crate) fn series(&self) -> impl Iterator<Item = &Series> {
@@ -339,6 +325,8 @@ impl<K: TableKey> Table<K> {
         &self.rows
     }
 
+    /// For updating counters and anomaly bits; a key changed through this would be lost to the
+    /// index.
     pub(crate) fn rows_mut(&mut self) -> &mut [Row<K>] {
         &mut self.rows
     }
@@ -526,7 +514,7 @@ mod tests {
         );
         assert_eq!(row.counts(Signal::ResetSent.bit(), 7).last_1s, 1);
         assert_eq!(
-            (row.first_seen_ns, row.last_seen_ns),
+            (row.first_seen_ns(), row.last_seen_ns),
             (5_000_000_000, 6_000_000_000)
         );
         assert_eq!(
@@ -617,7 +605,7 @@ mod tests {
         let row = &table.rows()[0];
         let ports: Vec<u16> = row
             .series_of(Signal::Retransmit)
-            .map(|s| s.exemplars().iter().map(|e| e.flow.sport).collect())
+            .map(|s| s.exemplars().map(|f| f.sport).collect())
             .unwrap_or_default();
         assert_eq!(ports, vec![5, 8, 7, 6, 4]);
     }

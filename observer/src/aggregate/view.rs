@@ -115,7 +115,7 @@ pub(crate) fn severity<K: TableKey>(row: &Row<K>, thresholds: &Thresholds, now_s
 fn view<K: TableKey>(row: &Row<K>, thresholds: &Thresholds, now_sec: u32) -> RowView {
     RowView {
         key: row.key.row_key(),
-        first_seen_ns: row.first_seen_ns,
+        first_seen_ns: row.first_seen_ns(),
         last_seen_ns: row.last_seen_ns,
         severity: severity(row, thresholds, now_sec),
         open_anomalies: AnomalyKind::of_table(K::TABLE)

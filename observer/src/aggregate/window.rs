@@ -77,23 +77,82 @@ impl std::ops::AddAssign for WindowCounts {
 /// The longest window plus the current, incomplete second.
 const RING_LEN: u32 = 61;
 
-/// Per-second counts of one signal on one row, for the last [`RING_LEN`] seconds.
+const RING_SLOTS: usize = RING_LEN as usize;
+
+/// The buckets of a [`SecondRing`].
 ///
-/// Buckets are `u32` (4 billion per second per row is beyond any NIC) to keep 100,000 rows
-/// within the memory budget; adds saturate rather than wrap.
+/// Most rows never count 65,536 of one signal in one second, so buckets start as `u16`: at
+/// 100,000 flows that halves the rings' memory (~12 MiB). A row that overflows one moves to
+/// `u32` buckets for good (one allocation in its life); those saturate rather than wrap.
+#[derive(Clone, Debug)]
+enum Buckets {
+    Narrow([u16; RING_SLOTS]),
+    Wide(Box<[u32; RING_SLOTS]>),
+}
+
+impl Buckets {
+    #[inline]
+    fn get(&self, slot: usize) -> u32 {
+        match self {
+            Buckets::Narrow(counts) => u32::from(counts[slot]),
+            Buckets::Wide(counts) => counts[slot],
+        }
+    }
+
+    #[inline]
+    fn clear(&mut self, slot: usize) {
+        match self {
+            Buckets::Narrow(counts) => counts[slot] = 0,
+            Buckets::Wide(counts) => counts[slot] = 0,
+        }
+    }
+
+    fn clear_all(&mut self) {
+        match self {
+            Buckets::Narrow(counts) => counts.fill(0),
+            Buckets::Wide(counts) => counts.fill(0),
+        }
+    }
+
+    #[inline]
+    fn add(&mut self, slot: usize, amount: u32) {
+        match self {
+            Buckets::Narrow(counts) => {
+                match u16::try_from(u32::from(counts[slot]).saturating_add(amount)) {
+                    Ok(sum) => counts[slot] = sum,
+                    Err(_) => self.widen_and_add(slot, amount),
+                }
+            }
+            Buckets::Wide(counts) => counts[slot] = counts[slot].saturating_add(amount),
+        }
+    }
+
+    #[cold]
+    fn widen_and_add(&mut self, slot: usize, amount: u32) {
+        if let Buckets::Narrow(narrow) = self {
+            let wide = Box::new(narrow.map(u32::from));
+            *self = Buckets::Wide(wide);
+        }
+        if let Buckets::Wide(counts) = self {
+            counts[slot] = counts[slot].saturating_add(amount);
+        }
+    }
+}
+
+/// Per-second counts of one signal on one row, for the last [`RING_LEN`] seconds.
 #[derive(Clone, Debug)]
 #[repr(C)] // `newest_sec` first, beside the row's other per-event fields (see `table::Series`).
 pub(crate) struct SecondRing {
-    buckets: [u32; RING_LEN as usize],
     /// The second the newest bucket holds; buckets for later seconds are implicitly zero.
     newest_sec: u32,
+    buckets: Buckets,
 }
 
 impl SecondRing {
     pub(crate) fn new(now_sec: u32) -> Self {
         Self {
-            buckets: [0; RING_LEN as usize],
             newest_sec: now_sec,
+            buckets: Buckets::Narrow([0; RING_SLOTS]),
         }
     }
 
@@ -111,10 +170,10 @@ impl SecondRing {
     pub(crate) fn add(&mut self, sec: u32, amount: u32) {
         if sec > self.newest_sec {
             if sec - self.newest_sec >= RING_LEN {
-                self.buckets = [0; RING_LEN as usize];
+                self.buckets.clear_all();
             } else {
                 for skipped in self.newest_sec + 1..=sec {
-                    self.buckets[Self::slot(skipped)] = 0;
+                    self.buckets.clear(Self::slot(skipped));
                 }
             }
             self.newest_sec = sec;
@@ -122,8 +181,7 @@ impl SecondRing {
             // Older than the ring: no window can include it any more (totals still do).
             return;
         }
-        let bucket = &mut self.buckets[Self::slot(sec)];
-        *bucket = bucket.saturating_add(amount);
+        self.buckets.add(Self::slot(sec), amount);
     }
 
     /// Count in the `secs` completed seconds before `now_sec` (`secs` <= 60).
@@ -134,7 +192,7 @@ impl SecondRing {
             return 0;
         }
         (first..=last)
-            .map(|sec| u64::from(self.buckets[Self::slot(sec)]))
+            .map(|sec| u64::from(self.buckets.get(Self::slot(sec))))
             .sum()
     }
 
@@ -150,7 +208,7 @@ impl SecondRing {
             if let Some(sec) = now_sec.checked_sub(ago)
                 && (self.oldest_sec()..=self.newest_sec).contains(&sec)
             {
-                sum += u64::from(self.buckets[Self::slot(sec)]);
+                sum += u64::from(self.buckets.get(Self::slot(sec)));
             }
             match ago {
                 1 => counts.last_1s = sum,
@@ -370,13 +428,33 @@ mod tests {
     }
 
     #[test]
-    fn stale_seconds_are_ignored_and_adds_saturate() {
+    fn stale_seconds_are_ignored() {
         let mut ring = SecondRing::new(200);
         ring.add(200, 1);
         ring.add(100, 50); // older than the ring
         assert_eq!(ring.counts(201).last_60s, 1);
-        ring.add(200, u32::MAX);
-        assert_eq!(ring.counts(201).last_1s, u64::from(u32::MAX));
+    }
+
+    #[test]
+    fn busy_rings_widen_and_saturate() {
+        let mut ring = SecondRing::new(0);
+        ring.add(0, 3);
+        ring.add(1, u32::from(u16::MAX));
+        assert!(matches!(ring.buckets, Buckets::Narrow(_)));
+        ring.add(1, 1);
+        assert!(matches!(ring.buckets, Buckets::Wide(_)));
+        assert_eq!(ring.counts(2).last_1s, 65_536);
+        assert_eq!(
+            ring.counts(2).last_10s,
+            65_539,
+            "earlier buckets survive widening"
+        );
+        ring.add(2, u32::MAX);
+        ring.add(2, 5);
+        assert_eq!(ring.counts(3).last_1s, u64::from(u32::MAX));
+        // Wide rings roll like narrow ones.
+        ring.add(200, 7);
+        assert_eq!(ring.counts(201).last_60s, 7);
     }
 
     #[test]

@@ -1,0 +1,782 @@
+//! Deployment: `observer check`, the configuration file, file output with rotation, the
+//! capability set and the systemd unit in packaging/.
+//!
+//! Tests that need the kernel skip visibly when not root (fail with
+//! OBSERVER_REQUIRE_KERNEL_TESTS=1); the others run anywhere.
+use std::{
+    fs::File,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use observer_tests::{
+    Netns, REQUIRE_ENV, START_TIMEOUT, STOP_TIMEOUT, connect_in, kernel_test, note, observer_bin,
+    poll_until, run_with_timeout, unique_name, wait_child,
+};
+use serde_json::Value;
+
+const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
+const UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/observer.service");
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(test: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(unique_name(test));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn write(&self, name: &str, text: &str) -> Result<PathBuf> {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn observer() -> Result<Command> {
+    let bin = observer_bin();
+    ensure!(
+        bin.exists(),
+        "{} does not exist: build it first (cargo build -p observer) or set OBSERVER_BIN",
+        bin.display()
+    );
+    Ok(Command::new(bin))
+}
+
+/// A tool the test needs: fails with REQUIRE_ENV=1, otherwise says SKIPPED. False: skip.
+fn require_tool(test: &str, tool: &str, package: &str) -> bool {
+    let found = Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if found {
+        return true;
+    }
+    if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
+        panic!(
+            "{test}: `{tool}` is missing (apt-get install {package}), and {REQUIRE_ENV}=1 forbids skipping"
+        );
+    }
+    eprintln!("SKIPPED {test}: `{tool}` is missing (apt-get install {package})");
+    false
+}
+
+/// One row of `observer check`'s table.
+#[derive(Debug)]
+struct Row {
+    name: String,
+    verdict: String,
+    detail: String,
+}
+
+/// What `observer check` printed and its exit code.
+#[derive(Debug)]
+struct CheckRun {
+    code: Option<i32>,
+    rows: Vec<Row>,
+    summary: String,
+    stdout: String,
+    stderr: String,
+}
+
+impl CheckRun {
+    fn row(&self, name: &str) -> Result<&Row> {
+        self.rows
+            .iter()
+            .find(|r| r.name == name)
+            .with_context(|| format!("no `{name}` line in:\n{}", self.stdout))
+    }
+
+    fn rows_starting(&self, prefix: &str) -> Vec<&Row> {
+        self.rows
+            .iter()
+            .filter(|r| r.name.starts_with(prefix))
+            .collect()
+    }
+
+    fn with_verdict(&self, verdict: &str) -> Vec<&Row> {
+        self.rows.iter().filter(|r| r.verdict == verdict).collect()
+    }
+
+    /// Exit 0, or 1 with only the `instances` line warning: other observers (other tests,
+    /// other developers) may be running on the machine.
+    fn ensure_full(&self) -> Result<()> {
+        let failed = self.with_verdict("FAIL");
+        ensure!(failed.is_empty(), "FAIL lines: {failed:?}\n{}", self.stdout);
+        let warned: Vec<&Row> = self
+            .with_verdict("WARN")
+            .into_iter()
+            .filter(|r| r.name != "instances")
+            .collect();
+        ensure!(warned.is_empty(), "WARN lines: {warned:?}\n{}", self.stdout);
+        let instances_warn = self.row("instances")?.verdict == "WARN";
+        let expected = if instances_warn { 1 } else { 0 };
+        ensure!(
+            self.code == Some(expected),
+            "exit code {:?}, expected {expected}\n{}\nstderr:\n{}",
+            self.code,
+            self.stdout,
+            self.stderr
+        );
+        Ok(())
+    }
+}
+
+fn parse_check(code: Option<i32>, stdout: String, stderr: String) -> Result<CheckRun> {
+    let mut lines = stdout.lines();
+    let header = lines.next().context("empty output")?;
+    ensure!(header.starts_with("CHECK"), "no header: {stdout}");
+    let mut rows = Vec::new();
+    let mut summary = String::new();
+    for line in lines {
+        let mut cols = line.split_whitespace();
+        let (Some(name), Some(verdict)) = (cols.next(), cols.next()) else {
+            bail!("short line `{line}` in:\n{stdout}");
+        };
+        if matches!(verdict, "OK" | "WARN" | "FAIL") {
+            rows.push(Row {
+                name: name.to_owned(),
+                verdict: verdict.to_owned(),
+                detail: cols.collect::<Vec<_>>().join(" "),
+            });
+        } else {
+            summary = line.to_owned();
+        }
+    }
+    ensure!(
+        summary.starts_with("observer "),
+        "no summary line in:\n{stdout}"
+    );
+    Ok(CheckRun {
+        code,
+        rows,
+        summary,
+        stdout,
+        stderr,
+    })
+}
+
+/// Runs `observer check` through `wrapper` (e.g. setpriv ...), or directly.
+fn run_check(wrapper: &[&str], bin: &Path, args: &[&str]) -> Result<CheckRun> {
+    let mut cmd = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    cmd.arg("check").args(args).current_dir("/");
+    let (status, stdout, stderr) = run_with_timeout(&mut cmd, CHECK_TIMEOUT)?;
+    parse_check(status.code(), stdout, stderr)
+}
+
+/// Capability names of a `CapabilityBoundingSet=` line, lower case without `cap_`, as setpriv
+/// takes them.
+fn unit_capabilities(unit: &str) -> Result<Vec<String>> {
+    let line = unit
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("CapabilityBoundingSet="))
+        .context("the unit has no CapabilityBoundingSet=")?;
+    line.split_whitespace()
+        .map(|c| {
+            c.strip_prefix("CAP_")
+                .map(str::to_ascii_lowercase)
+                .with_context(|| format!("`{c}` is not a capability name"))
+        })
+        .collect()
+}
+
+/// setpriv arguments that leave exactly `caps` (inheritable, ambient, bounding), optionally
+/// switching to `uid`.
+fn setpriv(caps: &[String], uid: Option<u32>) -> Vec<String> {
+    let set = std::iter::once("-all".to_owned())
+        .chain(caps.iter().map(|c| format!("+{c}")))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut args = vec!["setpriv".to_owned()];
+    if let Some(uid) = uid {
+        args.extend([
+            format!("--reuid={uid}"),
+            format!("--regid={uid}"),
+            "--clear-groups".to_owned(),
+        ]);
+    }
+    args.extend([
+        format!("--inh-caps={set}"),
+        format!("--ambient-caps={set}"),
+        format!("--bounding-set={set}"),
+    ]);
+    args
+}
+
+/// Copies the binary where any user may run it (the build tree may be under a private home).
+fn public_copy(dir: &TempDir) -> Result<PathBuf> {
+    let to = dir.path().join("observer");
+    std::fs::copy(observer_bin(), &to).context("copying the observer binary")?;
+    std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    Ok(to)
+}
+
+/// JSON objects, one per line; fails on any other line.
+fn parse_records(text: &str, what: &str) -> Result<Vec<Value>> {
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| {
+            let v: Value = serde_json::from_str(line)
+                .with_context(|| format!("{what} line {}: not JSON: {line}", i + 1))?;
+            ensure!(
+                v.is_object(),
+                "{what} line {}: not an object: {line}",
+                i + 1
+            );
+            Ok(v)
+        })
+        .collect()
+}
+
+fn send_signal(pid: u32, signal: i32) -> Result<()> {
+    let pid = libc::pid_t::try_from(pid)?;
+    // SAFETY: plain syscall on a child we spawned and have not reaped.
+    let rc = unsafe { libc::kill(pid, signal) };
+    ensure!(rc == 0, "kill: {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// observer check
+
+#[test]
+fn check_passes_as_root() -> Result<()> {
+    let Some(_t) = kernel_test("check_passes_as_root") else {
+        return Ok(());
+    };
+    let run = run_check(&[], &observer_bin(), &["--config", "/dev/null"])?;
+    note(&run.stdout);
+    run.ensure_full()?;
+    let tracepoints = run.rows_starting("tracepoint:");
+    ensure!(tracepoints.len() == 6, "tracepoint lines: {tracepoints:?}");
+    for tp in [
+        "tcp:tcp_retransmit_skb",
+        "tcp:tcp_retransmit_synack",
+        "tcp:tcp_send_reset",
+        "tcp:tcp_receive_reset",
+        "skb:kfree_skb",
+        "sock:inet_sock_set_state",
+    ] {
+        let row = run.row(&format!("tracepoint:{tp}"))?;
+        ensure!(row.verdict == "OK", "{row:?}");
+    }
+    for name in [
+        "kernel",
+        "privileges",
+        "btf",
+        "tracefs",
+        "programs",
+        "maps",
+        "perf-buffers",
+        "bpf-stats",
+    ] {
+        let row = run.row(name)?;
+        ensure!(row.verdict == "OK", "{row:?}");
+    }
+    let programs = run.rows_starting("program:");
+    ensure!(programs.len() == 6, "program lines: {programs:?}");
+    ensure!(
+        programs
+            .iter()
+            .all(|r| r.detail.starts_with("attached to ")),
+        "{programs:?}"
+    );
+    ensure!(run.row("maps")?.detail.contains("perf_event_array"));
+    Ok(())
+}
+
+#[test]
+fn check_cannot_run_without_bpf_privileges() -> Result<()> {
+    let Some(t) = kernel_test("check_cannot_run_without_bpf_privileges") else {
+        return Ok(());
+    };
+    if !require_tool(&t.name, "setpriv", "util-linux") {
+        return Ok(());
+    }
+    let drop = "-bpf,-perfmon,-sys_admin";
+    let run = run_check(
+        &[
+            "setpriv",
+            &format!("--inh-caps={drop}"),
+            &format!("--bounding-set={drop}"),
+        ],
+        &observer_bin(),
+        &["--config", "/dev/null"],
+    )?;
+    note(&run.stdout);
+    ensure!(
+        run.code == Some(2),
+        "exit {:?}, expected 2\n{}",
+        run.code,
+        run.stdout
+    );
+    let privileges = run.row("privileges")?;
+    ensure!(privileges.verdict == "FAIL", "{privileges:?}");
+    ensure!(
+        privileges.detail.contains("CAP_BPF and CAP_PERFMON"),
+        "{privileges:?}"
+    );
+    ensure!(run.row("programs")?.verdict == "FAIL", "{}", run.stdout);
+    ensure!(
+        run.summary.starts_with("observer cannot run") && run.summary.contains("privileges"),
+        "{}",
+        run.summary
+    );
+    // What does not depend on the capabilities is still checked.
+    ensure!(run.row("btf")?.verdict == "OK", "{}", run.stdout);
+    Ok(())
+}
+
+/// The capability set of packaging/observer.service (uid 0, bounding set only) is enough.
+#[test]
+fn the_units_capabilities_suffice() -> Result<()> {
+    let Some(t) = kernel_test("the_units_capabilities_suffice") else {
+        return Ok(());
+    };
+    if !require_tool(&t.name, "setpriv", "util-linux") {
+        return Ok(());
+    }
+    let unit = std::fs::read_to_string(UNIT).context("reading the unit")?;
+    let caps = unit_capabilities(&unit)?;
+    note(&format!("unit capabilities: {caps:?}"));
+    let wrapper = setpriv(&caps, None);
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let run = run_check(&wrapper, &observer_bin(), &["--config", "/dev/null"])?;
+    note(&run.stdout);
+    run.ensure_full()?;
+
+    // And a real run under it: start and stop records, exit 0.
+    let (program, rest) = wrapper.split_first().context("empty wrapper")?;
+    let mut cmd = Command::new(program);
+    cmd.args(rest)
+        .arg(observer_bin())
+        .args(["run", "--config", "/dev/null", "--duration", "2"])
+        .current_dir("/");
+    let (status, stdout, stderr) = run_with_timeout(&mut cmd, Duration::from_secs(60))?;
+    ensure!(
+        status.success(),
+        "observer run: {status}; stderr:\n{stderr}"
+    );
+    let records = parse_records(&stdout, "stdout")?;
+    ensure!(
+        records.first().is_some_and(|r| r["type"] == "start")
+            && records.last().is_some_and(|r| r["type"] == "stop"),
+        "no start/stop; stderr:\n{stderr}"
+    );
+    ensure!(
+        records[0]["programs"]
+            .as_array()
+            .is_some_and(|p| p.iter().all(|p| p["attached"] == true)),
+        "not all programs attached: {}",
+        records[0]["programs"]
+    );
+    Ok(())
+}
+
+/// Without root's uid: CAP_BPF, CAP_PERFMON, plus CAP_DAC_READ_SEARCH for the root-only tracefs
+/// and CAP_SYSLOG for kernel symbols, load and attach everything (docs/config.md).
+#[test]
+fn non_root_with_least_capabilities_can_run() -> Result<()> {
+    let Some(t) = kernel_test("non_root_with_least_capabilities_can_run") else {
+        return Ok(());
+    };
+    if !require_tool(&t.name, "setpriv", "util-linux") {
+        return Ok(());
+    }
+    let dir = TempDir::new(&t.name)?;
+    let bin = public_copy(&dir)?;
+    let caps: Vec<String> = ["bpf", "perfmon", "dac_read_search", "syslog"]
+        .map(str::to_owned)
+        .to_vec();
+    let wrapper = setpriv(&caps, Some(65534));
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let run = run_check(&wrapper, &bin, &["--config", "/dev/null"])?;
+    note(&run.stdout);
+    run.ensure_full()?;
+
+    // Without CAP_DAC_READ_SEARCH, tracefs (root-only) is out of reach.
+    let caps: Vec<String> = ["bpf", "perfmon", "syslog"].map(str::to_owned).to_vec();
+    let wrapper = setpriv(&caps, Some(65534));
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let run = run_check(&wrapper, &bin, &["--config", "/dev/null"])?;
+    note(&run.stdout);
+    ensure!(run.code == Some(2), "exit {:?}\n{}", run.code, run.stdout);
+    let tracefs = run.row("tracefs")?;
+    ensure!(
+        tracefs.verdict == "FAIL" && tracefs.detail.contains("CAP_DAC_READ_SEARCH"),
+        "{tracefs:?}"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The systemd unit
+
+#[test]
+fn systemd_unit_verifies() -> Result<()> {
+    let test = "systemd_unit_verifies";
+    if !require_tool(test, "systemd-analyze", "systemd") {
+        return Ok(());
+    }
+    let unit = std::fs::read_to_string(UNIT).context("reading the unit")?;
+    ensure!(
+        unit.contains("ExecStart=/usr/local/bin/observer run --config /etc/observer/observer.toml"),
+        "unexpected ExecStart"
+    );
+    // verify wants the ExecStart binary to exist: point it at the one under test.
+    let bin = observer_bin();
+    ensure!(bin.exists(), "{} does not exist", bin.display());
+    let bin = bin.canonicalize()?;
+    let dir = TempDir::new(test)?;
+    let path = dir.write(
+        "observer.service",
+        &unit.replace("/usr/local/bin/observer", &bin.to_string_lossy()),
+    )?;
+    let (status, stdout, stderr) = run_with_timeout(
+        Command::new("systemd-analyze").arg("verify").arg(&path),
+        Duration::from_secs(60),
+    )?;
+    // verify exits 0 on unknown keys and bad values, and only says so: read what it says.
+    let about_us: Vec<&str> = stderr
+        .lines()
+        .chain(stdout.lines())
+        .filter(|l| l.contains("observer.service"))
+        .collect();
+    ensure!(
+        status.success() && about_us.is_empty(),
+        "systemd-analyze verify: {status}\n{stderr}{stdout}"
+    );
+    // The check is not blind: a typo is reported.
+    let broken = dir.write(
+        "broken.service",
+        &std::fs::read_to_string(&path)?.replace("NoNewPrivileges=", "NoNewPrivilege="),
+    )?;
+    let (_, _, stderr) = run_with_timeout(
+        Command::new("systemd-analyze").arg("verify").arg(&broken),
+        Duration::from_secs(60),
+    )?;
+    ensure!(
+        stderr.contains("broken.service"),
+        "a typo went unnoticed: {stderr}"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration file
+
+#[test]
+fn config_file_sets_run_options_and_flags_override_it() -> Result<()> {
+    let Some(t) = kernel_test("config_file_sets_run_options_and_flags_override_it") else {
+        return Ok(());
+    };
+    let dir = TempDir::new(&t.name)?;
+    let config = dir.write(
+        "observer.toml",
+        "# test\nexport_per_flow = 7\nexport_per_cpu = 11\n\n[output]\ntarget = \"stdout\"\n\n[thresholds]\nanything = { goes = 1 }\n",
+    )?;
+    let config = config.to_string_lossy().into_owned();
+    for (extra, per_flow) in [(&[][..], 7), (&["--export-per-flow", "3"][..], 3)] {
+        let mut cmd = observer()?;
+        cmd.args(["run", "--config", &config, "--duration", "1"])
+            .args(extra);
+        let (status, stdout, stderr) = run_with_timeout(&mut cmd, Duration::from_secs(60))?;
+        ensure!(status.success(), "{status}; stderr:\n{stderr}");
+        let records = parse_records(&stdout, "stdout")?;
+        let start = records.first().context("no records")?;
+        ensure!(start["type"] == "start", "{start}");
+        ensure!(
+            start["export_per_flow"] == per_flow && start["export_per_cpu"] == 11,
+            "flags {extra:?}: start record has export_per_flow {} export_per_cpu {}",
+            start["export_per_flow"],
+            start["export_per_cpu"]
+        );
+        ensure!(
+            records.last().is_some_and(|r| r["type"] == "stop"),
+            "no stop record"
+        );
+    }
+    Ok(())
+}
+
+/// Refused before anything touches the kernel: runs without root too.
+#[test]
+fn an_invalid_config_is_refused_naming_line_and_key() -> Result<()> {
+    let dir = TempDir::new("invalid_config")?;
+    let cases = [
+        (
+            "max_flows = 1024\n\nexport_per_flow = \"lots\"\n",
+            "line 3",
+            "export_per_flow",
+        ),
+        (
+            "[output]\nkeep = 2\nmax_byte = 10\n",
+            "line 3",
+            "output.max_byte",
+        ),
+        ("\nperf_pages = 3\n", "line 2", "perf_pages"),
+        (
+            "export_kinds = \"retransmit,bogus\"\n",
+            "line 1",
+            "export_kinds",
+        ),
+        ("max_flows = 1024\n[output\n", "line 2", ""),
+    ];
+    for (i, (text, line, key)) in cases.iter().enumerate() {
+        let path = dir.write(&format!("bad{i}.toml"), text)?;
+        let mut cmd = observer()?;
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&path)
+            .args(["--duration", "1"]);
+        let (status, stdout, stderr) = run_with_timeout(&mut cmd, Duration::from_secs(30))?;
+        ensure!(
+            status.code() == Some(2),
+            "{text:?}: exit {status}, expected 2; stderr:\n{stderr}"
+        );
+        ensure!(stdout.is_empty(), "{text:?}: wrote records: {stdout}");
+        ensure!(
+            stderr.contains(&*path.to_string_lossy()) && stderr.contains(line),
+            "{text:?}: stderr does not name the file and {line}:\n{stderr}"
+        );
+        ensure!(
+            key.is_empty() || stderr.contains(&format!("key `{key}`")),
+            "{text:?}: stderr does not name key `{key}`:\n{stderr}"
+        );
+    }
+    // A missing file named explicitly is an error too.
+    let mut cmd = observer()?;
+    cmd.arg("run")
+        .arg("--config")
+        .arg(dir.path().join("missing.toml"));
+    let (status, _, stderr) = run_with_timeout(&mut cmd, Duration::from_secs(30))?;
+    ensure!(
+        status.code() == Some(2) && stderr.contains("missing.toml"),
+        "{status}: {stderr}"
+    );
+    // `observer check` reports the same error on its config line.
+    let path = dir.write("bad.toml", "export_per_flow = -1\n")?;
+    let run = run_check(&[], &observer_bin(), &["--config", &path.to_string_lossy()])?;
+    let row = run.row("config")?;
+    ensure!(
+        row.verdict == "FAIL"
+            && row.detail.contains("line 1")
+            && row.detail.contains("export_per_flow"),
+        "{row:?}"
+    );
+    ensure!(run.code == Some(2), "exit {:?}", run.code);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// File output
+
+#[test]
+fn file_output_rotates_at_record_boundaries() -> Result<()> {
+    let Some(t) = kernel_test("file_output_rotates_at_record_boundaries") else {
+        return Ok(());
+    };
+    const MAX_BYTES: u64 = 16 * 1024;
+    const CONNECTIONS: usize = 150;
+    let dir = TempDir::new(&t.name)?;
+    let out = dir.path().join("observer.ndjson");
+    let stdout_path = dir.path().join("stdout");
+    let stderr_path = dir.path().join("stderr");
+    let mut child = observer()?
+        .args(["run", "--config", "/dev/null", "--duration", "60"])
+        .arg("--output")
+        .arg(format!("file:{}", out.display()))
+        .args(["--output-max-bytes", &MAX_BYTES.to_string()])
+        .args(["--output-keep", "1000"])
+        .args(["--export-kinds", "all", "--export-per-flow", "0"])
+        .args(["--export-per-cpu", "0"])
+        .stdin(Stdio::null())
+        .stdout(File::create(&stdout_path)?)
+        .stderr(File::create(&stderr_path)?)
+        .spawn()
+        .context("spawning observer")?;
+    let stderr = || std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    let started = poll_until(
+        "the start record in the output file",
+        START_TIMEOUT,
+        Duration::from_millis(50),
+        || {
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!("observer exited early ({status}); stderr:\n{}", stderr());
+            }
+            let text = std::fs::read_to_string(&out).unwrap_or_default();
+            Ok(text.contains("\"type\":\"start\"").then_some(()))
+        },
+    );
+    if let Err(e) = started {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
+
+    // Loopback connections in a namespace of our own: connect, accept and close events.
+    let ns = Netns::create(&unique_name(&t.name))?;
+    let netns = ns.inode()?;
+    let listener = ns
+        .run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))?
+        .context("binding the listener")?;
+    let to: SocketAddr = listener.local_addr()?;
+    for i in 0..CONNECTIONS {
+        let mut client = connect_in(&ns, to, Duration::from_secs(5))?;
+        let (mut server, _) = listener.accept().context("accept")?;
+        client.write_all(b"x")?;
+        let mut byte = [0u8; 1];
+        server.read_exact(&mut byte)?;
+        // Alternate who closes first, so both sides' close paths are seen.
+        if i % 2 == 0 {
+            drop(client);
+            drop(server);
+        } else {
+            drop(server);
+            drop(client);
+        }
+    }
+    drop(listener);
+    std::thread::sleep(Duration::from_millis(500));
+    send_signal(child.id(), libc::SIGINT)?;
+    let status = wait_child(&mut child, STOP_TIMEOUT)?;
+    ensure!(
+        status.success(),
+        "observer: {status}; stderr:\n{}",
+        stderr()
+    );
+    let stdout = std::fs::read_to_string(&stdout_path)?;
+    ensure!(stdout.is_empty(), "records on stdout: {stdout}");
+
+    // observer.ndjson.N (oldest) ... observer.ndjson.1, observer.ndjson (newest).
+    let mut rotated = Vec::new();
+    for entry in std::fs::read_dir(dir.path())? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if let Some(n) = name.strip_prefix("observer.ndjson.") {
+            rotated.push(
+                n.parse::<u32>()
+                    .with_context(|| format!("odd file {name}"))?,
+            );
+        }
+    }
+    rotated.sort_unstable();
+    ensure!(
+        rotated.len() >= 3,
+        "expected several rotations, found {rotated:?}"
+    );
+    ensure!(
+        rotated.iter().copied().eq(1..=rotated.len() as u32),
+        "gaps in the rotated files: {rotated:?}"
+    );
+    let files: Vec<PathBuf> = rotated
+        .iter()
+        .rev()
+        .map(|n| dir.path().join(format!("observer.ndjson.{n}")))
+        .chain([out.clone()])
+        .collect();
+    let mut records = Vec::new();
+    for (i, file) in files.iter().enumerate() {
+        let text = std::fs::read_to_string(file)?;
+        let what = file.display().to_string();
+        ensure!(text.ends_with('\n'), "{what} does not end with a newline");
+        let longest = text.lines().map(str::len).max().unwrap_or(0) as u64;
+        // A rotated file reached the limit with its last record, and not before.
+        if i + 1 < files.len() {
+            let size = text.len() as u64;
+            ensure!(
+                size >= MAX_BYTES && size <= MAX_BYTES + longest + 1,
+                "{what}: {size} bytes, limit {MAX_BYTES}, longest line {longest}"
+            );
+        }
+        records.extend(parse_records(&text, &what)?);
+    }
+    note(&format!(
+        "{} records in {} files",
+        records.len(),
+        files.len()
+    ));
+    ensure!(records.first().is_some_and(|r| r["type"] == "start"));
+    let stop = records.last().filter(|r| r["type"] == "stop");
+    let stop = stop.context("the last record is not `stop`")?;
+    ensure!(
+        records.iter().filter(|r| r["type"] == "start").count() == 1
+            && records.iter().filter(|r| r["type"] == "stop").count() == 1,
+        "start/stop repeated"
+    );
+
+    // Every event the daemon received was written: nothing lost across rotations.
+    const EVENT_TYPES: [&str; 11] = [
+        "retransmit",
+        "retransmit_failed",
+        "syn_retransmit",
+        "synack_retransmit",
+        "drop",
+        "reset_sent",
+        "reset_received",
+        "connect",
+        "connect_failed",
+        "accept",
+        "close",
+    ];
+    let written_events = records
+        .iter()
+        .filter(|r| r["type"].as_str().is_some_and(|t| EVENT_TYPES.contains(&t)))
+        .count() as u64;
+    let received: u64 = stop["totals"]
+        .as_object()
+        .context("stop.totals")?
+        .values()
+        .map(|k| k["received"].as_u64().unwrap_or(0))
+        .sum();
+    ensure!(
+        written_events == received,
+        "{written_events} event records written, the daemon received {received}"
+    );
+    let ours = |ty: &str| {
+        records
+            .iter()
+            .filter(|r| r["type"] == ty && r["netns"].as_u64() == Some(netns))
+            .count()
+    };
+    let lossless = stop["lost"] == 0 && stop["undelivered"] == 0;
+    for ty in ["connect", "accept"] {
+        let n = ours(ty);
+        ensure!(
+            if lossless { n == CONNECTIONS } else { n > 0 },
+            "{n} `{ty}` records in our namespace, {CONNECTIONS} connections (lost {}, undelivered {})",
+            stop["lost"],
+            stop["undelivered"]
+        );
+    }
+    Ok(())
+}
