@@ -115,7 +115,7 @@ pub fn summary(lines: &[CheckLine]) -> String {
     match outcome(lines) {
         Outcome::Full => "observer can run fully".to_owned(),
         Outcome::Degraded => format!(
-            "observer can run, degraded: missing {}",
+            "observer can run, degraded (WARN: {})",
             named(Verdict::Warn)
         ),
         Outcome::CannotRun => format!("observer cannot run (FAIL: {})", named(Verdict::Fail)),
@@ -745,7 +745,10 @@ mod tests {
             [0, 1, 2]
         );
         assert_eq!(summary(&degraded), "observer can run, degraded (WARN: tp)");
-        assert_eq!(summary(&fatal), "observer cannot run: privileges, programs");
+        assert_eq!(
+            summary(&fatal),
+            "observer cannot run (FAIL: privileges, programs)"
+        );
     }
 
     #[test]

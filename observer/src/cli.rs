@@ -30,7 +30,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Attach to the kernel and stream events as JSON lines on stdout until SIGINT/SIGTERM.
+    /// Attach to the kernel and stream events as JSON lines on stdout (or to a file,
+    /// `--output`) until SIGINT/SIGTERM.
     ///
     /// The first record is `start` (versions, attached programs, sysctl snapshot), the last is
     /// `stop` (exact totals per event kind and per flow from the kernel's own counters).
@@ -70,7 +71,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = config::DEFAULT_EXPORT_PER_FLOW)]
     pub export_per_flow: u32,
     /// Flows tracked in the kernel's counter map (least recently used are evicted).
-    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_MAX_FLOWS, value_parser = clap::value_parser!(u32).range(16..=4_194_304))]
+    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_MAX_FLOWS, value_parser = clap::value_parser!(u32).range(i64::from(*config::MAX_FLOWS_RANGE.start())..=i64::from(*config::MAX_FLOWS_RANGE.end())))]
     pub max_flows: u32,
     /// Events exported per CPU per second over all flows: bounds the export cost of storms
     /// spread over many flows (the kernel still counts everything). 0: no limit.
@@ -265,6 +266,7 @@ fn run(args: RunArgs, flags: Config) -> ExitCode {
         perf_pages: settings.perf_pages,
         queue_capacity: 65_536,
         context_interval: Duration::from_secs(1),
+        engine: crate::aggregate::EngineConfig::default(),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

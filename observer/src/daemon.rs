@@ -26,6 +26,8 @@ use tokio::{
 };
 
 use crate::{
+    aggregate::{AnomalyEvent, Engine, EngineConfig},
+    analysis::{self, AnomalyRecord, ReasonCache, SysctlEffectRecord},
     clock::BootClock,
     context::{ContextRecord, ContextWorker, SharedContext},
     decode::{Event, EventKind, Flow, decode_sample},
@@ -34,7 +36,7 @@ use crate::{
     kernel::loader::{self, LoadOptions, Loaded},
     record::{
         EventRecord, FlowRecord, KindTotals, LostRecord, Names, ReasonCount, SCHEMA_VERSION,
-        StartRecord, StopRecord,
+        StartRecord, StopRecord, SysctlChangeRecord,
     },
     sink::json::{JsonLines, SinkError},
 };
@@ -50,6 +52,8 @@ pub struct RunOptions {
     pub queue_capacity: usize,
     /// How often the context worker reads counters, listeners, sysctls and rules.
     pub context_interval: Duration,
+    /// Table limits and anomaly thresholds.
+    pub engine: EngineConfig,
 }
 
 /// What the readers and the context worker hand to the output loop.
@@ -89,6 +93,8 @@ impl StopReason {
 /// Runs until stopped; returns why it stopped.
 pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopReason> {
     let clock = BootClock::new();
+    let engine = Engine::new(options.engine.clone(), BootClock::boot_now_ns())
+        .context("invalid anomaly thresholds")?;
     let mut sink = JsonLines::new(out);
     let mut loaded = loader::load(&options.load)?;
     let names = Names {
@@ -160,22 +166,22 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
             .map(|c| names.drop_reasons.name(*c))
             .collect(),
     };
-    let mut received: BTreeMap<EventKind, u64> = BTreeMap::new();
-    let reason = match sink.write_now(&start) {
+    let start_written = sink.write_now(&start);
+    let mut out = Output {
+        sink,
+        clock: &clock,
+        names: &names,
+        received: BTreeMap::new(),
+        engine,
+        reasons: ReasonCache::default(),
+        shared: Arc::clone(&shared_context),
+        pending_effects: Vec::new(),
+        anomaly_records: 0,
+    };
+    let reason = match start_written {
         Err(SinkError::Closed) => StopReason::OutputClosed,
         Err(e) => return Err(e.into()),
-        Ok(()) => {
-            output_loop(
-                &mut rx,
-                &mut sink,
-                &clock,
-                &names,
-                &mut received,
-                options.duration,
-                (sigint, sigterm),
-            )
-            .await?
-        }
+        Ok(()) => output_loop(&mut rx, &mut out, options.duration, (sigint, sigterm)).await?,
     };
 
     // Drain: the context worker takes a last reading, readers empty their buffers one last
@@ -209,10 +215,13 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
         drop(final_tx);
         while let Ok(msg) = rx.try_recv().or_else(|_| final_rx.try_recv()) {
             if output_open {
-                output_open = handle(msg, &mut sink, &clock, &names, &mut received).is_ok();
+                output_open = out.handle(msg).is_ok();
+            } else if let Incoming::Event(_) = msg {
+                // Nowhere to write it: count it, so the totals still add up.
+                counters.undelivered.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let accounted = received.values().sum::<u64>()
+        let accounted = out.received.values().sum::<u64>()
             + counters.lost.load(Ordering::Relaxed)
             + counters.undelivered.load(Ordering::Relaxed)
             + counters.decode_errors.load(Ordering::Relaxed);
@@ -225,13 +234,18 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
         }
     }
 
-    let mut stop = stop_record(&loaded, &names, &counters, &received, &clock, reason)?;
+    if output_open {
+        output_open = out.finish().is_ok();
+    }
+    let mut stop = stop_record(&loaded, &names, &counters, &out.received, &clock, reason)?;
+    stop.engine = Some(out.engine.stats());
+    stop.anomaly_records = out.anomaly_records;
     stop.undelivered += context_totals.undelivered;
     stop.listeners = context_totals.listeners;
     stop.netfilter_rules = context_totals.netfilter_rules;
     drop(loaded);
     if output_open {
-        if let Err(e) = sink.write_now(&stop) {
+        if let Err(e) = out.sink.write_now(&stop) {
             report_unwritten_stop(&stop, &e);
         }
     } else {
@@ -248,10 +262,7 @@ fn report_unwritten_stop(stop: &StopRecord, why: &SinkError) {
 
 async fn output_loop<W: Write>(
     rx: &mut mpsc::Receiver<Incoming>,
-    sink: &mut JsonLines<W>,
-    clock: &BootClock,
-    names: &Names,
-    received: &mut BTreeMap<EventKind, u64>,
+    out: &mut Output<'_, W>,
     duration: Option<Duration>,
     (mut sigint, mut sigterm): (Signal, Signal),
 ) -> anyhow::Result<StopReason> {
@@ -262,23 +273,30 @@ async fn output_loop<W: Write>(
         }
     };
     tokio::pin!(deadline);
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
             _ = sigint.recv() => return Ok(StopReason::Signal),
             _ = sigterm.recv() => return Ok(StopReason::Signal),
             () = &mut deadline => return Ok(StopReason::Duration),
+            _ = ticks.tick() => {
+                if let Err(e) = out.tick().and_then(|()| out.sink.flush()) {
+                    return closed_or_error(e);
+                }
+            }
             msg = rx.recv() => {
                 let Some(msg) = msg else {
                     anyhow::bail!("every perf reader stopped");
                 };
                 let batch = std::iter::once(msg).chain(std::iter::from_fn(|| rx.try_recv().ok()));
                 for msg in batch.take(4096) {
-                    if let Err(e) = handle(msg, sink, clock, names, received) {
+                    if let Err(e) = out.handle(msg) {
                         return closed_or_error(e);
                     }
                 }
-                if let Err(e) = sink.flush() {
+                if let Err(e) = out.sink.flush() {
                     return closed_or_error(e);
                 }
             }
@@ -293,29 +311,123 @@ fn closed_or_error(e: SinkError) -> anyhow::Result<StopReason> {
     }
 }
 
-fn handle<W: Write>(
-    msg: Incoming,
-    sink: &mut JsonLines<W>,
-    clock: &BootClock,
-    names: &Names,
-    received: &mut BTreeMap<EventKind, u64>,
-) -> Result<(), SinkError> {
-    match msg {
-        Incoming::Event(event) => {
-            *received.entry(event.kind).or_default() += 1;
-            sink.write(&EventRecord::new(&event, clock, names))
+/// The output stage: everything the records are written with, and the analysis that sees
+/// every record on its way out.
+struct Output<'a, W: Write> {
+    sink: JsonLines<W>,
+    clock: &'a BootClock,
+    names: &'a Names,
+    received: BTreeMap<EventKind, u64>,
+    engine: Engine,
+    reasons: ReasonCache,
+    shared: SharedContext,
+    /// sysctl changes waiting for their "after" span to pass: (due boot ns, change).
+    pending_effects: Vec<(u64, u64, SysctlChangeRecord)>,
+    anomaly_records: u64,
+}
+
+/// How long before and after a sysctl change the affected rates are compared.
+const SYSCTL_EFFECT_SPAN: Duration = Duration::from_secs(300);
+
+impl<W: Write> Output<'_, W> {
+    fn handle(&mut self, msg: Incoming) -> Result<(), SinkError> {
+        match msg {
+            Incoming::Event(event) => {
+                *self.received.entry(event.kind).or_default() += 1;
+                if let Some(obs) =
+                    analysis::observation(&event, &self.names.drop_reasons, &mut self.reasons)
+                {
+                    self.engine.observe(event.boot_ns, obs);
+                }
+                self.sink
+                    .write(&EventRecord::new(&event, self.clock, self.names))
+            }
+            Incoming::Lost { cpu, count } => self.sink.write(&LostRecord {
+                kind: "lost",
+                time: self.clock.now_rfc3339(),
+                cpu,
+                count,
+            }),
+            Incoming::Context(record) => {
+                let now = BootClock::boot_now_ns();
+                for obs in analysis::context_observations(&record) {
+                    self.engine.observe(now, obs);
+                }
+                match record {
+                    ContextRecord::ListenerDrops(r) => self.sink.write(&r),
+                    ContextRecord::NetfilterDrop(r) => self.sink.write(&r),
+                    ContextRecord::SysctlChange(r) => {
+                        let due = now + SYSCTL_EFFECT_SPAN.as_nanos() as u64;
+                        self.pending_effects.push((due, now, r.clone()));
+                        self.sink.write(&r)
+                    }
+                }
+            }
         }
-        Incoming::Lost { cpu, count } => sink.write(&LostRecord {
-            kind: "lost",
-            time: clock.now_rfc3339(),
-            cpu,
-            count,
-        }),
-        Incoming::Context(record) => match record {
-            ContextRecord::ListenerDrops(r) => sink.write(&r),
-            ContextRecord::NetfilterDrop(r) => sink.write(&r),
-            ContextRecord::SysctlChange(r) => sink.write(&r),
-        },
+    }
+
+    /// Once a second: anomalies open, update and close; due sysctl effects are reported.
+    fn tick(&mut self) -> Result<(), SinkError> {
+        let now = BootClock::boot_now_ns();
+        let events = self.engine.tick(now);
+        self.write_anomalies(events)?;
+        let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_effects)
+            .into_iter()
+            .partition(|(due, _, _)| *due <= now);
+        self.pending_effects = waiting;
+        for (_, changed_ns, change) in due {
+            self.write_effect(changed_ns, change)?;
+        }
+        Ok(())
+    }
+
+    fn write_anomalies(&mut self, events: Vec<AnomalyEvent>) -> Result<(), SinkError> {
+        let time = self.clock.now_rfc3339();
+        for event in events {
+            self.anomaly_records += 1;
+            self.sink
+                .write(&AnomalyRecord::new(event, time.clone(), &self.shared))?;
+        }
+        Ok(())
+    }
+
+    fn write_effect(
+        &mut self,
+        changed_ns: u64,
+        change: SysctlChangeRecord,
+    ) -> Result<(), SinkError> {
+        let span = SYSCTL_EFFECT_SPAN.as_nanos() as u64;
+        let rates = analysis::signals_affected_by(&change.name)
+            .iter()
+            .map(|signal| {
+                (
+                    signal.name(),
+                    self.engine.rate_before_after(*signal, changed_ns, span),
+                )
+            })
+            .collect();
+        self.sink.write(&SysctlEffectRecord {
+            kind: "sysctl_effect",
+            time: self.clock.now_rfc3339(),
+            netns: change.netns,
+            name: change.name,
+            old: change.old,
+            new: change.new,
+            changed_at: self.clock.rfc3339(changed_ns),
+            span_secs: SYSCTL_EFFECT_SPAN.as_secs(),
+            rates,
+        })
+    }
+
+    /// At shutdown: open anomalies close, pending sysctl comparisons are reported as far as
+    /// they got.
+    fn finish(&mut self) -> Result<(), SinkError> {
+        let events = self.engine.close_all(BootClock::boot_now_ns());
+        self.write_anomalies(events)?;
+        for (_, changed_ns, change) in std::mem::take(&mut self.pending_effects) {
+            self.write_effect(changed_ns, change)?;
+        }
+        Ok(())
     }
 }
 
@@ -482,6 +594,8 @@ fn stop_record(
         flows,
         listeners: Vec::new(),
         netfilter_rules: Vec::new(),
+        engine: None,
+        anomaly_records: 0,
     })
 }
 

@@ -4,6 +4,7 @@
 //! events) -> `enrich` (sysctls) -> aggregation -> `sink` (JSON lines). `daemon` wires the stages
 //! together; `cli` is the command line.
 pub mod aggregate;
+pub mod analysis;
 pub mod check;
 pub mod cli;
 pub mod clock;

@@ -295,6 +295,11 @@ pub struct StopRecord {
     pub listeners: Vec<crate::context::ListenerTotal>,
     /// Packets dropped per firewall rule over the run (rules named exactly).
     pub netfilter_rules: Vec<crate::context::RuleTotal>,
+    /// The aggregation engine's tables (rows, evictions) and anomalies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<crate::aggregate::EngineStats>,
+    /// anomaly_open/update/close records written.
+    pub anomaly_records: u64,
 }
 
 #[cfg(test)]
