@@ -204,7 +204,12 @@ unsafe fn slot(c: *mut FlowCounters, counter: Counter) -> *mut u64 {
 /// budget. Returns the flow's running total for the counter and the export decision, or None
 /// when the flow could not be counted.
 #[inline(always)]
-fn count_flow(flow: &FlowKey, counter: Counter, amount: u64, now: u64) -> Option<(u64, bool)> {
+fn count_flow(
+    flow: &FlowKey,
+    counter: Counter,
+    amount: u64,
+    now: u64,
+) -> Option<(u64, bool, *mut FlowCounters)> {
     let mut ptr = FLOW_COUNTERS.get_ptr_mut(flow);
     if ptr.is_none() {
         // Several CPUs may race to create the entry: NOEXIST keeps the first and the others
@@ -227,7 +232,7 @@ fn count_flow(flow: &FlowKey, counter: Counter, amount: u64, now: u64) -> Option
     };
     let per_flow = config!(budget.per_flow);
     if per_flow == 0 {
-        return Some((total, true));
+        return Some((total, true, counters));
     }
     let window_ns = config!(budget.window_ns);
     // SAFETY: as above. The window fields are advisory (a race between CPUs may export one event
@@ -246,7 +251,7 @@ fn count_flow(flow: &FlowKey, counter: Counter, amount: u64, now: u64) -> Option
             false
         }
     };
-    Some((total, export))
+    Some((total, export, counters))
 }
 
 /// The per-CPU budget: at most `per_cpu` exports per window on this CPU.
@@ -285,7 +290,8 @@ fn record<C: aya_ebpf::EbpfContext>(ctx: &C, mut event: TcpEvent, counter: Count
         Counter::RetransSegs => u64::from(event.segs),
         _ => 1,
     };
-    let Some((total, flow_allows)) = count_flow(&event.flow, counter, amount, event.timestamp_ns)
+    let Some((total, flow_allows, counters)) =
+        count_flow(&event.flow, counter, amount, event.timestamp_ns)
     else {
         stats.map_full += 1;
         return;
@@ -295,7 +301,14 @@ fn record<C: aya_ebpf::EbpfContext>(ctx: &C, mut event: TcpEvent, counter: Count
     if !kind_exported {
         return;
     }
-    if !flow_allows || !cpu_budget_allows(event.timestamp_ns) {
+    if !flow_allows {
+        stats.suppressed += 1;
+        return;
+    }
+    if !cpu_budget_allows(event.timestamp_ns) {
+        // Counted against the flow too, so userspace knows which flows to reconcile.
+        // SAFETY: live map value returned by count_flow for this program run.
+        unsafe { atomic_add(&raw mut (*counters).suppressed, 1) };
         stats.suppressed += 1;
         return;
     }

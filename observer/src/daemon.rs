@@ -25,6 +25,10 @@ use tokio::{
     sync::{mpsc, watch},
 };
 
+use aya::maps::HashMap as BpfHashMap;
+use aya::maps::PerCpuArray;
+use observer_common::{FlowCounters, FlowKey, KindStats};
+
 use crate::{
     aggregate::{AnomalyEvent, Engine, EngineConfig},
     analysis::{self, AnomalyRecord, ReasonCache, SysctlEffectRecord},
@@ -34,6 +38,7 @@ use crate::{
     enrich::symbols::KernelSymbols,
     enrich::sysctl,
     kernel::loader::{self, LoadOptions, Loaded},
+    reconcile::Reconciler,
     record::{
         EventRecord, FlowRecord, KindTotals, LostRecord, Names, ReasonCount, SCHEMA_VERSION,
         StartRecord, StopRecord, SysctlChangeRecord,
@@ -177,6 +182,17 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
         shared: Arc::clone(&shared_context),
         pending_effects: Vec::new(),
         anomaly_records: 0,
+        reconciler: Reconciler::default(),
+        flow_map: match loaded.flow_counters_handle() {
+            Ok(map) => Some(map),
+            Err(e) => {
+                eprintln!(
+                    "observer: warning: anomaly rates will count exported events only: {e:#}"
+                );
+                None
+            }
+        },
+        kind_stats: loaded.kind_stats_handle().ok(),
     };
     let reason = match start_written {
         Err(SinkError::Closed) => StopReason::OutputClosed,
@@ -324,6 +340,10 @@ struct Output<'a, W: Write> {
     /// sysctl changes waiting for their "after" span to pass: (due boot ns, change).
     pending_effects: Vec<(u64, u64, SysctlChangeRecord)>,
     anomaly_records: u64,
+    reconciler: Reconciler,
+    /// Owned handles on the kernel's exact counters, for reconciliation.
+    flow_map: Option<BpfHashMap<MapData, FlowKey, FlowCounters>>,
+    kind_stats: Option<PerCpuArray<MapData, KindStats>>,
 }
 
 /// How long before and after a sysctl change the affected rates are compared.
@@ -337,6 +357,7 @@ impl<W: Write> Output<'_, W> {
                 if let Some(obs) =
                     analysis::observation(&event, &self.names.drop_reasons, &mut self.reasons)
                 {
+                    self.reconciler.fed(&obs);
                     self.engine.observe(event.boot_ns, obs);
                 }
                 self.sink
@@ -369,6 +390,7 @@ impl<W: Write> Output<'_, W> {
     /// Once a second: anomalies open, update and close; due sysctl effects are reported.
     fn tick(&mut self) -> Result<(), SinkError> {
         let now = BootClock::boot_now_ns();
+        self.reconcile(now);
         let events = self.engine.tick(now);
         self.write_anomalies(events)?;
         let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_effects)
@@ -379,6 +401,27 @@ impl<W: Write> Output<'_, W> {
             self.write_effect(changed_ns, change)?;
         }
         Ok(())
+    }
+
+    /// Feeds the engine what the kernel counted but did not export (suppressed by budgets).
+    fn reconcile(&mut self, now: u64) {
+        let Some(stats) = &self.kind_stats else {
+            return;
+        };
+        let suppressed: u64 = (0..event_kind::COUNT as u32)
+            .filter_map(|i| stats.get(&i, 0).ok())
+            .flat_map(|per_cpu| per_cpu.iter().map(|s| s.suppressed).collect::<Vec<_>>())
+            .sum();
+        if !self.reconciler.needed(suppressed) {
+            return;
+        }
+        let Some(map) = &self.flow_map else {
+            return;
+        };
+        let flows: Vec<(FlowKey, FlowCounters)> = map.iter().flatten().collect();
+        for obs in self.reconciler.pass(suppressed, flows) {
+            self.engine.observe(now, obs);
+        }
     }
 
     fn write_anomalies(&mut self, events: Vec<AnomalyEvent>) -> Result<(), SinkError> {

@@ -15,5 +15,6 @@ pub mod decode;
 pub mod enrich;
 pub mod kernel;
 pub mod privileges;
+pub mod reconcile;
 pub mod record;
 pub mod sink;

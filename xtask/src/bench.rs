@@ -361,6 +361,26 @@ fn read_lines(pipe: impl Read + Send + 'static) -> Lines {
 /// Runs a command to its end with a deadline (killed when it passes): (status, stdout, stderr).
 fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<(ExitStatus, String, String)> {
     check_interrupted()?;
+    run_until(cmd, timeout, true)
+}
+
+/// [`run_bounded`] for clean-up: runs even after Ctrl-C.
+fn run_cleanup(cmd: &mut Command) -> Result<()> {
+    let shown = cmd::display(cmd);
+    let (status, _, stderr) = run_until(cmd, CMD_TIMEOUT, false)?;
+    ensure!(
+        status.success(),
+        "{shown} failed ({status}): {}",
+        stderr.trim()
+    );
+    Ok(())
+}
+
+fn run_until(
+    cmd: &mut Command,
+    timeout: Duration,
+    interruptible: bool,
+) -> Result<(ExitStatus, String, String)> {
     let shown = cmd::display(cmd);
     let mut child = cmd
         .stdin(Stdio::null())
@@ -376,7 +396,7 @@ fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<(ExitStatus, Stri
         if let Some(status) = proc.exited() {
             break status;
         }
-        if INTERRUPTED.load(Ordering::SeqCst) {
+        if interruptible && INTERRUPTED.load(Ordering::SeqCst) {
             drop(proc);
             bail!("interrupted while running: {shown}");
         }
@@ -599,7 +619,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        if let Err(e) = run_checked(Command::new("ip").args(["netns", "del", &self.name])) {
+        if let Err(e) = run_cleanup(Command::new("ip").args(["netns", "del", &self.name])) {
             eprintln!("bench: could not delete namespace {}: {e:#}", self.name);
         }
     }
@@ -627,7 +647,7 @@ fn remove_stale_namespaces() {
         };
         if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
             say(&format!("removing stale namespace {name}"));
-            let _ = run_checked(Command::new("ip").args(["netns", "del", &name]));
+            let _ = run_cleanup(Command::new("ip").args(["netns", "del", &name]));
         }
     }
 }
@@ -833,10 +853,13 @@ fn measure_pipeline(bins: &Bins) -> Result<Pipeline> {
 
 /// One storm run: the storm's own report and, when a process was watched with stats on, the
 /// per-program deltas of its BPF programs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct Window {
     storm: Value,
     progs: ProgDeltas,
+    /// Other processes holding tracing BPF programs (e.g. another observer) at the start or
+    /// end of the run: their programs run on the storm's events too.
+    others: BTreeSet<String>,
 }
 
 impl Window {
@@ -845,17 +868,21 @@ impl Window {
     }
 }
 
-/// Runs one storm (`ip netns exec NS storm ARGS`) and takes the watched process's program
-/// counters around it, with BPF stats on (`cost`) or off.
+/// Runs one storm (`ip netns exec NS storm ARGS`) with `attached` (pid, program names) running
+/// or nothing; with `cost`, BPF stats are on and the attached process's program counters are
+/// taken around the storm.
 fn storm_window(
     ns: &Netns,
     bins: &Bins,
     storm_args: &[String],
-    watched: Option<(u32, &BTreeMap<u32, String>)>,
+    attached: Option<(u32, &BTreeMap<u32, String>)>,
     stats: &BpfStats,
     cost: bool,
     secs: f64,
 ) -> Result<Window> {
+    let ours = attached.map(|(pid, _)| pid);
+    let mut others = wait_for_quiet(ours)?;
+    let watched = attached.filter(|_| cost);
     stats.set(cost)?;
     let before = match watched {
         Some((pid, _)) => prog_counters(pid)?,
@@ -882,10 +909,107 @@ fn storm_window(
         Some((_, names)) => deltas(&before, &after, names),
         None => ProgDeltas::new(),
     };
+    others.extend(tracing_holders(ours));
     Ok(Window {
         storm: last_json(&stdout)?,
         progs,
+        others,
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Other tracers on the machine
+
+/// Program types and link types of tracing programs (they run on the storm's events).
+const TRACING_PROG_TYPES: &[u64] = &[2, 5, 7, 17, 26]; // kprobe, tracepoint, perf_event, raw_tp, tracing
+const TRACING_LINK_TYPES: &[&str] = &[
+    "perf",
+    "raw_tracepoint",
+    "tracing",
+    "kprobe_multi",
+    "uprobe_multi",
+];
+
+/// Processes other than this one and `ours` that hold tracing BPF programs or links, as
+/// `comm[pid]`.
+fn tracing_holders(ours: Option<u32>) -> BTreeSet<String> {
+    let me = std::process::id();
+    let mut holders = BTreeSet::new();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return holders;
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me || Some(pid) == ours {
+            continue;
+        }
+        let Ok(fds) = fs::read_dir(entry.path().join("fdinfo")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            let Ok(info) = fs::read_to_string(fd.path()) else {
+                return false;
+            };
+            info.lines().any(|line| {
+                if let Some(t) = line.strip_prefix("prog_type:") {
+                    t.trim()
+                        .parse::<u64>()
+                        .is_ok_and(|t| TRACING_PROG_TYPES.contains(&t))
+                } else if let Some(t) = line.strip_prefix("link_type:") {
+                    TRACING_LINK_TYPES.contains(&t.trim())
+                } else {
+                    false
+                }
+            })
+        });
+        if holds {
+            let comm = read_trimmed(&format!("/proc/{pid}/comm")).unwrap_or_default();
+            holders.insert(format!("{comm}[{pid}]"));
+        }
+    }
+    holders
+}
+
+/// Seconds the whole bench may spend waiting for other tracers to go away.
+const QUIET_BUDGET_MS: u64 = 60_000;
+/// Longest wait before one run.
+const QUIET_WAIT: Duration = Duration::from_secs(10);
+static QUIET_SPENT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Waits (bounded per run and in total) until no other process holds tracing programs; returns
+/// those still there.
+fn wait_for_quiet(ours: Option<u32>) -> Result<BTreeSet<String>> {
+    let start = Instant::now();
+    let mut announced = false;
+    loop {
+        let holders = tracing_holders(ours);
+        let spent = QUIET_SPENT_MS.load(Ordering::Relaxed) + start.elapsed().as_millis() as u64;
+        if holders.is_empty() || start.elapsed() >= QUIET_WAIT || spent >= QUIET_BUDGET_MS {
+            QUIET_SPENT_MS.fetch_add(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+            if !holders.is_empty() {
+                say(&format!(
+                    "other tracing programs stay attached ({}): this run is marked",
+                    holders.iter().cloned().collect::<Vec<_>>().join(", ")
+                ));
+            }
+            return Ok(holders);
+        }
+        if !announced {
+            say(&format!(
+                "waiting (at most {} s) for other tracing programs to go away: {}",
+                QUIET_WAIT.as_secs(),
+                holders.iter().cloned().collect::<Vec<_>>().join(", ")
+            ));
+            announced = true;
+        }
+        sleep(Duration::from_millis(200))?;
+    }
 }
 
 fn refused_args(secs: f64) -> Vec<String> {
@@ -938,7 +1062,7 @@ fn measure_refused(bins: &Bins, args: &BenchArgs, stats: &BpfStats) -> Result<Re
             let none = storm_window(&ns, bins, &storm, None, stats, false, secs)?;
             let observer = Observer::start(bins, export, &format!("refused-{export:?}-{round}"))?;
             let watched = Some((observer.pid(), &observer.names));
-            let rate = storm_window(&ns, bins, &storm, None, stats, false, secs)?;
+            let rate = storm_window(&ns, bins, &storm, watched, stats, false, secs)?;
             let cost = storm_window(&ns, bins, &storm, watched, stats, true, secs)?;
             let all = total(&cost.progs);
             say(&format!(
@@ -1199,7 +1323,7 @@ fn measure_tools(bins: &Bins, args: &BenchArgs, stats: &BpfStats) -> Result<Vec<
                 let names = prog_names(prog_counters(started.proc.pid)?.keys().copied());
                 let storm = refused_args(args.storm_secs);
                 let watched = Some((started.proc.pid, &names));
-                let rate = storm_window(&ns, bins, &storm, None, stats, false, args.storm_secs)?;
+                let rate = storm_window(&ns, bins, &storm, watched, stats, false, args.storm_secs)?;
                 let cost = storm_window(&ns, bins, &storm, watched, stats, true, args.storm_secs)?;
                 started.proc.stop(Duration::from_secs(5));
                 // Paired with a run without it, right after.
@@ -1507,12 +1631,58 @@ fn pct(x: f64) -> String {
     }
 }
 
+/// One value per run; runs during which another process had tracing programs attached are
+/// marked, and medians leave them out when any unmarked run remains.
+#[derive(Debug, Clone, Default)]
+struct Runs {
+    values: Vec<f64>,
+    marked: Vec<bool>,
+}
+
+impl Runs {
+    fn of(windows: &[Window], f: impl Fn(&Window) -> f64) -> Self {
+        Self {
+            values: windows.iter().map(&f).collect(),
+            marked: windows.iter().map(|w| !w.others.is_empty()).collect(),
+        }
+    }
+
+    fn usable(&self) -> Vec<f64> {
+        let clean: Vec<f64> = self
+            .values
+            .iter()
+            .zip(&self.marked)
+            .filter(|(_, m)| !**m)
+            .map(|(v, _)| *v)
+            .collect();
+        if clean.is_empty() {
+            self.values.clone()
+        } else {
+            clean
+        }
+    }
+
+    fn median(&self) -> f64 {
+        median(&self.usable())
+    }
+
+    /// "1, 2*, 3" (`*`: marked).
+    fn show(&self, f: impl Fn(f64) -> String) -> String {
+        self.values
+            .iter()
+            .zip(&self.marked)
+            .map(|(v, m)| format!("{}{}", f(*v), if *m { "*" } else { "" }))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 /// Per-program medians over runs: (name, median events, median ns/event, per-run ns/event).
 struct ProgSummary {
     name: String,
     events: f64,
     ns: f64,
-    runs: Vec<f64>,
+    runs: Runs,
 }
 
 fn summarize(windows: &[Window]) -> Vec<ProgSummary> {
@@ -1520,36 +1690,24 @@ fn summarize(windows: &[Window]) -> Vec<ProgSummary> {
     let mut out: Vec<ProgSummary> = names
         .into_iter()
         .map(|name| {
-            let per_run: Vec<ProgCounters> = windows
-                .iter()
-                .map(|w| w.progs.get(name).copied().unwrap_or_default())
-                .collect();
-            let runs: Vec<f64> = per_run
-                .iter()
-                .map(|c| ns_per_event(*c).unwrap_or(f64::NAN))
-                .collect();
+            let counters = |w: &Window| w.progs.get(name).copied().unwrap_or_default();
+            let runs = Runs::of(windows, |w| ns_per_event(counters(w)).unwrap_or(f64::NAN));
             ProgSummary {
                 name: name.clone(),
-                events: median(&per_run.iter().map(|c| c.run_cnt as f64).collect::<Vec<_>>()),
-                ns: median(&runs),
+                events: Runs::of(windows, |w| counters(w).run_cnt as f64).median(),
+                ns: runs.median(),
                 runs,
             }
         })
         .collect();
-    let all_runs: Vec<f64> = windows
-        .iter()
-        .map(|w| ns_per_event(total(&w.progs)).unwrap_or(f64::NAN))
-        .collect();
+    let runs = Runs::of(windows, |w| {
+        ns_per_event(total(&w.progs)).unwrap_or(f64::NAN)
+    });
     out.push(ProgSummary {
         name: "all programs".to_owned(),
-        events: median(
-            &windows
-                .iter()
-                .map(|w| total(&w.progs).run_cnt as f64)
-                .collect::<Vec<_>>(),
-        ),
-        ns: median(&all_runs),
-        runs: all_runs,
+        events: Runs::of(windows, |w| total(&w.progs).run_cnt as f64).median(),
+        ns: runs.median(),
+        runs,
     });
     out
 }
@@ -1590,12 +1748,42 @@ struct SummaryRow {
 }
 
 impl Report {
-    fn rates(windows: &[Window]) -> Vec<f64> {
-        windows.iter().map(Window::rate).collect()
+    /// Every storm run of the report.
+    fn windows(&self) -> Vec<&Window> {
+        let mut all: Vec<&Window> = self.refused.none.iter().collect();
+        for runs in [
+            &self.refused.default,
+            &self.refused.one_by_one,
+            &self.retrans.default,
+            &self.retrans.one_by_one,
+        ] {
+            all.extend(runs.cost.iter().chain(&runs.rate).chain(&runs.paired_none));
+        }
+        for tool in &self.tools {
+            if let ToolOutcome::Measured {
+                cost, none, rate, ..
+            } = &tool.outcome
+            {
+                all.extend([cost.as_ref(), none.as_ref(), rate.as_ref()]);
+            }
+        }
+        all
+    }
+
+    /// Other processes seen with tracing programs during the runs.
+    fn other_tracers(&self) -> BTreeSet<String> {
+        self.windows()
+            .into_iter()
+            .flat_map(|w| w.others.iter().cloned())
+            .collect()
+    }
+
+    fn rates(windows: &[Window]) -> Runs {
+        Runs::of(windows, Window::rate)
     }
 
     fn baseline_rate(&self) -> f64 {
-        median(&Self::rates(&self.refused.none))
+        Self::rates(&self.refused.none).median()
     }
 
     fn slowdown(&self, rate: f64) -> f64 {
@@ -1659,8 +1847,8 @@ impl Report {
             }
         }
         let base = self.baseline_rate();
-        let default_rate = median(&Self::rates(&self.refused.default.rate));
-        let obo_rate = median(&Self::rates(&self.refused.one_by_one.rate));
+        let default_rate = Self::rates(&self.refused.default.rate).median();
+        let obo_rate = Self::rates(&self.refused.one_by_one.rate).median();
         let slow = self.slowdown(default_rate);
         rows.push(SummaryRow {
             what: "2. host slowdown, refused storm, default options".to_owned(),
@@ -1671,12 +1859,13 @@ impl Report {
                 int(base),
                 int(default_rate),
                 self.refused.none.len(),
-                pct(median(&paired_slowdowns(
+                pct(paired_slowdowns(
                     &self.refused.default.paired_none,
                     &self.refused.default.rate
-                ))),
-                median(&bpf_us_per_connect(&self.refused.default.cost))
-                    / median(&cpu_per_connect(&self.refused.none))
+                )
+                .median()),
+                bpf_us_per_connect(&self.refused.default.cost).median()
+                    / cpu_per_connect(&self.refused.none).median()
                     * 100.0
             ),
             target: format!("≤ {}%", TARGET_SLOWDOWN_PCT),
@@ -1688,10 +1877,11 @@ impl Report {
                 "{} ({} connects/s; paired runs: {})",
                 pct(self.slowdown(obo_rate)),
                 int(obo_rate),
-                pct(median(&paired_slowdowns(
+                pct(paired_slowdowns(
                     &self.refused.one_by_one.paired_none,
                     &self.refused.one_by_one.rate
-                )))
+                )
+                .median())
             ),
             target: "(comparison)".to_owned(),
             status: String::new(),
@@ -1800,6 +1990,16 @@ impl Report {
         }
         let _ = writeln!(s, "## Summary\n");
         let _ = writeln!(s, "{}", self.render_summary());
+        let others = self.other_tracers();
+        if !others.is_empty() {
+            let _ = writeln!(
+                s,
+                "Other processes had tracing BPF programs attached during some runs ({}): their \
+                 programs ran on the storms' events too. Such runs are marked `*` below; \
+                 medians leave them out where unmarked runs remain.\n",
+                others.into_iter().collect::<Vec<_>>().join(", ")
+            );
+        }
         self.render_kernel_cost(&mut s);
         self.render_slowdown(&mut s);
         self.render_pipeline(&mut s);
@@ -1861,11 +2061,11 @@ impl Report {
                     name,
                     int(p.events),
                     int(p.ns),
-                    list(&p.runs, int),
+                    p.runs.show(int),
                     q.map_or("–".to_owned(), |q| format!(
                         "{} ({})",
                         int(q.ns),
-                        list(&q.runs, int)
+                        q.runs.show(int)
                     )),
                     q.filter(|q| q.ns.is_finite() && p.ns > 0.0)
                         .map_or("–".to_owned(), |q| format!("{:.1}×", q.ns / p.ns)),
@@ -1927,14 +2127,14 @@ impl Report {
         );
         let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---|");
         let none = Self::rates(&self.refused.none);
-        let cpu_none = median(&cpu_per_connect(&self.refused.none));
+        let cpu_none = cpu_per_connect(&self.refused.none).median();
         let _ = writeln!(
             s,
             "| no observer | {} ({}) | – | – | {:.2} ({}) | – | |",
-            int(median(&none)),
-            list(&none, int),
+            int(none.median()),
+            none.show(int),
             cpu_none,
-            list(&cpu_per_connect(&self.refused.none), |x| format!("{x:.1}"))
+            cpu_per_connect(&self.refused.none).show(|x| format!("{x:.1}"))
         );
         let cpu_vs_none = |cpu: f64| format!("{cpu:.2} ({:+.0}%)", (cpu / cpu_none - 1.0) * 100.0);
         let bpf_share = |bpf_us: f64| format!("{bpf_us:.2} ({:.0}%)", bpf_us / cpu_none * 100.0);
@@ -1947,18 +2147,18 @@ impl Report {
             ),
         ] {
             let rates = Self::rates(&runs.rate);
-            let slow = self.slowdown(median(&rates));
+            let slow = self.slowdown(rates.median());
             let paired = paired_slowdowns(&runs.paired_none, &runs.rate);
             let _ = writeln!(
                 s,
                 "| {label} | {} ({}) | {} | {} ({}) | {} | {} | {} |",
-                int(median(&rates)),
-                list(&rates, int),
+                int(rates.median()),
+                rates.show(int),
                 pct(slow),
-                pct(median(&paired)),
-                list(&paired, pct),
-                cpu_vs_none(median(&cpu_per_connect(&runs.rate))),
-                bpf_share(median(&bpf_us_per_connect(&runs.cost))),
+                pct(paired.median()),
+                paired.show(pct),
+                cpu_vs_none(cpu_per_connect(&runs.rate).median()),
+                bpf_share(bpf_us_per_connect(&runs.cost).median()),
                 if judged {
                     status(slow <= TARGET_SLOWDOWN_PCT)
                 } else {
@@ -1979,9 +2179,9 @@ impl Report {
                     tool.label,
                     int(rate.rate()),
                     pct(self.slowdown(rate.rate())),
-                    pct(median(&paired)),
-                    cpu_vs_none(median(&cpu_per_connect(std::slice::from_ref(rate)))),
-                    bpf_share(median(&bpf_us_per_connect(std::slice::from_ref(cost))))
+                    pct(paired.median()),
+                    cpu_vs_none(cpu_per_connect(std::slice::from_ref(rate)).median()),
+                    bpf_share(bpf_us_per_connect(std::slice::from_ref(cost)).median())
                 );
             }
         }
@@ -2093,7 +2293,7 @@ impl Report {
                     "| {label} | started | {} | {} | {} |",
                     int(all.ns),
                     int(all.events),
-                    pct(median(&paired))
+                    pct(paired.median())
                 );
             }
         }
@@ -2122,7 +2322,7 @@ impl Report {
                             .join(", "),
                         ns_opt(ns_per_event(all)),
                         int(all.run_cnt as f64),
-                        pct(median(&paired))
+                        pct(paired.median())
                     );
                 }
             }
@@ -2172,35 +2372,39 @@ impl Report {
     }
 }
 
-/// Per-run slowdowns (%) of `with` against the run without just before it.
-fn paired_slowdowns(none: &[Window], with: &[Window]) -> Vec<f64> {
-    none.iter()
-        .zip(with)
-        .map(|(n, w)| (n.rate() - w.rate()) / n.rate() * 100.0)
-        .collect()
+/// Per-run slowdowns (%) of `with` against the run without it paired with it (marked when
+/// either run is).
+fn paired_slowdowns(none: &[Window], with: &[Window]) -> Runs {
+    let pairs: Vec<(&Window, &Window)> = none.iter().zip(with).collect();
+    Runs {
+        values: pairs
+            .iter()
+            .map(|(n, w)| (n.rate() - w.rate()) / n.rate() * 100.0)
+            .collect(),
+        marked: pairs
+            .iter()
+            .map(|(n, w)| !n.others.is_empty() || !w.others.is_empty())
+            .collect(),
+    }
 }
 
 /// The watched programs' run time per connect of the storm, µs, per (cost) run.
-fn bpf_us_per_connect(windows: &[Window]) -> Vec<f64> {
-    windows
-        .iter()
-        .map(|w| {
-            let connects = w.storm["connects"].as_f64().unwrap_or(0.0);
-            if connects > 0.0 {
-                total(&w.progs).run_time_ns as f64 / connects / 1000.0
-            } else {
-                f64::NAN
-            }
-        })
-        .collect()
+fn bpf_us_per_connect(windows: &[Window]) -> Runs {
+    Runs::of(windows, |w| {
+        let connects = w.storm["connects"].as_f64().unwrap_or(0.0);
+        if connects > 0.0 {
+            total(&w.progs).run_time_ns as f64 / connects / 1000.0
+        } else {
+            f64::NAN
+        }
+    })
 }
 
 /// The storm's CPU time per connect, µs, per run.
-fn cpu_per_connect(windows: &[Window]) -> Vec<f64> {
-    windows
-        .iter()
-        .map(|w| w.storm["cpu_us_per_connect"].as_f64().unwrap_or(f64::NAN))
-        .collect()
+fn cpu_per_connect(windows: &[Window]) -> Runs {
+    Runs::of(windows, |w| {
+        w.storm["cpu_us_per_connect"].as_f64().unwrap_or(f64::NAN)
+    })
 }
 
 /// "exported 12,000, received 11,900, lost 100" from a stop record.
@@ -2322,6 +2526,7 @@ mod tests {
     fn summaries_take_medians_per_program() {
         let window = |ns: u64, cnt: u64| Window {
             storm: Value::Null,
+            others: BTreeSet::new(),
             progs: BTreeMap::from([(
                 "kfree_skb".to_owned(),
                 ProgCounters {

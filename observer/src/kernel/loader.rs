@@ -317,6 +317,33 @@ impl Loaded {
         Ok(flows.iter().flatten().collect())
     }
 
+    /// A second, owned handle on the per-flow counters (the loader keeps its own for the
+    /// `stop` record), for reconciling exported events with the kernel's exact counts.
+    pub fn flow_counters_handle(
+        &self,
+    ) -> anyhow::Result<BpfHashMap<MapData, FlowKey, FlowCounters>> {
+        let map = self
+            .ebpf
+            .map("FLOW_COUNTERS")
+            .context("map FLOW_COUNTERS is missing")?;
+        let flows: BpfHashMap<&MapData, FlowKey, FlowCounters> = BpfHashMap::try_from(map)?;
+        let id = aya::maps::IterableMap::map(&flows).info()?.id();
+        let owned = MapData::from_id(id).context("opening FLOW_COUNTERS by id")?;
+        Ok(BpfHashMap::try_from(aya::maps::Map::LruHashMap(owned))?)
+    }
+
+    /// A second, owned handle on the per-kind statistics.
+    pub fn kind_stats_handle(&self) -> anyhow::Result<PerCpuArray<MapData, KindStats>> {
+        let map = self
+            .ebpf
+            .map("KIND_STATS")
+            .context("map KIND_STATS is missing")?;
+        let array: PerCpuArray<&MapData, KindStats> = PerCpuArray::try_from(map)?;
+        let id = aya::maps::IterableMap::map(&array).info()?.id();
+        let owned = MapData::from_id(id).context("opening KIND_STATS by id")?;
+        Ok(PerCpuArray::try_from(aya::maps::Map::PerCpuArray(owned))?)
+    }
+
     /// Takes the per-namespace drop counters (once), for the context worker.
     pub fn take_netns_drops(&mut self) -> anyhow::Result<BpfHashMap<MapData, NetnsReason, u64>> {
         let map = self
