@@ -168,7 +168,8 @@ pub fn run_checks(config_path: Option<&Path>) -> Vec<CheckLine> {
     };
 
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    lines.push(privileges_line(privileges::effective_caps(&status)));
+    let caps = privileges::effective_caps(&status);
+    lines.push(privileges_line(caps));
     lines.push(btf_line());
     let tracefs = tracefs_lines(&mut lines);
     lines.push(kallsyms_line(
@@ -184,6 +185,7 @@ pub fn run_checks(config_path: Option<&Path>) -> Vec<CheckLine> {
         lines.extend(tracepoint_lines(tracefs));
     }
     program_lines(&settings, &mut lines);
+    lines.push(context_line(caps, rule_tool().as_deref()));
     lines.push(bpf_stats_line(
         std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").ok(),
     ));
@@ -243,8 +245,12 @@ pub fn config_line(
 }
 
 /// Capabilities that matter to observer, by number (include/uapi/linux/capability.h) and why.
-const CAPS: [(u32, &str, &str); 6] = [
-    (21, "CAP_SYS_ADMIN", "mount tracefs when it is not mounted"),
+const CAPS: [(u32, &str, &str); 8] = [
+    (
+        21,
+        "CAP_SYS_ADMIN",
+        "setns() into network namespaces; mount tracefs",
+    ),
     (39, "CAP_BPF", "load programs, create maps"),
     (
         38,
@@ -258,11 +264,71 @@ const CAPS: [(u32, &str, &str); 6] = [
     ),
     (34, "CAP_SYSLOG", "read kernel addresses in /proc/kallsyms"),
     (
+        19,
+        "CAP_SYS_PTRACE",
+        "open /proc/PID/ns/net of other processes",
+    ),
+    (12, "CAP_NET_ADMIN", "read firewall rule counters"),
+    (
         24,
         "CAP_SYS_RESOURCE",
         "raise RLIMIT_MEMLOCK on kernels before 5.11",
     ),
 ];
+
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_SYS_PTRACE: u32 = 19;
+const CAP_NET_ADMIN: u32 = 12;
+
+/// The context worker (listener queues, SNMP counters, sysctls and firewall rules, read inside
+/// each network namespace): what it can do with `caps`, and whether a rule-listing tool exists.
+pub fn context_line(caps: Option<u64>, rule_tool: Option<&str>) -> CheckLine {
+    const NAME: &str = "context";
+    let caps = caps.unwrap_or(0);
+    let has = |cap: u32| caps & (1u64 << cap) != 0;
+    if !has(CAP_SYS_ADMIN) {
+        return CheckLine::warn(
+            NAME,
+            "no CAP_SYS_ADMIN (setns): no listener_drops, netfilter_drop or sysctl_change records",
+        );
+    }
+    let mut missing = Vec::new();
+    if !has(CAP_SYS_PTRACE) {
+        missing.push(
+            "no CAP_SYS_PTRACE: namespaces known only through processes (containers) are not read",
+        );
+    }
+    if !has(CAP_NET_ADMIN) {
+        missing.push("no CAP_NET_ADMIN: drops are not attributed to firewall rules");
+    }
+    if rule_tool.is_none() {
+        missing.push(
+            "neither nft nor iptables-save found: drops are not attributed to firewall rules",
+        );
+    }
+    match (missing.is_empty(), rule_tool) {
+        (true, Some(tool)) => CheckLine::ok(
+            NAME,
+            format!("every network namespace is read (rules through {tool})"),
+        ),
+        _ => CheckLine::warn(NAME, missing.join("; ")),
+    }
+}
+
+/// Where the context worker looks for `nft` and `iptables-save`: PATH, then the sbin
+/// directories (a service's PATH may lack them).
+fn rule_tool() -> Option<String> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    dirs.extend(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from));
+    ["nft", "iptables-save"].into_iter().find_map(|tool| {
+        dirs.iter()
+            .map(|d| d.join(tool))
+            .find(|p| p.is_file())
+            .map(|p| p.display().to_string())
+    })
+}
 
 pub fn privileges_line(caps: Option<u64>) -> CheckLine {
     let Some(caps) = caps else {
@@ -807,6 +873,26 @@ mod tests {
             l.detail
         );
         assert_eq!(privileges_line(None).verdict, Verdict::Fail);
+    }
+
+    #[test]
+    fn context_needs_setns_ptrace_and_net_admin() {
+        let all = (1 << CAP_SYS_ADMIN) | (1 << CAP_SYS_PTRACE) | (1 << CAP_NET_ADMIN);
+        let l = context_line(Some(all), Some("/usr/sbin/nft"));
+        assert_eq!(l.verdict, Verdict::Ok, "{}", l.detail);
+        let l = context_line(Some((1 << 39) | (1 << 38)), Some("/usr/sbin/nft"));
+        assert_eq!(l.verdict, Verdict::Warn);
+        assert!(l.detail.contains("CAP_SYS_ADMIN"), "{}", l.detail);
+        let l = context_line(Some(1 << CAP_SYS_ADMIN), None);
+        assert_eq!(l.verdict, Verdict::Warn);
+        assert!(
+            l.detail.contains("CAP_SYS_PTRACE")
+                && l.detail.contains("CAP_NET_ADMIN")
+                && l.detail.contains("nft"),
+            "{}",
+            l.detail
+        );
+        assert_eq!(context_line(None, Some("nft")).verdict, Verdict::Warn);
     }
 
     #[test]

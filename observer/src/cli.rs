@@ -236,14 +236,21 @@ fn run(args: RunArgs, flags: Config) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let settings = match resolve_settings(args.config.as_deref(), &flags) {
+    let (config_path, settings) = match resolve_settings(args.config.as_deref(), &flags) {
         Ok((path, settings)) => {
             // Reading /etc/observer/observer.toml without being asked deserves a word.
             if let (Some(path), None) = (&path, &args.config) {
                 eprintln!("observer: using configuration {}", path.display());
             }
-            settings
+            (path, settings)
         }
+        Err(e) => {
+            eprintln!("observer: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let thresholds = match config::thresholds(&settings.thresholds) {
+        Ok(t) => t,
         Err(e) => {
             eprintln!("observer: {e}");
             return ExitCode::from(2);
@@ -266,7 +273,14 @@ fn run(args: RunArgs, flags: Config) -> ExitCode {
         perf_pages: settings.perf_pages,
         queue_capacity: 65_536,
         context_interval: Duration::from_secs(1),
-        engine: crate::aggregate::EngineConfig::default(),
+        engine: crate::aggregate::EngineConfig {
+            thresholds,
+            ..crate::aggregate::EngineConfig::default()
+        },
+        reload: config_path.map(|path| crate::daemon::Reload {
+            current: settings.clone(),
+            load: Box::new(move || config::reload(&path, &flags).map_err(|e| e.to_string())),
+        }),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -825,3 +825,14 @@ per_second = 10
         assert_eq!(line_column("x", 99), (1, 2));
     }
 }
+
+/// The anomaly thresholds of a `[thresholds]` table (missing keys keep their defaults).
+pub fn thresholds(table: &toml::Table) -> Result<crate::aggregate::Thresholds, String> {
+    let thresholds: crate::aggregate::Thresholds = toml::Value::Table(table.clone())
+        .try_into()
+        .map_err(|e| format!("invalid [thresholds]: {e}"))?;
+    thresholds
+        .validate()
+        .map_err(|e| format!("invalid [thresholds]: {e}"))?;
+    Ok(thresholds)
+}

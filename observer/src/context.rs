@@ -142,6 +142,8 @@ impl ContextWorker {
             rule_totals: BTreeMap::new(),
             totals: ContextTotals::default(),
             warned_many: false,
+            warned_namespace_error: false,
+            own_netns: netns::current_inode().ok(),
         };
         state.tick(&emit);
         let (stop, stopped) = std_mpsc::channel();
@@ -183,6 +185,8 @@ struct WorkerState {
     rule_totals: BTreeMap<(u64, String, String, u64), RuleTotal>,
     totals: ContextTotals,
     warned_many: bool,
+    warned_namespace_error: bool,
+    own_netns: Option<u64>,
 }
 
 impl WorkerState {
@@ -202,10 +206,25 @@ impl WorkerState {
         for ns in namespaces {
             let want_rules = !self.last_rules.contains_key(&ns.inode)
                 || netfilter_drops.get(&ns.inode).is_some_and(|d| *d > 0);
-            let reading = netns::in_namespace(&ns.path, move || read_namespace(want_rules));
-            let Ok(reading) = reading else {
-                self.totals.namespace_errors += 1;
-                continue;
+            // Our own namespace needs no setns (and so no CAP_SYS_ADMIN).
+            let reading = if Some(ns.inode) == self.own_netns {
+                Ok(read_namespace(want_rules))
+            } else {
+                netns::in_namespace(&ns.path, move || read_namespace(want_rules))
+            };
+            let reading = match reading {
+                Ok(reading) => reading,
+                Err(e) => {
+                    self.totals.namespace_errors += 1;
+                    if !self.warned_namespace_error {
+                        eprintln!(
+                            "observer: warning: cannot read network namespace {} ({e}); its listeners, rules and sysctls are not reported (needs CAP_SYS_ADMIN)",
+                            ns.inode
+                        );
+                        self.warned_namespace_error = true;
+                    }
+                    continue;
+                }
             };
             self.apply(&ns, reading, netfilter_drops.get(&ns.inode).copied(), emit);
         }
@@ -286,17 +305,17 @@ impl WorkerState {
             };
             let result = self.tracker.update(netns, &listeners, &delta);
             for drops in result.listeners.iter().filter(|d| d.total() > 0) {
-                let total = self
-                    .listener_totals
-                    .entry(drops.key.clone())
-                    .or_insert_with(|| ListenerTotal {
-                        netns,
-                        addr: drops.key.addr,
-                        port: drops.key.port,
-                        accept_queue_overflows: 0,
-                        syn_queue_drops: 0,
-                        other_drops: 0,
-                    });
+                let total =
+                    self.listener_totals
+                        .entry(drops.key)
+                        .or_insert_with(|| ListenerTotal {
+                            netns,
+                            addr: drops.key.addr,
+                            port: drops.key.port,
+                            accept_queue_overflows: 0,
+                            syn_queue_drops: 0,
+                            other_drops: 0,
+                        });
                 total.accept_queue_overflows += drops.accept_queue_overflows;
                 total.syn_queue_drops += drops.syn_queue_drops;
                 total.other_drops += drops.other_drops;

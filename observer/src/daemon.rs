@@ -33,6 +33,7 @@ use crate::{
     aggregate::{AnomalyEvent, Engine, EngineConfig},
     analysis::{self, AnomalyRecord, ReasonCache, SysctlEffectRecord},
     clock::BootClock,
+    config::{self, Settings},
     context::{ContextRecord, ContextWorker, SharedContext},
     decode::{Event, EventKind, Flow, decode_sample},
     enrich::symbols::KernelSymbols,
@@ -46,8 +47,24 @@ use crate::{
     sink::json::{JsonLines, SinkError},
 };
 
+/// Where a SIGHUP reloads the configuration from.
+pub struct Reload {
+    /// The settings in force.
+    pub current: Settings,
+    /// Reads the file again (with the command line's flags on top).
+    pub load: Box<dyn Fn() -> Result<Settings, String> + Send>,
+}
+
+impl std::fmt::Debug for Reload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reload")
+            .field("current", &self.current)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Options of `observer run`.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct RunOptions {
     pub duration: Option<Duration>,
     pub load: LoadOptions,
@@ -59,6 +76,23 @@ pub struct RunOptions {
     pub context_interval: Duration,
     /// Table limits and anomaly thresholds.
     pub engine: EngineConfig,
+    /// SIGHUP reloads the configuration file from here (none: SIGHUP is ignored with a note).
+    pub reload: Option<Reload>,
+}
+
+/// A SIGHUP reload: what changed, what took effect and what needs a restart.
+#[derive(Debug, serde::Serialize)]
+struct ReloadRecord {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    time: String,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    applied: Vec<&'static str>,
+    /// Changed keys that only take effect after a restart (they are fixed in the loaded
+    /// programs or buffers).
+    needs_restart: Vec<&'static str>,
 }
 
 /// What the readers and the context worker hand to the output loop.
@@ -144,6 +178,7 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
     // Signals are caught from here on: a SIGINT right after `start` still ends with `stop`.
     let sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     // Readers are running: attach now, so every exported event lands in a buffer being read.
     loaded.attach_all()?;
     for p in loaded.programs.iter().filter(|p| !p.attached) {
@@ -197,7 +232,16 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
     let reason = match start_written {
         Err(SinkError::Closed) => StopReason::OutputClosed,
         Err(e) => return Err(e.into()),
-        Ok(()) => output_loop(&mut rx, &mut out, options.duration, (sigint, sigterm)).await?,
+        Ok(()) => {
+            output_loop(
+                &mut rx,
+                &mut out,
+                options.duration,
+                (sigint, sigterm, sighup),
+                options.reload,
+            )
+            .await?
+        }
     };
 
     // Drain: the context worker takes a last reading, readers empty their buffers one last
@@ -280,7 +324,8 @@ async fn output_loop<W: Write>(
     rx: &mut mpsc::Receiver<Incoming>,
     out: &mut Output<'_, W>,
     duration: Option<Duration>,
-    (mut sigint, mut sigterm): (Signal, Signal),
+    (mut sigint, mut sigterm, mut sighup): (Signal, Signal, Signal),
+    mut reload: Option<Reload>,
 ) -> anyhow::Result<StopReason> {
     let deadline = async {
         match duration {
@@ -297,6 +342,12 @@ async fn output_loop<W: Write>(
             _ = sigint.recv() => return Ok(StopReason::Signal),
             _ = sigterm.recv() => return Ok(StopReason::Signal),
             () = &mut deadline => return Ok(StopReason::Duration),
+            _ = sighup.recv() => {
+                let record = out.reload(reload.as_mut());
+                if let Err(e) = out.sink.write_now(&record) {
+                    return closed_or_error(e);
+                }
+            }
             _ = ticks.tick() => {
                 if let Err(e) = out.tick().and_then(|()| out.sink.flush()) {
                     return closed_or_error(e);
@@ -401,6 +452,55 @@ impl<W: Write> Output<'_, W> {
             self.write_effect(changed_ns, change)?;
         }
         Ok(())
+    }
+
+    /// Re-reads the configuration: the old one stays in force when the new one is invalid.
+    fn reload(&mut self, reload: Option<&mut Reload>) -> ReloadRecord {
+        let mut record = ReloadRecord {
+            kind: "config_reload",
+            time: self.clock.now_rfc3339(),
+            ok: false,
+            error: None,
+            applied: Vec::new(),
+            needs_restart: Vec::new(),
+        };
+        let Some(reload) = reload else {
+            record.error = Some("no configuration file in use".to_owned());
+            eprintln!("observer: SIGHUP ignored: no configuration file in use");
+            return record;
+        };
+        let new = match (reload.load)().and_then(|new| {
+            let thresholds = config::thresholds(&new.thresholds)?;
+            Ok((new, thresholds))
+        }) {
+            Ok(new) => new,
+            Err(e) => {
+                eprintln!(
+                    "observer: configuration not reloaded, the previous one stays in force: {e}"
+                );
+                record.error = Some(e);
+                return record;
+            }
+        };
+        let (settings, thresholds) = new;
+        for key in reload.current.changed_keys(&settings) {
+            if key == "thresholds" {
+                if let Err(e) = self.engine.set_thresholds(thresholds.clone()) {
+                    record.error = Some(e.to_string());
+                    return record;
+                }
+                record.applied.push(key);
+            } else {
+                record.needs_restart.push(key);
+            }
+        }
+        reload.current = settings;
+        record.ok = true;
+        eprintln!(
+            "observer: configuration reloaded (applied: {:?}; needs a restart: {:?})",
+            record.applied, record.needs_restart
+        );
+        record
     }
 
     /// Feeds the engine what the kernel counted but did not export (suppressed by budgets).

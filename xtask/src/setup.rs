@@ -18,6 +18,8 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
     "tmux",
+    // systemd-analyze, to verify the packaged unit file in the tests.
+    "systemd",
 ];
 
 /// The nightly toolchain builds the eBPF crate (`-Z build-std=core`); clippy lints it.

@@ -331,6 +331,14 @@ impl Engine {
         })
     }
 
+    /// Replaces the thresholds (a configuration reload); open anomalies keep their ids and are
+    /// judged by the new values from the next tick.
+    pub fn set_thresholds(&mut self, thresholds: Thresholds) -> Result<(), ConfigError> {
+        thresholds.validate()?;
+        self.thresholds = thresholds;
+        Ok(())
+    }
+
     pub fn thresholds(&self) -> &Thresholds {
         &self.thresholds
     }

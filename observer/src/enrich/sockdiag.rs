@@ -17,7 +17,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_sock_diag::{
     IPPROTO_TCP, SockDiagMessage,
-    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla},
+    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, Timer, nlas::Nla},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
@@ -247,6 +247,13 @@ pub struct TcpInfoLite {
     pub notsent_bytes: Option<u32>,
     /// Present since Linux 4.19.
     pub bytes_retrans: Option<u64>,
+    /// Segments carrying data received (`tcpi_data_segs_in`). Present since Linux 4.6.
+    pub data_segs_in: Option<u32>,
+    /// Segments carrying data sent, retransmissions included (`tcpi_data_segs_out`). Present
+    /// since Linux 4.6.
+    pub data_segs_out: Option<u32>,
+    /// Bytes sent, retransmissions included (`tcpi_bytes_sent`). Present since Linux 4.19.
+    pub bytes_sent: Option<u64>,
 }
 
 /// Length of `struct tcp_info` up to `tcpi_total_retrans`, which every supported kernel has.
@@ -294,6 +301,9 @@ pub fn parse_tcp_info(bytes: &[u8]) -> Option<TcpInfoLite> {
         bytes_received: u64_at(128),
         notsent_bytes: u32_at(144),
         bytes_retrans: u64_at(208),
+        data_segs_in: u32_at(152),
+        data_segs_out: u32_at(156),
+        bytes_sent: u64_at(200),
     })
 }
 
@@ -359,17 +369,103 @@ impl TcpSocket {
     }
 }
 
+/// The timer the kernel reports pending on a socket (`idiag_timer` and `idiag_expires` of
+/// `struct inet_diag_msg`; what `ss -o` prints as `timer:(...)`).
+///
+/// The kernel reports one timer, in this order of precedence: retransmission, zero-window
+/// probe, then the socket's own timer (keepalive). A keepalive connection with data in flight
+/// therefore shows [`SocketTimer::Retransmit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum SocketTimer {
+    /// No timer pending: for an established connection with nothing in flight, no keepalive
+    /// (SO_KEEPALIVE off). Also what request sockets report.
+    #[default]
+    None,
+    /// Retransmission (RTO), tail-loss-probe or reordering timer: data is in flight.
+    /// `retransmits` is the head segment's consecutive RTO count (`icsk_retransmits`).
+    Retransmit { expires_ms: u64, retransmits: u8 },
+    /// The socket timer: the keepalive timer of a connection with SO_KEEPALIVE (and the
+    /// FIN_WAIT2 timer of an orphaned socket).
+    KeepAlive { expires_ms: u64 },
+    /// A TIME_WAIT socket's timer.
+    TimeWait,
+    /// Zero-window probe timer: data is waiting and the peer's receive window is closed.
+    ZeroWindowProbe { expires_ms: u64 },
+}
+
+impl SocketTimer {
+    fn from_diag(timer: Option<&Timer>) -> SocketTimer {
+        let ms = |d: &Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        match timer {
+            None => SocketTimer::None,
+            Some(Timer::Retransmit(expires, retransmits)) => SocketTimer::Retransmit {
+                expires_ms: ms(expires),
+                retransmits: *retransmits,
+            },
+            Some(Timer::KeepAlive(expires)) => SocketTimer::KeepAlive {
+                expires_ms: ms(expires),
+            },
+            Some(Timer::TimeWait) => SocketTimer::TimeWait,
+            Some(Timer::Probe(expires)) => SocketTimer::ZeroWindowProbe {
+                expires_ms: ms(expires),
+            },
+        }
+    }
+}
+
+/// A [`TcpSocket`] with the parts of `struct inet_diag_msg` that [`TcpSocket`] leaves out
+/// (kept apart so that code building `TcpSocket` values stays unchanged).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DetailedSocket {
+    pub socket: TcpSocket,
+    /// The pending timer (`idiag_timer`).
+    pub timer: SocketTimer,
+    /// `idiag_if`: the interface the socket is bound to (SO_BINDTODEVICE), 0 if none. For a
+    /// request socket this is `ir_iif`, which the kernel sets to the arrival interface only for
+    /// device-bound listeners (and IPv6 link-local peers): 0 otherwise (measured on 6.18).
+    pub ifindex: u32,
+}
+
+impl DetailedSocket {
+    /// Converts one inet_diag response (pure).
+    pub fn from_response(response: &InetResponse) -> Option<DetailedSocket> {
+        Some(DetailedSocket {
+            socket: TcpSocket::from_response(response)?,
+            timer: SocketTimer::from_diag(response.header.timer.as_ref()),
+            ifindex: response.header.socket_id.interface_id,
+        })
+    }
+}
+
 /// What one datagram of a dump held.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct DumpChunk {
-    pub sockets: Vec<TcpSocket>,
+#[derive(Debug, PartialEq, Eq)]
+pub struct DumpChunk<T = TcpSocket> {
+    pub sockets: Vec<T>,
     /// NLMSG_DONE was seen: the dump is complete.
     pub done: bool,
 }
 
+impl<T> Default for DumpChunk<T> {
+    fn default() -> Self {
+        DumpChunk {
+            sockets: Vec::new(),
+            done: false,
+        }
+    }
+}
+
 /// Decodes one datagram of a dump answer (pure): several netlink messages back to back.
 /// Messages with another sequence number (none are expected on a private socket) are skipped.
-pub fn parse_datagram(mut buf: &[u8], sequence: u32) -> Result<DumpChunk, SockDiagError> {
+pub fn parse_datagram(buf: &[u8], sequence: u32) -> Result<DumpChunk, SockDiagError> {
+    parse_datagram_with(buf, sequence, TcpSocket::from_response)
+}
+
+/// [`parse_datagram`] with each response converted by `convert` (pure).
+pub fn parse_datagram_with<T>(
+    mut buf: &[u8],
+    sequence: u32,
+    convert: impl Fn(&InetResponse) -> Option<T>,
+) -> Result<DumpChunk<T>, SockDiagError> {
     let mut chunk = DumpChunk::default();
     while !buf.is_empty() {
         let message = NetlinkMessage::<SockDiagMessage>::deserialize(buf)
@@ -401,7 +497,7 @@ pub fn parse_datagram(mut buf: &[u8], sequence: u32) -> Result<DumpChunk, SockDi
             }
             NetlinkPayload::Overrun(_) => return Err(SockDiagError::Overrun),
             NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-                chunk.sockets.extend(TcpSocket::from_response(&response));
+                chunk.sockets.extend(convert(&response));
             }
             _ => {}
         }
@@ -423,6 +519,24 @@ pub fn dump_tcp(
     states: StateMask,
     ext: Extensions,
 ) -> Result<Vec<TcpSocket>, SockDiagError> {
+    dump_tcp_with(family, states, ext, TcpSocket::from_response)
+}
+
+/// [`dump_tcp`] with each socket's pending timer and interface ([`DetailedSocket`]).
+pub fn dump_tcp_detailed(
+    family: Family,
+    states: StateMask,
+    ext: Extensions,
+) -> Result<Vec<DetailedSocket>, SockDiagError> {
+    dump_tcp_with(family, states, ext, DetailedSocket::from_response)
+}
+
+fn dump_tcp_with<T>(
+    family: Family,
+    states: StateMask,
+    ext: Extensions,
+    convert: impl Fn(&InetResponse) -> Option<T>,
+) -> Result<Vec<T>, SockDiagError> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(socket_error("socket"))?;
     set_recv_timeout(&socket, RECV_TIMEOUT).map_err(socket_error("setsockopt(SO_RCVTIMEO)"))?;
     socket.bind_auto().map_err(socket_error("bind"))?;
@@ -462,7 +576,7 @@ pub fn dump_tcp(
                 "empty datagram before NLMSG_DONE".into(),
             ));
         }
-        let chunk = parse_datagram(&datagram, sequence)?;
+        let chunk = parse_datagram_with(&datagram, sequence, &convert)?;
         sockets.extend(chunk.sockets);
         if chunk.done {
             return Ok(sockets);
@@ -470,7 +584,9 @@ pub fn dump_tcp(
     }
 }
 
-fn set_recv_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
+/// Sets `SO_RCVTIMEO` on a netlink socket (also used by the other netlink readers in
+/// `enrich`).
+pub(crate) fn set_recv_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
     let tv = libc::timeval {
         tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
         tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
@@ -490,6 +606,15 @@ fn set_recv_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+impl From<Family> for crate::decode::Family {
+    fn from(family: Family) -> Self {
+        match family {
+            Family::V4 => crate::decode::Family::Ipv4,
+            Family::V6 => crate::decode::Family::Ipv6,
+        }
     }
 }
 
@@ -527,6 +652,11 @@ mod tests {
         put32(&mut b, 80, 10);
         put32(&mut b, 100, 42);
         put32(&mut b, 144, 4096);
+        put32(&mut b, 152, 3);
+        put32(&mut b, 156, 4);
+        if b.len() >= 208 {
+            b[200..208].copy_from_slice(&9_000u64.to_ne_bytes());
+        }
         if b.len() >= 136 {
             b[120..128].copy_from_slice(&1_000_000u64.to_ne_bytes());
             b[128..136].copy_from_slice(&2_000u64.to_ne_bytes());
@@ -562,6 +692,9 @@ mod tests {
         assert_eq!(info.bytes_received, Some(2_000));
         assert_eq!(info.notsent_bytes, Some(4096));
         assert_eq!(info.bytes_retrans, Some(7_000));
+        assert_eq!(info.data_segs_in, Some(3));
+        assert_eq!(info.data_segs_out, Some(4));
+        assert_eq!(info.bytes_sent, Some(9_000));
     }
 
     #[test]
@@ -576,6 +709,11 @@ mod tests {
         assert_eq!(info.bytes_received, Some(2_000));
         assert_eq!(info.notsent_bytes, None);
         assert_eq!(info.bytes_retrans, None);
+        assert_eq!(info.data_segs_out, None);
+        // Linux 4.6..4.18: data segment counts, no bytes_sent.
+        let info = parse_tcp_info(&tcp_info_bytes(192)).expect("base fields");
+        assert_eq!(info.data_segs_out, Some(4));
+        assert_eq!(info.bytes_sent, None);
         // Too short to be a tcp_info at all.
         assert_eq!(parse_tcp_info(&tcp_info_bytes(64)), None);
     }
@@ -704,6 +842,53 @@ mod tests {
     }
 
     #[test]
+    fn detailed_sockets_carry_timer_and_interface() -> Result<(), SockDiagError> {
+        let with_timer = |timer| {
+            let mut r = response(libc::AF_INET as u8, 1, vec![]);
+            r.header.timer = timer;
+            r.header.socket_id.interface_id = 7;
+            message(
+                3,
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(Box::new(r))),
+            )
+        };
+        let mut buf = Vec::new();
+        for timer in [
+            None,
+            Some(Timer::Retransmit(Duration::from_millis(200), 2)),
+            Some(Timer::KeepAlive(Duration::from_secs(7200))),
+            Some(Timer::TimeWait),
+            Some(Timer::Probe(Duration::from_millis(400))),
+        ] {
+            buf.extend(with_timer(timer));
+        }
+        buf.extend(message(3, NetlinkPayload::Done(DoneMessage::default())));
+        let chunk = parse_datagram_with(&buf, 3, DetailedSocket::from_response)?;
+        assert!(chunk.done);
+        let timers: Vec<SocketTimer> = chunk.sockets.iter().map(|s| s.timer).collect();
+        assert_eq!(
+            timers,
+            vec![
+                SocketTimer::None,
+                SocketTimer::Retransmit {
+                    expires_ms: 200,
+                    retransmits: 2
+                },
+                SocketTimer::KeepAlive {
+                    expires_ms: 7_200_000
+                },
+                SocketTimer::TimeWait,
+                SocketTimer::ZeroWindowProbe { expires_ms: 400 },
+            ]
+        );
+        assert!(chunk.sockets.iter().all(|s| s.ifindex == 7));
+        assert_eq!(chunk.sockets[0].socket.inode, 4242);
+        // The plain parser sees the same sockets.
+        assert_eq!(parse_datagram(&buf, 3)?.sockets.len(), 5);
+        Ok(())
+    }
+
+    #[test]
     fn kernel_error_is_reported() {
         let mut error = ErrorMessage::default();
         error.code = std::num::NonZeroI32::new(-libc::ENOENT);
@@ -722,14 +907,5 @@ mod tests {
             parse_datagram(&[1, 2, 3, 4, 5], 1),
             Err(SockDiagError::Decode(_))
         ));
-    }
-}
-
-impl From<Family> for crate::decode::Family {
-    fn from(family: Family) -> Self {
-        match family {
-            Family::V4 => crate::decode::Family::Ipv4,
-            Family::V6 => crate::decode::Family::Ipv6,
-        }
     }
 }

@@ -1,3 +1,4 @@
 //! Sinks: where records go.
 pub mod file;
 pub mod json;
+pub mod socket;
