@@ -80,6 +80,18 @@ pub struct RunOptions {
     pub reload: Option<Reload>,
 }
 
+/// Records the daemon could not queue for the output (it fell behind), since the last such
+/// record.
+#[derive(Debug, serde::Serialize)]
+struct UndeliveredRecord {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    time: String,
+    count: u64,
+    /// Since start.
+    total: u64,
+}
+
 /// A SIGHUP reload: what changed, what took effect and what needs a restart.
 #[derive(Debug, serde::Serialize)]
 struct ReloadRecord {
@@ -218,6 +230,8 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
         pending_effects: Vec::new(),
         anomaly_records: 0,
         reconciler: Reconciler::default(),
+        counters: Arc::clone(&counters),
+        reported_undelivered: 0,
         flow_map: match loaded.flow_counters_handle() {
             Ok(map) => Some(map),
             Err(e) => {
@@ -392,6 +406,9 @@ struct Output<'a, W: Write> {
     pending_effects: Vec<(u64, u64, SysctlChangeRecord)>,
     anomaly_records: u64,
     reconciler: Reconciler,
+    counters: Arc<ReaderCounters>,
+    /// `undelivered` count already reported in the stream.
+    reported_undelivered: u64,
     /// Owned handles on the kernel's exact counters, for reconciliation.
     flow_map: Option<BpfHashMap<MapData, FlowKey, FlowCounters>>,
     kind_stats: Option<PerCpuArray<MapData, KindStats>>,
@@ -441,6 +458,17 @@ impl<W: Write> Output<'_, W> {
     /// Once a second: anomalies open, update and close; due sysctl effects are reported.
     fn tick(&mut self) -> Result<(), SinkError> {
         let now = BootClock::boot_now_ns();
+        // Records dropped because this output fell behind: say so once it keeps up again.
+        let undelivered = self.counters.undelivered.load(Ordering::Relaxed);
+        if undelivered > self.reported_undelivered {
+            self.sink.write(&UndeliveredRecord {
+                kind: "undelivered",
+                time: self.clock.now_rfc3339(),
+                count: undelivered - self.reported_undelivered,
+                total: undelivered,
+            })?;
+            self.reported_undelivered = undelivered;
+        }
         self.reconcile(now);
         let events = self.engine.tick(now);
         self.write_anomalies(events)?;

@@ -104,7 +104,7 @@ fn describe_anomalies(records: &[Value]) -> String {
     s
 }
 
-/// Records of type `ty` whose `key` (an anomaly's) or own fields match `pred`.
+/// Records of type `ty`, in output order.
 fn of_type<'a>(records: &'a [Value], ty: &str) -> impl Iterator<Item = &'a Value> {
     let ty = ty.to_owned();
     records.iter().filter(move |r| r["type"] == ty.as_str())
@@ -192,10 +192,10 @@ fn unix_ns(t: SystemTime) -> Result<i128> {
     )?)
 }
 
-/// 1. A retransmit fault on one flow: exactly one `flow_retransmit_spike` opens on that flow,
-/// is updated under the same id and closes (`subsided`) once the fault is over; its context is
-/// the client namespace's (sysctls, `TcpRetransSegs` over the last minute), and its lifetime
-/// count is the kernel's `TcpRetransSegs`.
+/// Issue test 1: a retransmit fault on one flow. Exactly one `flow_retransmit_spike` opens on
+/// that flow, is updated under the same id and closes (`subsided`) once the fault is over; its
+/// context is the client namespace's (sysctls, `TcpRetransSegs` over the last minute), and its
+/// lifetime count is the kernel's `TcpRetransSegs`.
 #[test]
 fn retransmit_fault_opens_updates_and_closes_one_flow_anomaly() -> Result<()> {
     let Some(t) = kernel_test("anomaly_lifecycle") else {
@@ -286,10 +286,9 @@ fn retransmit_fault_opens_updates_and_closes_one_flow_anomaly() -> Result<()> {
         "key: expected scope flow, family ipv4: {key}"
     );
     let id = u64_of(open, "id")?;
-    let phases: Vec<(usize, &Value)> = records
+    let phases: Vec<&Value> = records
         .iter()
-        .enumerate()
-        .filter(|(_, r)| {
+        .filter(|r| {
             r["id"].as_u64() == Some(id)
                 && r["type"]
                     .as_str()
@@ -298,13 +297,13 @@ fn retransmit_fault_opens_updates_and_closes_one_flow_anomaly() -> Result<()> {
         .collect();
     let updates: Vec<&Value> = phases
         .iter()
-        .filter(|(_, r)| r["type"] == "anomaly_update")
-        .map(|(_, r)| *r)
+        .filter(|r| r["type"] == "anomaly_update")
+        .copied()
         .collect();
     let closes: Vec<&Value> = phases
         .iter()
-        .filter(|(_, r)| r["type"] == "anomaly_close")
-        .map(|(_, r)| *r)
+        .filter(|r| r["type"] == "anomaly_close")
+        .copied()
         .collect();
     ensure!(
         !updates.is_empty(),
@@ -321,7 +320,7 @@ fn retransmit_fault_opens_updates_and_closes_one_flow_anomaly() -> Result<()> {
     // open, then updates, then the close, and nothing of the id after it.
     let order: Vec<&str> = phases
         .iter()
-        .map(|(_, r)| r["type"].as_str().unwrap_or(""))
+        .map(|r| r["type"].as_str().unwrap_or(""))
         .collect();
     ensure!(
         order.first() == Some(&"anomaly_open")
@@ -331,7 +330,7 @@ fn retransmit_fault_opens_updates_and_closes_one_flow_anomaly() -> Result<()> {
                 .all(|t| *t == "anomaly_update"),
         "records of id {id} out of order: {order:?}"
     );
-    for r in phases.iter().map(|(_, r)| *r) {
+    for r in &phases {
         ensure!(
             r["kind"] == "flow_retransmit_spike" && r["key"] == *key,
             "record of id {id} with another kind or key: {r}"
@@ -388,7 +387,7 @@ fn retransmit_fault_opens_updates_and_closes_one_flow_anomaly() -> Result<()> {
 
     // Context: the client namespace's sysctls and counters.
     let ended = unix_ns(stream.ended)?;
-    for r in phases.iter().map(|(_, r)| *r) {
+    for r in &phases {
         let c = &r["context"];
         ensure!(
             c["netns"].as_u64() == Some(client_ns),
@@ -400,8 +399,15 @@ fn retransmit_fault_opens_updates_and_closes_one_flow_anomaly() -> Result<()> {
         );
         let segs = c["counters_60s"]["TcpRetransSegs"].as_u64().unwrap_or(0);
         ensure!(
-            segs > 0 && segs <= retrans_segs,
-            "context.counters_60s.TcpRetransSegs {segs}: expected 1..={retrans_segs}: {r}"
+            segs <= retrans_segs,
+            "context.counters_60s.TcpRetransSegs {segs}: more than the namespace's delta \
+             {retrans_segs}: {r}"
+        );
+        // The open may be computed before the context worker's next reading of the namespace
+        // (once a second); every later record follows readings taken during the fault.
+        ensure!(
+            segs > 0 || r["type"] == "anomaly_open",
+            "context.counters_60s.TcpRetransSegs: expected > 0: {r}"
         );
         // Written 3 s or more after the stream ended (the counters are read every second) and
         // within a minute of the observer's start: the whole fault is in the window.
@@ -424,16 +430,20 @@ fn retransmit_fault_opens_updates_and_closes_one_flow_anomaly() -> Result<()> {
     );
     run.ensure_nothing_lost()?;
     note(&format!(
-        "{}: anomaly {id}: opened at {open_rate}/s, {} update(s), peak {peak}/s, closed \
-         (subsided) {} s after the last retransmit, lifetime_count {lifetime}",
+        "{}: anomaly {id}: opened at {open_rate}/s (context TcpRetransSegs {}), {} update(s), \
+         peak {peak}/s, closed (subsided) {} s after the last retransmit (context \
+         TcpRetransSegs {}), lifetime_count {lifetime}",
         t.name,
+        open["context"]["counters_60s"]["TcpRetransSegs"],
         updates.len(),
-        (closed - last_seen) / 1_000_000_000
+        (closed - last_seen) / 1_000_000_000,
+        close["context"]["counters_60s"]["TcpRetransSegs"]
     ));
     Ok(())
 }
 
-/// 1b. Namespaces with clean traffic only: no anomaly is opened on any of their keys.
+/// Issue test 1, control: namespaces with clean traffic only open no anomaly on any of their
+/// keys.
 #[test]
 fn quiet_namespaces_open_no_anomaly() -> Result<()> {
     let Some(t) = kernel_test("anomaly_quiet") else {
@@ -508,10 +518,10 @@ fn quiet_namespaces_open_no_anomaly() -> Result<()> {
     Ok(())
 }
 
-/// 2. A sysctl changed inside a namespace: one `sysctl_change` for that namespace (none for the
-/// host's), an anomaly induced there afterwards carries the new value in its context while the
-/// `start` record keeps the host's, and at SIGINT a `sysctl_effect` compares the rates before
-/// and after the change.
+/// Issue test 2: a sysctl changed inside a namespace. One `sysctl_change` for that namespace
+/// (none for the host's); an anomaly induced there afterwards carries the new value in its
+/// context while the `start` record keeps the host's; at SIGINT a `sysctl_effect` compares the
+/// rates before and after the change.
 #[test]
 fn sysctl_change_in_a_namespace_reaches_anomaly_context_and_effect() -> Result<()> {
     let Some(t) = kernel_test("anomaly_sysctl") else {
@@ -538,9 +548,7 @@ fn sysctl_change_in_a_namespace_reaches_anomaly_context_and_effect() -> Result<(
     );
     let is_change = |r: &Value| r["netns"].as_u64() == Some(client_ns) && r["name"] == TIMESTAMPS;
     let waited = observer.wait_for("the sysctl_change record", Duration::from_secs(10), |rs| {
-        Ok(of_type(rs, "sysctl_change")
-            .any(|r| is_change(r))
-            .then_some(()))
+        Ok(of_type(rs, "sysctl_change").any(&is_change).then_some(()))
     });
     // Connects whose SYNs the server drops: SYN retransmits at 1, 2, 3, 4 s each, 8 of them
     // in parallel (connect_trouble opens at 1/s over 10 s), until the anomaly opens.
@@ -562,11 +570,7 @@ fn sysctl_change_in_a_namespace_reaches_anomaly_context_and_effect() -> Result<(
         let opened = observer.wait_for(
             "a connect_trouble anomaly_open",
             Duration::from_secs(20),
-            |rs| {
-                Ok(of_type(rs, "anomaly_open")
-                    .any(|r| is_trouble(r))
-                    .then_some(()))
-            },
+            |rs| Ok(of_type(rs, "anomaly_open").any(&is_trouble).then_some(())),
         );
         drop(sockets);
         opened
@@ -626,11 +630,14 @@ fn sysctl_change_in_a_namespace_reaches_anomaly_context_and_effect() -> Result<(
         "context.sysctls.{TIMESTAMPS}: expected \"0\" (changed in the namespace): {}",
         open["context"]
     );
+    // (The open may precede the worker's reading of the first retransmits: not required > 0.)
     ensure!(
         open["context"]["counters_60s"]["TcpExtTCPSynRetrans"]
             .as_u64()
-            .is_some_and(|n| n > 0 && n <= syn_retrans),
-        "context.counters_60s.TcpExtTCPSynRetrans: expected 1..={syn_retrans}: {}",
+            .unwrap_or(0)
+            <= syn_retrans,
+        "context.counters_60s.TcpExtTCPSynRetrans: more than the namespace's delta \
+         {syn_retrans}: {}",
         open["context"]
     );
     let start_value = &run.start()["sysctls"][TIMESTAMPS];
@@ -719,9 +726,9 @@ fn sysctl_change_in_a_namespace_reaches_anomaly_context_and_effect() -> Result<(
     Ok(())
 }
 
-/// 3. A refused-connect storm with the default export budgets: many events are suppressed, yet
-/// the per-flow totals of `stop` equal the kernel's counters and every exported event is
-/// accounted for.
+/// Issue test 3: a refused-connect storm with the default export budgets. Many events are
+/// suppressed, yet the per-flow totals of `stop` equal the kernel's counters and every exported
+/// event is accounted for.
 #[test]
 fn refused_storm_totals_are_exact_under_default_budgets() -> Result<()> {
     let Some(t) = kernel_test("anomaly_storm_exact") else {

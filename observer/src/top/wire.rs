@@ -1,0 +1,789 @@
+//! The records `observer run` writes (docs/schema.md), read back into what `top` needs, and the
+//! engine observations they stand for. Pure: text in, values out.
+//!
+//! Unknown record types and unknown fields are ignored, as the schema asks of consumers.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::{
+    aggregate::{ListenerKey, Observation, PeerKey, RowKey, RuleKey, Signal},
+    analysis,
+    context::ContextRecord,
+    decode::{EventKind, Family, Flow},
+    record::{ListenerDropsRecord, NetfilterDropRecord, RuleRecord},
+};
+
+/// Why a line is not a record top understands.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("not JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("a JSON value without a `type`")]
+    NoType,
+    #[error("a `{kind}` record with missing or invalid fields: {error}")]
+    Fields {
+        kind: String,
+        #[source]
+        error: serde_json::Error,
+    },
+}
+
+/// One record of the stream.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Record {
+    Start(Start),
+    Event(EventIn),
+    /// A perf buffer lost samples.
+    Lost { count: u64 },
+    /// The daemon's socket dropped records for this reader (it was too slow).
+    Undelivered { count: u64 },
+    ListenerDrops(ListenerDropsIn),
+    NetfilterDrop(NetfilterDropIn),
+    SysctlChange(SysctlChangeIn),
+    Anomaly(AnomalyIn),
+    /// The run ended.
+    Stop { reason: String },
+    /// A record type top does not use (`sysctl_effect`, future types).
+    Other { kind: String },
+}
+
+/// The `start` record: what the header shows.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct Start {
+    #[serde(default)]
+    pub host: String,
+    #[serde(default)]
+    pub kernel: String,
+    #[serde(default)]
+    pub observer_version: String,
+    #[serde(default)]
+    pub time: String,
+    #[serde(default)]
+    pub sysctls: BTreeMap<String, String>,
+    #[serde(default)]
+    pub programs: Vec<Program>,
+    #[serde(default)]
+    pub export_per_flow: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct Program {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub attached: bool,
+}
+
+/// An event record (`retransmit`, `drop`, `connect`, ...).
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventIn {
+    pub kind: EventKind,
+    /// Unix nanoseconds of the event, when its `time` parses.
+    pub time_ns: Option<u64>,
+    pub flow: Flow,
+    pub segs: u32,
+    /// Drop reason or reset reason.
+    pub reason: Option<String>,
+    /// `refused` or `timeout` for failed connects.
+    pub outcome: Option<String>,
+    /// Connect latency (for `connect`), time to failure, or lifetime.
+    pub duration_ms: Option<f64>,
+}
+
+#[derive(Deserialize)]
+struct EventJson {
+    time: Option<String>,
+    family: Option<String>,
+    saddr: IpAddr,
+    sport: u16,
+    daddr: IpAddr,
+    dport: u16,
+    #[serde(default)]
+    netns: u32,
+    #[serde(default = "one")]
+    segs: u32,
+    reason: Option<String>,
+    outcome: Option<String>,
+    duration_ms: Option<f64>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A `listener_drops` record.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct ListenerDropsIn {
+    #[serde(default)]
+    pub time: String,
+    pub netns: u64,
+    #[serde(default)]
+    pub family: Option<String>,
+    pub addr: IpAddr,
+    pub port: u16,
+    #[serde(default)]
+    pub accept_queue_overflows: u64,
+    #[serde(default)]
+    pub syn_queue_drops: u64,
+    #[serde(default)]
+    pub other_drops: u64,
+    #[serde(default)]
+    pub backlog_limit: u32,
+    #[serde(default)]
+    pub accept_queue: u32,
+    #[serde(default)]
+    pub syn_queue: u32,
+    #[serde(default)]
+    pub namespace_counters: BTreeMap<String, u64>,
+}
+
+/// A rule of a `netfilter_drop` record.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct RuleIn {
+    #[serde(default)]
+    pub family: String,
+    #[serde(default)]
+    pub table: String,
+    #[serde(default)]
+    pub chain: String,
+    #[serde(default)]
+    pub handle: u64,
+    #[serde(default)]
+    pub rule: String,
+    #[serde(default)]
+    pub verdict: Option<String>,
+    #[serde(default)]
+    pub comment: Option<String>,
+    #[serde(default)]
+    pub packets: u64,
+}
+
+/// A `netfilter_drop` record.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct NetfilterDropIn {
+    #[serde(default)]
+    pub time: String,
+    pub netns: u64,
+    #[serde(default)]
+    pub dropped: u64,
+    #[serde(default)]
+    pub rules: Vec<RuleIn>,
+    #[serde(default)]
+    pub candidates: Vec<RuleIn>,
+}
+
+/// A `sysctl_change` record.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct SysctlChangeIn {
+    #[serde(default)]
+    pub time: String,
+    #[serde(default)]
+    pub netns: u64,
+    pub name: String,
+    #[serde(default)]
+    pub old: String,
+    #[serde(default)]
+    pub new: String,
+}
+
+/// Which record of an anomaly's lifecycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AnomalyPhase {
+    Open,
+    Update,
+    Close,
+}
+
+impl AnomalyPhase {
+    pub fn name(self) -> &'static str {
+        match self {
+            AnomalyPhase::Open => "open",
+            AnomalyPhase::Update => "update",
+            AnomalyPhase::Close => "close",
+        }
+    }
+}
+
+/// An `anomaly_open`, `anomaly_update` or `anomaly_close` record.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AnomalyIn {
+    pub phase: AnomalyPhase,
+    pub time_ns: Option<u64>,
+    pub id: u64,
+    /// `flow_retransmit_spike`, `listen_overflow`, ...
+    pub kind: String,
+    pub key: RowKey,
+    pub rate_per_sec: f64,
+    pub peak_rate_per_sec: f64,
+    pub reasons: Vec<(String, u64)>,
+    pub close_reason: Option<String>,
+    /// The namespace's sysctls when it was reported (its `context`).
+    pub netns: Option<u64>,
+    pub sysctls: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct AnomalyJson {
+    time: Option<String>,
+    id: u64,
+    kind: String,
+    key: Value,
+    #[serde(default)]
+    rate_per_sec: f64,
+    #[serde(default)]
+    peak_rate_per_sec: f64,
+    #[serde(default)]
+    reasons: Vec<ReasonJson>,
+    close_reason: Option<String>,
+    context: Option<ContextJson>,
+}
+
+#[derive(Deserialize)]
+struct ReasonJson {
+    reason: String,
+    count: u64,
+}
+
+#[derive(Deserialize)]
+struct ContextJson {
+    netns: Option<u64>,
+    #[serde(default)]
+    sysctls: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct CountJson {
+    #[serde(default)]
+    count: u64,
+}
+
+#[derive(Deserialize)]
+struct StopJson {
+    #[serde(default)]
+    reason: String,
+}
+
+/// Unix nanoseconds of an RFC 3339 time.
+pub fn parse_time(text: &str) -> Option<u64> {
+    let t = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .ok()?;
+    u64::try_from(t.unix_timestamp_nanos()).ok()
+}
+
+fn family_of(name: Option<&str>, a: IpAddr, b: IpAddr) -> Family {
+    match name {
+        Some("ipv4") => Family::Ipv4,
+        Some("ipv6") => Family::Ipv6,
+        _ if a.is_ipv4() && b.is_ipv4() => Family::Ipv4,
+        _ => Family::Ipv6,
+    }
+}
+
+fn fields<T: for<'de> Deserialize<'de>>(kind: &str, value: &Value) -> Result<T, WireError> {
+    T::deserialize(value).map_err(|error| WireError::Fields {
+        kind: kind.to_owned(),
+        error,
+    })
+}
+
+/// Reads one line of the stream.
+pub fn parse_line(line: &str) -> Result<Record, WireError> {
+    let value: Value = serde_json::from_str(line.trim_end())?;
+    let kind = value
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or(WireError::NoType)?;
+    if let Some(event_kind) = EventKind::from_name(kind) {
+        let e: EventJson = fields(kind, &value)?;
+        return Ok(Record::Event(EventIn {
+            kind: event_kind,
+            time_ns: e.time.as_deref().and_then(parse_time),
+            flow: Flow {
+                family: family_of(e.family.as_deref(), e.saddr, e.daddr),
+                saddr: e.saddr,
+                sport: e.sport,
+                daddr: e.daddr,
+                dport: e.dport,
+                netns: e.netns,
+            },
+            segs: e.segs,
+            reason: e.reason,
+            outcome: e.outcome,
+            duration_ms: e.duration_ms,
+        }));
+    }
+    Ok(match kind {
+        "start" => Record::Start(fields(kind, &value)?),
+        "lost" => Record::Lost {
+            count: fields::<CountJson>(kind, &value)?.count,
+        },
+        "undelivered" => Record::Undelivered {
+            count: fields::<CountJson>(kind, &value)?.count,
+        },
+        "listener_drops" => Record::ListenerDrops(fields(kind, &value)?),
+        "netfilter_drop" => Record::NetfilterDrop(fields(kind, &value)?),
+        "sysctl_change" => Record::SysctlChange(fields(kind, &value)?),
+        "anomaly_open" | "anomaly_update" | "anomaly_close" => {
+            let phase = match kind {
+                "anomaly_open" => AnomalyPhase::Open,
+                "anomaly_update" => AnomalyPhase::Update,
+                _ => AnomalyPhase::Close,
+            };
+            let a: AnomalyJson = fields(kind, &value)?;
+            let key = row_key(&a.key).ok_or_else(|| WireError::Fields {
+                kind: kind.to_owned(),
+                error: serde::de::Error::custom(format!("unknown key {}", a.key)),
+            })?;
+            let (netns, sysctls) = match a.context {
+                Some(c) => (c.netns, c.sysctls),
+                None => (None, BTreeMap::new()),
+            };
+            Record::Anomaly(AnomalyIn {
+                phase,
+                time_ns: a.time.as_deref().and_then(parse_time),
+                id: a.id,
+                kind: a.kind,
+                key,
+                rate_per_sec: a.rate_per_sec,
+                peak_rate_per_sec: a.peak_rate_per_sec,
+                reasons: a.reasons.into_iter().map(|r| (r.reason, r.count)).collect(),
+                close_reason: a.close_reason,
+                netns,
+                sysctls,
+            })
+        }
+        "stop" => Record::Stop {
+            reason: fields::<StopJson>(kind, &value)?.reason,
+        },
+        other => Record::Other {
+            kind: other.to_owned(),
+        },
+    })
+}
+
+/// The row key of an anomaly record's `key` (`{"scope":"peer","netns":..,"addr":..}`).
+pub fn row_key(key: &Value) -> Option<RowKey> {
+    #[derive(Deserialize)]
+    struct FlowJson {
+        family: Option<String>,
+        saddr: IpAddr,
+        sport: u16,
+        daddr: IpAddr,
+        dport: u16,
+        #[serde(default)]
+        netns: u32,
+    }
+    #[derive(Deserialize)]
+    struct RuleJson {
+        #[serde(default)]
+        netns: u32,
+        family: String,
+        table: String,
+        chain: String,
+        #[serde(default)]
+        handle: u64,
+    }
+    Some(match key.get("scope")?.as_str()? {
+        "flow" => {
+            let f = FlowJson::deserialize(key).ok()?;
+            RowKey::Flow(Flow {
+                family: family_of(f.family.as_deref(), f.saddr, f.daddr),
+                saddr: f.saddr,
+                sport: f.sport,
+                daddr: f.daddr,
+                dport: f.dport,
+                netns: f.netns,
+            })
+        }
+        "peer" => RowKey::Peer(PeerKey::deserialize_from(key)?),
+        "listener" => RowKey::Listener(ListenerKey::deserialize_from(key)?),
+        "rule" => {
+            let r = RuleJson::deserialize(key).ok()?;
+            RowKey::Rule(RuleKey {
+                netns: r.netns,
+                family: Arc::from(r.family),
+                table: Arc::from(r.table),
+                chain: Arc::from(r.chain),
+                handle: r.handle,
+            })
+        }
+        _ => return None,
+    })
+}
+
+/// Reads the engine's key types back from JSON (they only serialize).
+trait FromJson: Sized {
+    fn deserialize_from(value: &Value) -> Option<Self>;
+}
+
+impl FromJson for PeerKey {
+    fn deserialize_from(value: &Value) -> Option<Self> {
+        #[derive(Deserialize)]
+        struct PeerJson {
+            #[serde(default)]
+            netns: u32,
+            addr: IpAddr,
+        }
+        let p = PeerJson::deserialize(value).ok()?;
+        Some(PeerKey {
+            netns: p.netns,
+            addr: p.addr,
+        })
+    }
+}
+
+impl FromJson for ListenerKey {
+    fn deserialize_from(value: &Value) -> Option<Self> {
+        #[derive(Deserialize)]
+        struct ListenerJson {
+            #[serde(default)]
+            netns: u32,
+            addr: IpAddr,
+            port: u16,
+        }
+        let l = ListenerJson::deserialize(value).ok()?;
+        Some(ListenerKey {
+            netns: l.netns,
+            addr: l.addr,
+            port: l.port,
+        })
+    }
+}
+
+/// One `Arc<str>` per reason name, so observations share them (bounded: a stream with
+/// thousands of distinct names gets fresh ones past the limit).
+#[derive(Debug, Default)]
+pub struct ReasonInterner {
+    names: HashMap<String, Arc<str>>,
+}
+
+impl ReasonInterner {
+    const LIMIT: usize = 1024;
+
+    pub fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(shared) = self.names.get(name) {
+            return Arc::clone(shared);
+        }
+        let shared: Arc<str> = Arc::from(name);
+        if self.names.len() < Self::LIMIT {
+            self.names.insert(name.to_owned(), Arc::clone(&shared));
+        }
+        shared
+    }
+}
+
+/// The observation an event record stands for, exactly as the daemon's
+/// [`analysis::observation`] maps the decoded event (a unit test holds the two together).
+pub fn observation(event: &EventIn, reasons: &mut ReasonInterner) -> Option<Observation> {
+    let flow = event.flow;
+    let obs = match event.kind {
+        EventKind::Retransmit => {
+            Observation::new(Signal::Retransmit, u64::from(event.segs)).with_flow(flow)
+        }
+        EventKind::SynRetransmit => Observation::new(Signal::SynRetransmit, 1).with_flow(flow),
+        EventKind::SynackRetransmit => Observation::new(Signal::SynackRetransmit, 1)
+            .with_flow(flow)
+            .with_listener(ListenerKey::of_flow_source(&flow)),
+        EventKind::Drop => Observation::new(Signal::PacketDrop, 1)
+            .with_flow(flow)
+            .with_reason(reasons.get(event.reason.as_deref().unwrap_or("UNKNOWN"))),
+        EventKind::ResetSent => Observation::new(Signal::ResetSent, 1).with_flow(flow),
+        EventKind::ResetReceived => Observation::new(Signal::ResetReceived, 1).with_flow(flow),
+        EventKind::ConnectFailed => {
+            let signal = match event.outcome.as_deref() {
+                Some("refused") => Signal::ConnectRefused,
+                Some("timeout") => Signal::ConnectTimeout,
+                _ => return None,
+            };
+            Observation::new(signal, 1).with_flow(flow)
+        }
+        EventKind::RetransmitFailed
+        | EventKind::Connect
+        | EventKind::Accept
+        | EventKind::Close => return None,
+    };
+    Some(obs)
+}
+
+fn rule_record(rule: &RuleIn) -> RuleRecord {
+    let RuleIn {
+        family,
+        table,
+        chain,
+        handle,
+        rule,
+        verdict,
+        comment,
+        packets,
+    } = rule;
+    RuleRecord {
+        family: family.clone(),
+        table: table.clone(),
+        chain: chain.clone(),
+        handle: *handle,
+        rule: rule.clone(),
+        verdict: verdict.clone(),
+        comment: comment.clone(),
+        packets: *packets,
+    }
+}
+
+/// The observations of a context record, through the daemon's own
+/// [`analysis::context_observations`].
+pub fn context_observations(record: &Record) -> Vec<Observation> {
+    let context = match record {
+        Record::ListenerDrops(r) => ContextRecord::ListenerDrops(ListenerDropsRecord {
+            kind: "listener_drops",
+            time: r.time.clone(),
+            netns: r.netns,
+            family: family_of(r.family.as_deref(), r.addr, r.addr),
+            addr: r.addr,
+            port: r.port,
+            accept_queue_overflows: r.accept_queue_overflows,
+            syn_queue_drops: r.syn_queue_drops,
+            other_drops: r.other_drops,
+            backlog_limit: r.backlog_limit,
+            accept_queue: r.accept_queue,
+            syn_queue: r.syn_queue,
+            namespace_counters: r.namespace_counters.clone(),
+        }),
+        Record::NetfilterDrop(r) => ContextRecord::NetfilterDrop(NetfilterDropRecord {
+            kind: "netfilter_drop",
+            time: r.time.clone(),
+            netns: r.netns,
+            dropped: r.dropped,
+            rules: r.rules.iter().map(rule_record).collect(),
+            candidates: r.candidates.iter().map(rule_record).collect(),
+        }),
+        _ => return Vec::new(),
+    };
+    analysis::context_observations(&context)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        analysis::ReasonCache,
+        clock::BootClock,
+        decode::{ConnectOutcome, Detail, Direction, Event},
+        kernel::reasons::ReasonNames,
+        record::{EventRecord, Names},
+    };
+
+    fn event(kind: EventKind, detail: Detail, v6: bool) -> Event {
+        let (saddr, daddr) = if v6 {
+            (
+                "fd00:200:50::1".parse().expect("v6"),
+                "fd00:200:50::2".parse().expect("v6"),
+            )
+        } else {
+            (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]))
+        };
+        Event {
+            kind,
+            flow: Flow {
+                family: if v6 { Family::Ipv6 } else { Family::Ipv4 },
+                saddr,
+                sport: 45678,
+                daddr,
+                dport: 5001,
+                netns: 4026532000,
+            },
+            boot_ns: 5_000_000_000,
+            segs: 3,
+            flow_count: 9,
+            err: 0,
+            pid: 0,
+            state: 1,
+            socket_family: 10,
+            detail,
+        }
+    }
+
+    /// Every kind of event, written as the daemon writes it and read back, maps to the
+    /// observation the daemon's engine got: top's numbers are the daemon's.
+    #[test]
+    fn records_map_to_the_daemons_observations() {
+        let names = Names {
+            drop_reasons: ReasonNames::from_pairs([(12, "NETFILTER_DROP")], ""),
+            reset_reasons: ReasonNames::from_pairs([(2, "NO_SOCKET")], ""),
+            symbols: Default::default(),
+        };
+        let clock = BootClock::with_offset(1_763_782_000_000_000_000);
+        let details = [
+            (EventKind::Retransmit, Detail::None),
+            (EventKind::RetransmitFailed, Detail::None),
+            (EventKind::SynRetransmit, Detail::None),
+            (EventKind::SynackRetransmit, Detail::None),
+            (
+                EventKind::Drop,
+                Detail::Drop {
+                    reason: 12,
+                    location: 0,
+                    ifindex: 2,
+                    tcp_flags: 0x02,
+                    direction: Direction::Inbound,
+                },
+            ),
+            (EventKind::ResetSent, Detail::ResetSent { reason: 2 }),
+            (EventKind::ResetReceived, Detail::None),
+            (
+                EventKind::Connect,
+                Detail::Connect {
+                    latency_ns: 1_500_000,
+                    syn_retransmits: 0,
+                },
+            ),
+            (
+                EventKind::ConnectFailed,
+                Detail::ConnectFailed {
+                    outcome: ConnectOutcome::Refused,
+                    elapsed_ns: 1,
+                    syn_retransmits: 0,
+                },
+            ),
+            (
+                EventKind::ConnectFailed,
+                Detail::ConnectFailed {
+                    outcome: ConnectOutcome::Timeout,
+                    elapsed_ns: 1,
+                    syn_retransmits: 3,
+                },
+            ),
+            (EventKind::Accept, Detail::Accept { handshake_rtt_us: 7 }),
+            (
+                EventKind::Close,
+                Detail::Close {
+                    lifetime_ns: 1,
+                    from_state: 1,
+                    active: true,
+                },
+            ),
+        ];
+        let mut cache = ReasonCache::default();
+        let mut interner = ReasonInterner::default();
+        for v6 in [false, true] {
+            for (kind, detail) in details {
+                let event = event(kind, detail, v6);
+                let line = serde_json::to_string(&EventRecord::new(&event, &clock, &names))
+                    .expect("serialize");
+                let Record::Event(parsed) = parse_line(&line).expect("parses") else {
+                    panic!("not an event: {line}");
+                };
+                assert_eq!(parsed.flow, event.flow, "{line}");
+                assert_eq!(
+                    parsed.time_ns,
+                    Some(1_763_782_005_000_000_000),
+                    "time of {line}"
+                );
+                let daemon = analysis::observation(&event, &names.drop_reasons, &mut cache);
+                let top = observation(&parsed, &mut interner);
+                assert_eq!(top, daemon, "{line}");
+            }
+        }
+        // The connect latency survives the trip.
+        let connect = event(
+            EventKind::Connect,
+            Detail::Connect {
+                latency_ns: 1_500_000,
+                syn_retransmits: 0,
+            },
+            false,
+        );
+        let line =
+            serde_json::to_string(&EventRecord::new(&connect, &clock, &names)).expect("json");
+        let Ok(Record::Event(parsed)) = parse_line(&line) else {
+            panic!("{line}");
+        };
+        assert_eq!(parsed.duration_ms, Some(1.5));
+    }
+
+    #[test]
+    fn context_records_map_through_the_daemons_analysis() {
+        let line = r#"{"type":"listener_drops","time":"2026-11-22T03:40:00.000000000Z","netns":4026532315,"family":"ipv4","addr":"127.0.0.1","port":5000,"accept_queue_overflows":4,"syn_queue_drops":1,"other_drops":0,"backlog_limit":1,"accept_queue":2,"syn_queue":0,"namespace_counters":{"TcpExtListenDrops":5}}"#;
+        let record = parse_line(line).expect("parses");
+        let obs = context_observations(&record);
+        assert_eq!(
+            obs.iter().map(|o| (o.signal, o.amount)).collect::<Vec<_>>(),
+            [(Signal::ListenOverflow, 4), (Signal::SynQueueDrop, 1)]
+        );
+        assert_eq!(
+            obs[0].listener,
+            Some(ListenerKey {
+                netns: 4026532315,
+                addr: IpAddr::from([127, 0, 0, 1]),
+                port: 5000
+            })
+        );
+        let line = r#"{"type":"netfilter_drop","time":"2026-11-22T03:40:00.000000000Z","netns":7,"dropped":2,"rules":[{"family":"ip","table":"filter","chain":"INPUT","handle":2,"rule":"tcp dport 9 counter drop","verdict":"drop","packets":2}],"candidates":[]}"#;
+        let obs = context_observations(&parse_line(line).expect("parses"));
+        assert_eq!(obs.len(), 1);
+        assert_eq!((obs[0].signal, obs[0].amount), (Signal::NetfilterDrop, 2));
+    }
+
+    #[test]
+    fn anomaly_records_keep_their_key_and_context() {
+        let line = r#"{"type":"anomaly_open","time":"2026-11-22T03:40:00.000000000Z","id":3,"kind":"peer_retransmit_spike","key":{"scope":"peer","netns":7,"addr":"fd00::2"},"signals":["retransmit"],"counts":{"last_1s":1,"last_10s":300,"last_60s":300},"rate_per_sec":30.0,"peak_rate_per_sec":31.5,"lifetime_count":300,"baseline_per_sec":0.0,"open_threshold_per_sec":20.0,"close_threshold_per_sec":10.0,"first_seen_ns":1,"last_seen_ns":2,"opened_ns":2,"exemplar_flows":[],"context":{"netns":7,"sysctls":{"net.ipv4.tcp_sack":"1"},"counters_60s":{}}}"#;
+        let Record::Anomaly(a) = parse_line(line).expect("parses") else {
+            panic!("not an anomaly");
+        };
+        assert_eq!(a.phase, AnomalyPhase::Open);
+        assert_eq!(
+            a.key,
+            RowKey::Peer(PeerKey {
+                netns: 7,
+                addr: "fd00::2".parse().expect("addr")
+            })
+        );
+        assert_eq!(a.rate_per_sec, 30.0);
+        assert_eq!(a.netns, Some(7));
+        assert_eq!(a.sysctls["net.ipv4.tcp_sack"], "1");
+        // Keys serialized by the engine read back to the same key.
+        for key in [
+            RowKey::Flow(event(EventKind::Retransmit, Detail::None, true).flow),
+            RowKey::Listener(ListenerKey {
+                netns: 1,
+                addr: IpAddr::from([0, 0, 0, 0]),
+                port: 80,
+            }),
+            RowKey::Rule(RuleKey {
+                netns: 1,
+                family: "inet".into(),
+                table: "filter".into(),
+                chain: "input".into(),
+                handle: 4,
+            }),
+        ] {
+            let json = serde_json::to_value(&key).expect("serialize");
+            assert_eq!(row_key(&json), Some(key));
+        }
+    }
+
+    #[test]
+    fn other_lines_are_tolerated() {
+        assert!(matches!(
+            parse_line(r#"{"type":"sysctl_effect","x":1}"#),
+            Ok(Record::Other { .. })
+        ));
+        assert!(matches!(
+            parse_line(r#"{"type":"undelivered","count":12}"#),
+            Ok(Record::Undelivered { count: 12 })
+        ));
+        assert!(matches!(
+            parse_line(r#"{"type":"lost","time":"x","cpu":1,"count":3}"#),
+            Ok(Record::Lost { count: 3 })
+        ));
+        assert!(parse_line("not json").is_err());
+        assert!(parse_line(r#"{"no":"type"}"#).is_err());
+        assert!(parse_line(r#"{"type":"retransmit","saddr":"x"}"#).is_err());
+        assert_eq!(parse_time("2025-11-22T03:26:40.123456789Z"), Some(1_763_782_000_123_456_789));
+        assert_eq!(parse_time("yesterday"), None);
+    }
+}
