@@ -651,10 +651,10 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i32> {
         unsafe { *count += 1 };
     }
     let key = NetnsReason { netns, reason };
-    if NETNS_DROPS.get_ptr_mut(&key).is_none() {
-        let _ = NETNS_DROPS.insert(&key, 0, u64::from(BPF_NOEXIST));
+    if NETNS_DROPS.get_ptr_mut(key).is_none() {
+        let _ = NETNS_DROPS.insert(key, 0, u64::from(BPF_NOEXIST));
     }
-    if let Some(count) = NETNS_DROPS.get_ptr_mut(&key) {
+    if let Some(count) = NETNS_DROPS.get_ptr_mut(key) {
         // SAFETY: live map value, shared between CPUs: atomic add.
         unsafe { atomic_add(count, 1) };
     }

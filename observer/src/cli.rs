@@ -100,6 +100,10 @@ pub struct RunArgs {
     /// With `--output file:PATH`: rotated files kept (PATH.1 ... PATH.N).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_KEEP, value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_KEEP)))]
     pub output_keep: u32,
+    /// Serve Prometheus metrics at http://ADDR/metrics (`127.0.0.1:9464`, `[::1]:9464`, or a
+    /// bare port on 127.0.0.1). Off unless given.
+    #[arg(long, value_name = "ADDR", value_parser = config::parse_metrics_addr)]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// The flags given explicitly on the command line, as a configuration layer over the file:
@@ -118,6 +122,7 @@ pub fn explicit_flags(args: &RunArgs, matches: &ArgMatches) -> Config {
         output,
         output_max_bytes,
         output_keep,
+        metrics,
     } = args;
     Config {
         export_per_flow: given("export_per_flow").then_some(*export_per_flow),
@@ -132,6 +137,7 @@ pub fn explicit_flags(args: &RunArgs, matches: &ArgMatches) -> Config {
             keep: given("output_keep").then_some(*output_keep),
         },
         thresholds: None,
+        metrics: *metrics,
     }
 }
 
@@ -267,7 +273,7 @@ fn run(args: RunArgs, flags: Config) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let options = RunOptions {
+    let mut options = RunOptions {
         duration,
         load: settings.load_options(),
         perf_pages: settings.perf_pages,
@@ -281,6 +287,7 @@ fn run(args: RunArgs, flags: Config) -> ExitCode {
             current: settings.clone(),
             load: Box::new(move || config::reload(&path, &flags).map_err(|e| e.to_string())),
         }),
+        metrics: None,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -293,6 +300,22 @@ fn run(args: RunArgs, flags: Config) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Some(addr) = settings.metrics {
+        let server = match runtime.block_on(crate::metrics::Server::bind(addr)) {
+            Ok(server) => server,
+            Err(e) => {
+                eprintln!("observer: error: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        eprintln!(
+            "observer: serving metrics at http://{}/metrics",
+            server.local_addr()
+        );
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+        runtime.spawn(server.run(std::sync::Arc::clone(&metrics)));
+        options.metrics = Some(metrics);
+    }
     match runtime.block_on(daemon::run(options, out)) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
@@ -382,6 +405,8 @@ mod tests {
             "1000",
             "--output-keep",
             "0",
+            "--metrics",
+            "127.0.0.1:9464",
         ]);
         assert_eq!(args.config.as_deref(), Some(Path::new("/x.toml")));
         assert_eq!(
@@ -399,6 +424,7 @@ mod tests {
                     keep: Some(0),
                 },
                 thresholds: None,
+                metrics: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9464))),
             }
         );
         // Flag over file over default.
@@ -434,6 +460,7 @@ export_per_cpu = 9
         assert_eq!(args.output, settings.output.target);
         assert_eq!(args.output_max_bytes, settings.output.max_bytes);
         assert_eq!(args.output_keep, settings.output.keep);
+        assert_eq!(args.metrics, settings.metrics);
     }
 
     #[test]
@@ -443,6 +470,7 @@ export_per_cpu = 9
             &["observer", "run", "--output", "syslog"],
             &["observer", "run", "--output-keep", "1001"],
             &["observer", "run", "--max-flows", "4"],
+            &["observer", "run", "--metrics", "localhost"],
         ] {
             assert!(
                 Cli::command().try_get_matches_from(argv).is_err(),

@@ -13,6 +13,7 @@
 //! running configuration alone.
 use std::{
     fmt,
+    net::{Ipv4Addr, SocketAddr},
     ops::Range,
     path::{Path, PathBuf},
     str::FromStr,
@@ -145,6 +146,8 @@ pub struct Config {
     pub output: OutputConfig,
     /// The `[thresholds]` table, passed through uninterpreted to the anomaly engine.
     pub thresholds: Option<toml::Table>,
+    /// Where the Prometheus metrics endpoint listens.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The `[output]` section.
@@ -169,6 +172,8 @@ pub struct Settings {
     pub perf_pages: usize,
     pub output: OutputSettings,
     pub thresholds: toml::Table,
+    /// Where the Prometheus metrics endpoint listens (none: no endpoint).
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The resolved `[output]` section.
@@ -193,6 +198,7 @@ struct RawConfig {
     perf_pages: Option<Spanned<u64>>,
     output: Option<RawOutput>,
     thresholds: Option<toml::Table>,
+    metrics: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -234,7 +240,11 @@ impl Config {
             perf_pages,
             output,
             thresholds,
+            metrics,
         } = raw;
+        let metrics = metrics
+            .map(|v| parse_metrics_addr(v.get_ref()).map_err(|m| at(v.span(), "metrics", m)))
+            .transpose()?;
         let max_flows = max_flows
             .map(|v| check_max_flows(*v.get_ref()).map_err(|m| at(v.span(), "max_flows", m)))
             .transpose()?;
@@ -300,6 +310,7 @@ impl Config {
                 keep,
             },
             thresholds,
+            metrics,
         })
     }
 
@@ -314,6 +325,7 @@ impl Config {
             perf_pages,
             output,
             thresholds,
+            metrics,
         } = top;
         let OutputConfig {
             target,
@@ -333,6 +345,7 @@ impl Config {
                 keep: keep.or(self.output.keep),
             },
             thresholds: thresholds.clone().or_else(|| self.thresholds.clone()),
+            metrics: metrics.or(self.metrics),
         }
     }
 }
@@ -351,6 +364,7 @@ impl Settings {
             perf_pages,
             output,
             thresholds,
+            metrics,
         } = config;
         let max_flows = max_flows.unwrap_or(DEFAULT_MAX_FLOWS);
         check_max_flows(max_flows).map_err(|m| value("max_flows", m))?;
@@ -379,6 +393,7 @@ impl Settings {
                 keep,
             },
             thresholds: thresholds.clone().unwrap_or_default(),
+            metrics: *metrics,
         })
     }
 
@@ -406,6 +421,7 @@ impl Settings {
             perf_pages,
             output,
             thresholds,
+            metrics,
         } = self;
         let mut changed = Vec::new();
         let mut note = |differs: bool, key| {
@@ -426,6 +442,7 @@ impl Settings {
         note(output.max_bytes != new.output.max_bytes, "output.max_bytes");
         note(output.keep != new.output.keep, "output.keep");
         note(*thresholds != new.thresholds, "thresholds");
+        note(*metrics != new.metrics, "metrics");
         changed
     }
 }
@@ -472,6 +489,18 @@ pub fn export_kinds_mask(spec: &str) -> Result<u32, String> {
         }
     }
     Ok(mask)
+}
+
+/// The metrics endpoint's address: `IP:PORT` (`[IPv6]:PORT`), or a bare port for
+/// `127.0.0.1:PORT`.
+pub fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+    }
+    s.parse().map_err(|_| {
+        format!("expected an address and port such as `127.0.0.1:9464` or `[::1]:9464`, not `{s}`")
+    })
 }
 
 /// Perf buffer pages per CPU: the kernel wants a power of two.
@@ -617,6 +646,7 @@ max_flows = 1024
 export_kinds = "all,-close"
 drop_reasons = "default,-NO_SOCKET"
 perf_pages = 16
+metrics = "127.0.0.1:9464"
 
 [output]
 target = "file:/var/log/observer/observer.ndjson"
@@ -636,6 +666,7 @@ per_second = 10
         assert_eq!(config.export_kinds.as_deref(), Some("all,-close"));
         assert_eq!(config.drop_reasons.as_deref(), Some("default,-NO_SOCKET"));
         assert_eq!(config.perf_pages, Some(16));
+        assert_eq!(config.metrics, Some(SocketAddr::from(([127, 0, 0, 1], 9464))));
         assert_eq!(
             config.output,
             OutputConfig {
@@ -698,6 +729,9 @@ per_second = 10
         assert_eq!((line, key.as_deref()), (2, Some("output.keep")));
         let (_, key, _) = invalid_at("max_flows = 99999999999\n");
         assert_eq!(key.as_deref(), Some("max_flows"));
+        let (line, key, message) = invalid_at("\nmetrics = \"localhost\"\n");
+        assert_eq!((line, key.as_deref()), (2, Some("metrics")));
+        assert!(message.contains("127.0.0.1:9464"), "{message}");
     }
 
     #[test]
@@ -799,6 +833,25 @@ per_second = 10
             Err(ConfigError::Read { .. })
         ));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn metrics_addresses_parse() {
+        assert_eq!(
+            parse_metrics_addr("9464"),
+            Ok(SocketAddr::from(([127, 0, 0, 1], 9464)))
+        );
+        assert_eq!(
+            parse_metrics_addr("[::1]:9464"),
+            Ok("[::1]:9464".parse().expect("valid"))
+        );
+        assert_eq!(
+            parse_metrics_addr("0.0.0.0:1"),
+            Ok(SocketAddr::from(([0, 0, 0, 0], 1)))
+        );
+        assert!(parse_metrics_addr("localhost:9464").is_err());
+        assert!(parse_metrics_addr("").is_err());
+        assert_eq!(Settings::resolve(&Config::default()).map(|s| s.metrics).ok(), Some(None));
     }
 
     #[test]

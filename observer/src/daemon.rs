@@ -78,6 +78,8 @@ pub struct RunOptions {
     pub engine: EngineConfig,
     /// SIGHUP reloads the configuration file from here (none: SIGHUP is ignored with a note).
     pub reload: Option<Reload>,
+    /// Prometheus metrics the output stage updates (`--metrics`; none: off).
+    pub metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 /// Records the daemon could not queue for the output (it fell behind), since the last such
@@ -242,6 +244,7 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
             }
         },
         kind_stats: loaded.kind_stats_handle().ok(),
+        metrics: options.metrics.clone(),
     };
     let reason = match start_written {
         Err(SinkError::Closed) => StopReason::OutputClosed,
@@ -412,6 +415,7 @@ struct Output<'a, W: Write> {
     /// Owned handles on the kernel's exact counters, for reconciliation.
     flow_map: Option<BpfHashMap<MapData, FlowKey, FlowCounters>>,
     kind_stats: Option<PerCpuArray<MapData, KindStats>>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// How long before and after a sysctl change the affected rates are compared.
@@ -428,22 +432,42 @@ impl<W: Write> Output<'_, W> {
                     self.reconciler.fed(&obs);
                     self.engine.observe(event.boot_ns, obs);
                 }
-                self.sink
-                    .write(&EventRecord::new(&event, self.clock, self.names))
+                let record = EventRecord::new(&event, self.clock, self.names);
+                if let Some(metrics) = &self.metrics {
+                    metrics.event(record.kind, record.reason.as_deref());
+                    metrics.peer_event(record.daddr, record.kind);
+                }
+                self.sink.write(&record)
             }
-            Incoming::Lost { cpu, count } => self.sink.write(&LostRecord {
+            Incoming::Lost { cpu, count } => {
+                if let Some(metrics) = &self.metrics {
+                    metrics.lost(count);
+                }
+                self.sink.write(&LostRecord {
                 kind: "lost",
                 time: self.clock.now_rfc3339(),
-                cpu,
-                count,
-            }),
+                    cpu,
+                    count,
+                })
+            }
             Incoming::Context(record) => {
                 let now = BootClock::boot_now_ns();
                 for obs in analysis::context_observations(&record) {
                     self.engine.observe(now, obs);
                 }
                 match record {
-                    ContextRecord::ListenerDrops(r) => self.sink.write(&r),
+                    ContextRecord::ListenerDrops(r) => {
+                        if let Some(metrics) = &self.metrics {
+                            metrics.listener_drops(
+                                r.netns,
+                                r.addr,
+                                r.port,
+                                r.accept_queue_overflows,
+                                r.syn_queue_drops,
+                            );
+                        }
+                        self.sink.write(&r)
+                    }
                     ContextRecord::NetfilterDrop(r) => self.sink.write(&r),
                     ContextRecord::SysctlChange(r) => {
                         let due = now + SYSCTL_EFFECT_SPAN.as_nanos() as u64;
@@ -467,11 +491,17 @@ impl<W: Write> Output<'_, W> {
                 count: undelivered - self.reported_undelivered,
                 total: undelivered,
             })?;
+            if let Some(metrics) = &self.metrics {
+                metrics.undelivered(undelivered - self.reported_undelivered);
+            }
             self.reported_undelivered = undelivered;
         }
         self.reconcile(now);
         let events = self.engine.tick(now);
         self.write_anomalies(events)?;
+        if let Some(metrics) = &self.metrics {
+            metrics.anomalies_open(self.engine.stats().open_anomalies);
+        }
         let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_effects)
             .into_iter()
             .partition(|(due, _, _)| *due <= now);
@@ -556,6 +586,9 @@ impl<W: Write> Output<'_, W> {
         let time = self.clock.now_rfc3339();
         for event in events {
             self.anomaly_records += 1;
+            if let (Some(metrics), crate::aggregate::Phase::Open) = (&self.metrics, event.phase) {
+                metrics.anomaly_opened(event.anomaly.kind.name());
+            }
             self.sink
                 .write(&AnomalyRecord::new(event, time.clone(), &self.shared))?;
         }

@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod decode;
 pub mod enrich;
 pub mod kernel;
+pub mod metrics;
 pub mod privileges;
 pub mod reconcile;
 pub mod record;

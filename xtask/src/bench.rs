@@ -177,7 +177,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
 
     say("[6/6] report");
     let markdown = report.render();
-    println!("{}", report.render_summary());
+    print!("{markdown}");
     let output = args
         .output
         .clone()
@@ -2175,8 +2175,9 @@ impl Report {
                     paired_slowdowns(std::slice::from_ref(none), std::slice::from_ref(rate));
                 let _ = writeln!(
                     s,
-                    "| {} (1 run) | {} | {} | {} | {} | {} | (comparison) |",
+                    "| {}{} (1 run) | {} | {} | {} | {} | {} | (comparison) |",
                     tool.label,
+                    mark(&[none, rate, cost]),
                     int(rate.rate()),
                     pct(self.slowdown(rate.rate())),
                     pct(paired.median()),
@@ -2313,8 +2314,9 @@ impl Report {
                         paired_slowdowns(std::slice::from_ref(none), std::slice::from_ref(rate));
                     let _ = writeln!(
                         s,
-                        "| {} | started; programs: {} | {} | {} | {} |",
+                        "| {}{} | started; programs: {} | {} | {} | {} |",
                         tool.label,
+                        mark(&[none, rate, cost]),
                         programs
                             .iter()
                             .map(|p| format!("`{p}`"))
@@ -2369,6 +2371,15 @@ impl Report {
              the refused SYN (NO_SOCKET) and other frees."
         );
         let _ = writeln!(s);
+    }
+}
+
+/// `*` when another process had tracing programs attached during any of these runs.
+fn mark(windows: &[&Window]) -> &'static str {
+    if windows.iter().any(|w| !w.others.is_empty()) {
+        "*"
+    } else {
+        ""
     }
 }
 

@@ -382,7 +382,10 @@ mod tests {
     #[test]
     fn socket_links() {
         assert_eq!(parse_socket_link("socket:[1234]"), Some(1234));
-        assert_eq!(parse_socket_link("socket:[18446744073709551615]"), Some(u64::MAX));
+        assert_eq!(
+            parse_socket_link("socket:[18446744073709551615]"),
+            Some(u64::MAX)
+        );
         assert_eq!(parse_socket_link("pipe:[1234]"), None);
         assert_eq!(parse_socket_link("/dev/null"), None);
         assert_eq!(parse_socket_link("socket:[]"), None);
@@ -412,10 +415,8 @@ mod tests {
 
     impl FakeProc {
         fn new(test: &str) -> io::Result<FakeProc> {
-            let dir = std::env::temp_dir().join(format!(
-                "observer-owners-{test}-{}",
-                std::process::id()
-            ));
+            let dir =
+                std::env::temp_dir().join(format!("observer-owners-{test}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir)?;
             Ok(FakeProc(dir))
@@ -488,7 +489,10 @@ mod tests {
             map.lookup_or_refresh_at(7, t0 + Duration::from_millis(100))
                 .is_none()
         );
-        assert!(map.lookup_or_refresh_at(8, t0 + Duration::from_millis(499)).is_none());
+        assert!(
+            map.lookup_or_refresh_at(8, t0 + Duration::from_millis(499))
+                .is_none()
+        );
         assert_eq!(map.scans(), 1);
         let owner = map
             .lookup_or_refresh_at(7, t0 + MIN_RESCAN_INTERVAL)
@@ -496,12 +500,21 @@ mod tests {
         assert_eq!(owner.pid, 50);
         assert_eq!(map.scans(), 2);
         // Hits never scan; inode 0 (no socket file) never does either.
-        assert!(map.lookup_or_refresh_at(7, t0 + Duration::from_secs(5)).is_some());
-        assert!(map.lookup_or_refresh_at(0, t0 + Duration::from_secs(5)).is_none());
+        assert!(
+            map.lookup_or_refresh_at(7, t0 + Duration::from_secs(5))
+                .is_some()
+        );
+        assert!(
+            map.lookup_or_refresh_at(0, t0 + Duration::from_secs(5))
+                .is_none()
+        );
         assert_eq!(map.scans(), 2);
         // The process exits: the next rescan forgets it.
         std::fs::remove_dir_all(proc.0.join("50"))?;
-        assert!(map.lookup_or_refresh_at(9, t0 + Duration::from_secs(6)).is_none());
+        assert!(
+            map.lookup_or_refresh_at(9, t0 + Duration::from_secs(6))
+                .is_none()
+        );
         assert!(map.lookup(7).is_none());
         Ok(())
     }
@@ -566,11 +579,35 @@ mod tests {
         let client = v4(10, 0, 0, 1);
         let any6 = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
         let sockets = vec![
-            socket(Family::V4, TcpState::Listen, (server, 80), (v4(0, 0, 0, 0), 0), 10),
-            socket(Family::V4, TcpState::Established, (server, 80), (client, 4000), 11),
+            socket(
+                Family::V4,
+                TcpState::Listen,
+                (server, 80),
+                (v4(0, 0, 0, 0), 0),
+                10,
+            ),
+            socket(
+                Family::V4,
+                TcpState::Established,
+                (server, 80),
+                (client, 4000),
+                11,
+            ),
             // A request socket and a TIME_WAIT socket: inode 0, never matched.
-            socket(Family::V4, TcpState::SynRecv, (server, 80), (client, 4001), 0),
-            socket(Family::V4, TcpState::TimeWait, (server, 80), (client, 4002), 0),
+            socket(
+                Family::V4,
+                TcpState::SynRecv,
+                (server, 80),
+                (client, 4001),
+                0,
+            ),
+            socket(
+                Family::V4,
+                TcpState::TimeWait,
+                (server, 80),
+                (client, 4002),
+                0,
+            ),
             // A dual-stack listener and connection on 8080.
             socket(Family::V6, TcpState::Listen, (any6, 8080), (any6, 0), 20),
             socket(

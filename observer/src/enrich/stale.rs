@@ -22,8 +22,8 @@ use super::{
     netns::{self, NetnsError},
     owners::{Owner, OwnerMap},
     sockdiag::{
-        self, DetailedSocket, Extensions, Family, SockDiagError, SocketTimer, StateMask,
-        TcpSocket, TcpState,
+        self, DetailedSocket, Extensions, Family, SockDiagError, SocketTimer, StateMask, TcpSocket,
+        TcpState,
     },
 };
 
@@ -459,7 +459,7 @@ impl StaleTracker {
                 .is_some_and(|&oldest| group.count > oldest);
         }
         let mut out: Vec<StaleGroup> = groups.into_values().collect();
-        out.sort_by(|a, b| b.count.cmp(&a.count));
+        out.sort_by_key(|g| std::cmp::Reverse(g.count));
         out
     }
 
@@ -542,7 +542,10 @@ mod tests {
             i.data_segs_in = Some(3);
             i.last_data_recv_ms = 50_000;
         });
-        assert_eq!(kind(&again, SocketTimer::None, false), Some(StaleKind::AwaitingReply));
+        assert_eq!(
+            kind(&again, SocketTimer::None, false),
+            Some(StaleKind::AwaitingReply)
+        );
         // Request sent at connection set-up, in the same jiffy: nothing ever received.
         let same_jiffy = with_info(waiting(0), |i| i.last_data_recv_ms = 40_000);
         assert_eq!(
@@ -720,7 +723,10 @@ mod tests {
         assert_eq!(found.len(), 1);
         let c = &found[0];
         assert_eq!((c.peer, c.peer_port, c.local_port), (v4(2), 80, 40000));
-        assert_eq!((c.kind, c.age_ms, c.netns, c.inode), (StaleKind::AwaitingReply, 40_000, NS, 1000));
+        assert_eq!(
+            (c.kind, c.age_ms, c.netns, c.inode),
+            (StaleKind::AwaitingReply, 40_000, NS, 1000)
+        );
         assert_eq!(c.owner, None);
     }
 
@@ -750,8 +756,9 @@ mod tests {
     fn groups_by_process_and_peer() {
         let mut tracker = StaleTracker::new(3);
         let t0 = Instant::now();
-        let mut conns: Vec<StaleConnection> =
-            (0..20).map(|n| conn(n, Some((77, "python3")), 31_000 + u64::from(n) * 100)).collect();
+        let mut conns: Vec<StaleConnection> = (0..20)
+            .map(|n| conn(n, Some((77, "python3")), 31_000 + u64::from(n) * 100))
+            .collect();
         conns.push(conn(100, Some((88, "curl")), 45_000));
         conns.push(StaleConnection {
             kind: StaleKind::Unacknowledged,
@@ -769,12 +776,24 @@ mod tests {
             (g.pid, g.comm.as_deref(), g.cmdline.as_deref()),
             (Some(77), Some("python3"), Some("python3 --serve"))
         );
-        assert_eq!((g.peer, g.peer_port, g.count, g.awaiting_reply), (v4(2), 80, 20, 20));
-        assert_eq!((g.oldest_age_secs, g.bytes_waiting, g.newly_stale), (32, 200, 20));
+        assert_eq!(
+            (g.peer, g.peer_port, g.count, g.awaiting_reply),
+            (v4(2), 80, 20, 20)
+        );
+        assert_eq!(
+            (g.oldest_age_secs, g.bytes_waiting, g.newly_stale),
+            (32, 200, 20)
+        );
         // First sweep of the namespace: no history to grow from.
         assert!(!g.growing);
-        let exited = groups.iter().find(|g| g.pid.is_none()).expect("unowned group");
-        assert_eq!((exited.count, exited.unacknowledged, exited.comm.clone()), (1, 1, None));
+        let exited = groups
+            .iter()
+            .find(|g| g.pid.is_none())
+            .expect("unowned group");
+        assert_eq!(
+            (exited.count, exited.unacknowledged, exited.comm.clone()),
+            (1, 1, None)
+        );
         assert_eq!(tracker.first_seen(NS, 5), Some(t0));
         assert_eq!(tracker.first_seen(NS + 1, 102), None);
     }
