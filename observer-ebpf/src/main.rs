@@ -17,7 +17,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_NO_COMMON_LRU, BPF_NOEXIST},
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, generated::bpf_ktime_get_boot_ns},
     macros::{map, tracepoint},
     maps::{Array, LruHashMap, PerCpuArray, PerfEventArray},
@@ -46,7 +46,10 @@ macro_rules! config {
 /// Exact counters per flow. LRU so that a flood of distinct flows evicts old ones instead of
 /// failing; userspace sizes it.
 #[map]
-static FLOW_COUNTERS: LruHashMap<FlowKey, FlowCounters> = LruHashMap::with_max_entries(65_536, 0);
+// BPF_F_NO_COMMON_LRU: per-CPU LRU lists, so inserting a new flow (every connect of a storm)
+// takes no lock shared between CPUs.
+static FLOW_COUNTERS: LruHashMap<FlowKey, FlowCounters> =
+    LruHashMap::with_max_entries(65_536, BPF_F_NO_COMMON_LRU);
 
 /// Per-CPU statistics, one slot per event kind.
 #[map]
@@ -73,7 +76,8 @@ static NETNS_DROPS: LruHashMap<NetnsReason, u64> = LruHashMap::with_max_entries(
 
 /// Per-socket state between state changes, keyed by the socket's address.
 #[map]
-static SOCKETS: LruHashMap<u64, SocketState> = LruHashMap::with_max_entries(65_536, 0);
+static SOCKETS: LruHashMap<u64, SocketState> =
+    LruHashMap::with_max_entries(65_536, BPF_F_NO_COMMON_LRU);
 
 /// Exemplar events for userspace.
 #[map]

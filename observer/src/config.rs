@@ -610,6 +610,17 @@ fn qualify(text: &str, offset: usize, key: &str) -> String {
     }
 }
 
+/// The anomaly thresholds of a `[thresholds]` table (missing keys keep their defaults).
+pub fn thresholds(table: &toml::Table) -> Result<crate::aggregate::Thresholds, String> {
+    let thresholds: crate::aggregate::Thresholds = toml::Value::Table(table.clone())
+        .try_into()
+        .map_err(|e| format!("invalid [thresholds]: {e}"))?;
+    thresholds
+        .validate()
+        .map_err(|e| format!("invalid [thresholds]: {e}"))?;
+    Ok(thresholds)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -666,7 +677,10 @@ per_second = 10
         assert_eq!(config.export_kinds.as_deref(), Some("all,-close"));
         assert_eq!(config.drop_reasons.as_deref(), Some("default,-NO_SOCKET"));
         assert_eq!(config.perf_pages, Some(16));
-        assert_eq!(config.metrics, Some(SocketAddr::from(([127, 0, 0, 1], 9464))));
+        assert_eq!(
+            config.metrics,
+            Some(SocketAddr::from(([127, 0, 0, 1], 9464)))
+        );
         assert_eq!(
             config.output,
             OutputConfig {
@@ -851,7 +865,12 @@ per_second = 10
         );
         assert!(parse_metrics_addr("localhost:9464").is_err());
         assert!(parse_metrics_addr("").is_err());
-        assert_eq!(Settings::resolve(&Config::default()).map(|s| s.metrics).ok(), Some(None));
+        assert_eq!(
+            Settings::resolve(&Config::default())
+                .map(|s| s.metrics)
+                .ok(),
+            Some(None)
+        );
     }
 
     #[test]
@@ -877,15 +896,4 @@ per_second = 10
         assert_eq!(line_column("é = 1", 3), (1, 3));
         assert_eq!(line_column("x", 99), (1, 2));
     }
-}
-
-/// The anomaly thresholds of a `[thresholds]` table (missing keys keep their defaults).
-pub fn thresholds(table: &toml::Table) -> Result<crate::aggregate::Thresholds, String> {
-    let thresholds: crate::aggregate::Thresholds = toml::Value::Table(table.clone())
-        .try_into()
-        .map_err(|e| format!("invalid [thresholds]: {e}"))?;
-    thresholds
-        .validate()
-        .map_err(|e| format!("invalid [thresholds]: {e}"))?;
-    Ok(thresholds)
 }

@@ -232,6 +232,7 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
         pending_effects: Vec::new(),
         anomaly_records: 0,
         reconciler: Reconciler::default(),
+        last_reconcile_ns: 0,
         counters: Arc::clone(&counters),
         reported_undelivered: 0,
         flow_map: match loaded.flow_counters_handle() {
@@ -409,6 +410,7 @@ struct Output<'a, W: Write> {
     pending_effects: Vec<(u64, u64, SysctlChangeRecord)>,
     anomaly_records: u64,
     reconciler: Reconciler,
+    last_reconcile_ns: u64,
     counters: Arc<ReaderCounters>,
     /// `undelivered` count already reported in the stream.
     reported_undelivered: u64,
@@ -417,6 +419,9 @@ struct Output<'a, W: Write> {
     kind_stats: Option<PerCpuArray<MapData, KindStats>>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
 }
+
+/// How often suppressed events are reconciled into the engine.
+const RECONCILE_EVERY: Duration = Duration::from_secs(5);
 
 /// How long before and after a sysctl change the affected rates are compared.
 const SYSCTL_EFFECT_SPAN: Duration = Duration::from_secs(300);
@@ -444,8 +449,8 @@ impl<W: Write> Output<'_, W> {
                     metrics.lost(count);
                 }
                 self.sink.write(&LostRecord {
-                kind: "lost",
-                time: self.clock.now_rfc3339(),
+                    kind: "lost",
+                    time: self.clock.now_rfc3339(),
                     cpu,
                     count,
                 })
@@ -563,6 +568,12 @@ impl<W: Write> Output<'_, W> {
 
     /// Feeds the engine what the kernel counted but did not export (suppressed by budgets).
     fn reconcile(&mut self, now: u64) {
+        // A pass walks the whole flow map (two syscalls per flow): under a storm that is real
+        // CPU, so it runs at most every RECONCILE_EVERY.
+        if now.saturating_sub(self.last_reconcile_ns) < RECONCILE_EVERY.as_nanos() as u64 {
+            return;
+        }
+        self.last_reconcile_ns = now;
         let Some(stats) = &self.kind_stats else {
             return;
         };

@@ -19,3 +19,4 @@ pub mod privileges;
 pub mod reconcile;
 pub mod record;
 pub mod sink;
+pub mod top;

@@ -534,7 +534,10 @@ fn parse_request(head: &str) -> Option<Request<'_>> {
 }
 
 /// Status line, extra headers and body of the response to `head`.
-fn route(head: &str, metrics: &Metrics) -> (&'static str, Vec<(&'static str, &'static str)>, String) {
+fn route(
+    head: &str,
+    metrics: &Metrics,
+) -> (&'static str, Vec<(&'static str, &'static str)>, String) {
     let Some(request) = parse_request(head) else {
         return ("400 Bad Request", Vec::new(), "bad request\n".to_owned());
     };
@@ -554,7 +557,11 @@ fn route(head: &str, metrics: &Metrics) -> (&'static str, Vec<(&'static str, &'s
     }
     let format = Format::negotiate(request.accept);
     let body = metrics.encode(format);
-    ("200 OK", vec![("Content-Type", format.content_type())], body)
+    (
+        "200 OK",
+        vec![("Content-Type", format.content_type())],
+        body,
+    )
 }
 
 async fn respond(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
@@ -646,17 +653,35 @@ mod tests {
             r#"observer_peer_events_total{peer="10.0.0.2",kind="connect_failed"} 1"#,
             "observer_peers_folded_total 0",
         ] {
-            assert!(samples.contains(&expected), "{expected} missing in:\n{text}");
+            assert!(
+                samples.contains(&expected),
+                "{expected} missing in:\n{text}"
+            );
         }
         // No sample for a cause that never dropped.
         assert!(!text.contains(r#"listener="[::1]:80",netns="7",cause="accept"#));
         // Prometheus text: counter families by their samples' name, no OpenMetrics EOF.
-        assert!(text.contains("# TYPE observer_events_total counter\n"), "{text}");
-        assert!(text.contains("# HELP observer_events_total Kernel events"), "{text}");
-        assert!(text.contains("# TYPE observer_anomalies_open gauge\n"), "{text}");
+        assert!(
+            text.contains("# TYPE observer_events_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP observer_events_total Kernel events"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE observer_anomalies_open gauge\n"),
+            "{text}"
+        );
         assert!(!text.contains("# EOF"), "{text}");
-        assert!(text.contains("# TYPE process_cpu_seconds_total counter\n"), "{text}");
-        assert!(text.contains("# TYPE process_resident_memory_bytes gauge\n"), "{text}");
+        assert!(
+            text.contains("# TYPE process_cpu_seconds_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE process_resident_memory_bytes gauge\n"),
+            "{text}"
+        );
 
         let open = m.encode(Format::OpenMetrics);
         assert!(open.ends_with("# EOF\n"), "{open}");
@@ -694,7 +719,10 @@ mod tests {
             r#"observer_peer_events_total{peer="other",kind="drop"} 1"#,
             "observer_peers_folded_total 7",
         ] {
-            assert!(peers.contains(&expected) || text.contains(expected), "{expected} missing in:\n{text}");
+            assert!(
+                peers.contains(&expected) || text.contains(expected),
+                "{expected} missing in:\n{text}"
+            );
         }
     }
 
@@ -762,9 +790,15 @@ mod tests {
         metrics.event("connect_failed", None);
         let response = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await?;
         assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
-        assert!(response.contains("Content-Type: text/plain; version=0.0.4"), "{response}");
+        assert!(
+            response.contains("Content-Type: text/plain; version=0.0.4"),
+            "{response}"
+        );
         let (head, body) = response.split_once("\r\n\r\n").expect("head and body");
-        assert!(head.contains(&format!("Content-Length: {}", body.len())), "{head}");
+        assert!(
+            head.contains(&format!("Content-Length: {}", body.len())),
+            "{head}"
+        );
         assert!(
             body.contains("observer_events_total{kind=\"connect_failed\",reason=\"\"} 1\n"),
             "{body}"

@@ -824,6 +824,22 @@ fn refused_storm_totals_are_exact_under_default_budgets() -> Result<()> {
         client_flows.len(),
         per_kind.join("\n  ")
     ));
+    for r in run.records.iter().filter(|r| {
+        r["type"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("anomaly_"))
+            && key_in(r, &[client_ns, server_ns])
+    }) {
+        note(&format!(
+            "DEBUG {} {} {} lifetime {} counts {} ctx {}",
+            r["type"],
+            r["kind"],
+            r["key"],
+            r["lifetime_count"],
+            r["counts"],
+            r["context"]["counters_60s"]
+        ));
+    }
     // Ground truth: the storm happened, one RST and one failed attempt per connect.
     ensure!(refused > 1000, "only {refused} refused connects");
     ensure!(

@@ -11,12 +11,12 @@ use ratatui::widgets::TableState;
 
 use super::{
     event::{Event, SourceStatus},
-    wire::{self, AnomalyPhase, EventIn, Record, ReasonInterner, Start},
+    wire::{self, AnomalyPhase, EventIn, ReasonInterner, Record, Start},
 };
 use crate::{
     aggregate::{
-        ConfigError, Engine, EngineConfig, ListenerKey, RowKey, RowView, Signal, SignalView, SortKey, TableId,
-        Window,
+        ConfigError, Engine, EngineConfig, ListenerKey, RowKey, RowView, Signal, SignalView,
+        SortKey, TableId, Window,
     },
     decode::{EventKind, Flow},
 };
@@ -157,9 +157,7 @@ impl SortColumn {
             SortColumn::Severity => SortKey::Severity,
             SortColumn::Retransmits => rate(Some(Signal::Retransmit), Window::Last10s),
             SortColumn::SynRetransmits => rate(Some(Signal::SynRetransmit), Window::Last60s),
-            SortColumn::SynackRetransmits => {
-                rate(Some(Signal::SynackRetransmit), Window::Last60s)
-            }
+            SortColumn::SynackRetransmits => rate(Some(Signal::SynackRetransmit), Window::Last60s),
             SortColumn::Drops => rate(Some(Signal::PacketDrop), Window::Last60s),
             SortColumn::Resets | SortColumn::FailedConnects => rate(None, Window::Last60s),
             SortColumn::Overflows => rate(Some(Signal::ListenOverflow), Window::Last60s),
@@ -501,8 +499,7 @@ impl Model {
             }
             Record::SysctlChange(change) => {
                 let at = wire::parse_time(&change.time).unwrap_or(arrival_ns);
-                if self.sysctls.len() < MAX_NAMESPACES || self.sysctls.contains_key(&change.netns)
-                {
+                if self.sysctls.len() < MAX_NAMESPACES || self.sysctls.contains_key(&change.netns) {
                     self.sysctls
                         .entry(change.netns)
                         .or_default()
@@ -722,7 +719,10 @@ impl Model {
     }
 
     /// The sysctls known for `netns`, and its recent changes (newest first).
-    pub fn sysctls_of(&self, netns: u64) -> (Option<&BTreeMap<String, String>>, Vec<&SysctlChange>) {
+    pub fn sysctls_of(
+        &self,
+        netns: u64,
+    ) -> (Option<&BTreeMap<String, String>>, Vec<&SysctlChange>) {
         (
             self.sysctls.get(&netns),
             self.sysctl_changes
@@ -1365,10 +1365,7 @@ pub(crate) mod tests {
         let (values, changes) = app.model.sysctls_of(1);
         assert_eq!(values.map(|v| v["net.ipv4.tcp_sack"].as_str()), Some("0"));
         assert_eq!(changes.len(), 1);
-        assert_eq!(
-            app.model.sysctls_of(4026532000).0.map(|v| v.len()),
-            Some(1)
-        );
+        assert_eq!(app.model.sysctls_of(4026532000).0.map(|v| v.len()), Some(1));
         app.model.apply(Record::Lost { count: 3 }, T0);
         app.model.apply(Record::Undelivered { count: 4 }, T0);
         assert_eq!((app.model.lost, app.model.undelivered), (3, 4));
@@ -1387,7 +1384,8 @@ pub(crate) mod tests {
             app.model
                 .apply(event(EventKind::Retransmit, flow(0, false), T0), T0);
         }
-        app.model.apply(event(EventKind::Connect, flow(1, false), T0), T0);
+        app.model
+            .apply(event(EventKind::Connect, flow(1, false), T0), T0);
         app.handle(Event::Tick, T0 + 2 * NANOS_PER_SEC);
         assert_eq!(
             app.model.event_rates(),

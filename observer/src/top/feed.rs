@@ -51,7 +51,11 @@ pub fn pump<R: Read>(reader: R, tx: &Sender, drain_after_close: bool) -> io::Res
             if !closed && !batch.is_empty() {
                 let _ = tx.send(Event::Records(std::mem::take(&mut batch)));
             }
-            return Ok(if closed { PumpEnd::Closed } else { PumpEnd::Eof });
+            return Ok(if closed {
+                PumpEnd::Closed
+            } else {
+                PumpEnd::Eof
+            });
         }
         if closed {
             continue;
@@ -132,10 +136,9 @@ pub fn spawn_socket(path: PathBuf, tx: Sender) -> io::Result<thread::JoinHandle<
                         }
                         match pump(stream, &tx, false) {
                             Ok(PumpEnd::Closed) => return,
-                            Ok(PumpEnd::Eof) => format!(
-                                "the daemon closed {}; reconnecting",
-                                path.display()
-                            ),
+                            Ok(PumpEnd::Eof) => {
+                                format!("the daemon closed {}; reconnecting", path.display())
+                            }
                             Err(e) => format!("reading {}: {e}; reconnecting", path.display()),
                         }
                     }
@@ -152,9 +155,10 @@ pub fn spawn_socket(path: PathBuf, tx: Sender) -> io::Result<thread::JoinHandle<
                 }
                 thread::sleep(RECONNECT_EVERY);
                 // Leave once the render loop is gone, even while the daemon stays away.
-                if tx.try_send(Event::Resize).is_err_and(|e| {
-                    matches!(e, mpsc::TrySendError::Disconnected(_))
-                }) {
+                if tx
+                    .try_send(Event::Resize)
+                    .is_err_and(|e| matches!(e, mpsc::TrySendError::Disconnected(_)))
+                {
                     return;
                 }
             }
@@ -251,7 +255,10 @@ mod tests {
         let (reader, mut writer) = io::pipe().expect("pipe");
         let writer = thread::spawn(move || {
             // Far more than a pipe holds: the writer finishes only if the reader drains.
-            let line = format!("{{\"type\":\"lost\",\"count\":1,\"pad\":\"{}\"}}\n", "x".repeat(500));
+            let line = format!(
+                "{{\"type\":\"lost\",\"count\":1,\"pad\":\"{}\"}}\n",
+                "x".repeat(500)
+            );
             for _ in 0..2000 {
                 writer.write_all(line.as_bytes()).expect("write");
             }
@@ -267,7 +274,10 @@ mod tests {
         long.extend_from_slice(b"{\"type\":\"lost\",\"count\":1}\n");
         let mut reader = BufReader::new(&long[..]);
         let mut line = Vec::new();
-        assert_eq!(read_line(&mut reader, &mut line).expect("read"), MAX_LINE + 101);
+        assert_eq!(
+            read_line(&mut reader, &mut line).expect("read"),
+            MAX_LINE + 101
+        );
         assert!(line.len() <= MAX_LINE + 64 * 1024);
         line.clear();
         read_line(&mut reader, &mut line).expect("read");

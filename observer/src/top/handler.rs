@@ -199,7 +199,11 @@ mod tests {
         press(&mut app, KeyCode::Enter);
         assert_eq!(app.ui.popup, Some(Popup::Details));
         press(&mut app, KeyCode::Down);
-        assert_eq!(app.ui.table.selected(), Some(1), "details follow the selection");
+        assert_eq!(
+            app.ui.table.selected(),
+            Some(1),
+            "details follow the selection"
+        );
         press(&mut app, KeyCode::Enter);
         assert_eq!(app.ui.popup, None);
         press(&mut app, KeyCode::Char('q'));

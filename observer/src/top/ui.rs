@@ -196,7 +196,10 @@ fn render_header(frame: &mut Frame, area: Rect, app: &App) {
         }
     }
     first.push(sep());
-    first.push(Span::raw(format!("up {}", fmt_duration(model.uptime_ns(now)))));
+    first.push(Span::raw(format!(
+        "up {}",
+        fmt_duration(model.uptime_ns(now))
+    )));
     first.push(sep());
     let source = &app.ui.source;
     let source_style = if source.error {
@@ -279,7 +282,10 @@ fn render_tabs(frame: &mut Frame, area: Rect, app: &App) {
     )));
     if app.ui.paused {
         spans.push(Span::styled(" │ ", dim()));
-        spans.push(Span::styled("PAUSED", bold().fg(Color::Black).bg(Color::Yellow)));
+        spans.push(Span::styled(
+            "PAUSED",
+            bold().fg(Color::Black).bg(Color::Yellow),
+        ));
     }
     frame.render_widget(Paragraph::new(Line::from(spans)), area);
 }
@@ -404,7 +410,9 @@ impl Col {
 
     fn cell(self, row: &Row) -> String {
         let queue = |f: fn(&super::app::ListenerState) -> u32| {
-            row.queue.as_ref().map_or("-".to_owned(), |q| f(q).to_string())
+            row.queue
+                .as_ref()
+                .map_or("-".to_owned(), |q| f(q).to_string())
         };
         match self {
             Col::Retransmits => fmt_rate(row.retransmits_per_sec),
@@ -535,9 +543,10 @@ fn render_table(frame: &mut Frame, area: Rect, app: &mut App) {
         }
     };
     let mut header = vec![Cell::from(ellipsize(label_title, usize::from(label_width)))];
-    header.extend(cols.iter().map(|c| {
-        Cell::from(Line::from(c.title()).right_aligned()).style(sorted(c.sorts_by()))
-    }));
+    header
+        .extend(cols.iter().map(|c| {
+            Cell::from(Line::from(c.title()).right_aligned()).style(sorted(c.sorts_by()))
+        }));
     let mut widths = vec![Constraint::Length(label_width)];
     widths.extend(cols.iter().map(|c| Constraint::Length(c.width())));
 
@@ -548,7 +557,10 @@ fn render_table(frame: &mut Frame, area: Rect, app: &mut App) {
             Tab::Listeners => "listeners",
         };
         let why = if !app.ui.filter.is_empty() {
-            format!("no {what} match the filter `{}` (Esc clears it)", app.ui.filter)
+            format!(
+                "no {what} match the filter `{}` (Esc clears it)",
+                app.ui.filter
+            )
         } else if app.model.records == 0 {
             "waiting for records…".to_owned()
         } else {
@@ -620,7 +632,10 @@ fn render_sparkline(frame: &mut Frame, area: Rect, app: &App) {
     let block = Block::default()
         .borders(Borders::TOP)
         .border_style(dim())
-        .title(Span::styled(ellipsize(&title, width.saturating_sub(2)), bold()));
+        .title(Span::styled(
+            ellipsize(&title, width.saturating_sub(2)),
+            bold(),
+        ));
     let sparkline = Sparkline::default()
         .block(block)
         .data(&data)
@@ -970,14 +985,25 @@ mod tests {
 
     #[test]
     fn empty_state_renders_at_every_size() {
-        for (w, h) in [(80, 24), (120, 40), (200, 60), (30, 8), (20, 5), (1, 1), (0, 0)] {
+        for (w, h) in [
+            (80, 24),
+            (120, 40),
+            (200, 60),
+            (30, 8),
+            (20, 5),
+            (1, 1),
+            (0, 0),
+        ] {
             let mut app = App::new(T0, None, "in-process").expect("app");
             let screen = draw(&mut app, w, h);
             if w >= 80 {
                 assert!(screen.contains("observer top"), "{w}x{h}:\n{screen}");
                 assert!(screen.contains("waiting for records"), "{w}x{h}:\n{screen}");
                 assert!(screen.contains("lost 0"), "{w}x{h}:\n{screen}");
-                assert!(screen.contains("no anomalies reported"), "{w}x{h}:\n{screen}");
+                assert!(
+                    screen.contains("no anomalies reported"),
+                    "{w}x{h}:\n{screen}"
+                );
             }
         }
     }
@@ -1041,8 +1067,12 @@ mod tests {
     fn long_ipv6_addresses_are_shortened_in_the_middle() {
         let mut app = App::new(T0, None, "test").expect("app");
         let mut f = flow(0, true);
-        f.saddr = "fd00:1234:5678:9abc:def0:1234:5678:9abc".parse().expect("v6");
-        f.daddr = "fd00:aaaa:bbbb:cccc:dddd:eeee:ffff:1111".parse().expect("v6");
+        f.saddr = "fd00:1234:5678:9abc:def0:1234:5678:9abc"
+            .parse()
+            .expect("v6");
+        f.daddr = "fd00:aaaa:bbbb:cccc:dddd:eeee:ffff:1111"
+            .parse()
+            .expect("v6");
         f.sport = 54321;
         for sec in 0..5 {
             let at = T0 + sec * NANOS_PER_SEC;
@@ -1071,7 +1101,10 @@ mod tests {
         // Peers tab.
         app.set_tab(Tab::Peers);
         let peers = draw(&mut app, 80, 24);
-        assert!(peers.contains("fd00:aaaa:bbbb:cccc:dddd:eeee:ffff:1111"), "{peers}");
+        assert!(
+            peers.contains("fd00:aaaa:bbbb:cccc:dddd:eeee:ffff:1111"),
+            "{peers}"
+        );
     }
 
     #[test]
@@ -1120,7 +1153,8 @@ mod tests {
             T0 + 19 * NANOS_PER_SEC,
         );
         let at = T0 + 19 * NANOS_PER_SEC;
-        app.model.apply(event(EventKind::Drop, flow(0, false), at), at);
+        app.model
+            .apply(event(EventKind::Drop, flow(0, false), at), at);
         app.handle(Event::Tick, T0 + 20 * NANOS_PER_SEC);
         let mut terminal = Terminal::new(TestBackend::new(100, 30)).expect("terminal");
         terminal.draw(|f| render(f, &mut app)).expect("draw");

@@ -40,17 +40,25 @@ pub enum Record {
     Start(Start),
     Event(EventIn),
     /// A perf buffer lost samples.
-    Lost { count: u64 },
+    Lost {
+        count: u64,
+    },
     /// The daemon's socket dropped records for this reader (it was too slow).
-    Undelivered { count: u64 },
+    Undelivered {
+        count: u64,
+    },
     ListenerDrops(ListenerDropsIn),
     NetfilterDrop(NetfilterDropIn),
     SysctlChange(SysctlChangeIn),
     Anomaly(AnomalyIn),
     /// The run ended.
-    Stop { reason: String },
+    Stop {
+        reason: String,
+    },
     /// A record type top does not use (`sysctl_effect`, future types).
-    Other { kind: String },
+    Other {
+        kind: String,
+    },
 }
 
 /// The `start` record: what the header shows.
@@ -271,8 +279,8 @@ struct StopJson {
 
 /// Unix nanoseconds of an RFC 3339 time.
 pub fn parse_time(text: &str) -> Option<u64> {
-    let t = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
-        .ok()?;
+    let t =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
     u64::try_from(t.unix_timestamp_nanos()).ok()
 }
 
@@ -503,10 +511,9 @@ pub fn observation(event: &EventIn, reasons: &mut ReasonInterner) -> Option<Obse
             };
             Observation::new(signal, 1).with_flow(flow)
         }
-        EventKind::RetransmitFailed
-        | EventKind::Connect
-        | EventKind::Accept
-        | EventKind::Close => return None,
+        EventKind::RetransmitFailed | EventKind::Connect | EventKind::Accept | EventKind::Close => {
+            return None;
+        }
     };
     Some(obs)
 }
@@ -657,7 +664,12 @@ mod tests {
                     syn_retransmits: 3,
                 },
             ),
-            (EventKind::Accept, Detail::Accept { handshake_rtt_us: 7 }),
+            (
+                EventKind::Accept,
+                Detail::Accept {
+                    handshake_rtt_us: 7,
+                },
+            ),
             (
                 EventKind::Close,
                 Detail::Close {
@@ -783,7 +795,10 @@ mod tests {
         assert!(parse_line("not json").is_err());
         assert!(parse_line(r#"{"no":"type"}"#).is_err());
         assert!(parse_line(r#"{"type":"retransmit","saddr":"x"}"#).is_err());
-        assert_eq!(parse_time("2025-11-22T03:26:40.123456789Z"), Some(1_763_782_000_123_456_789));
+        assert_eq!(
+            parse_time("2025-11-22T03:26:40.123456789Z"),
+            Some(1_763_782_000_123_456_789)
+        );
         assert_eq!(parse_time("yesterday"), None);
     }
 }
