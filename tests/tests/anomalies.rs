@@ -2,12 +2,14 @@
 //! (`sysctl_change`, `sysctl_effect`) against faults induced in network namespaces and the
 //! kernel's own counters; and the exactness of `stop` when a storm exceeds the export budgets.
 //!
-//! The anomaly thresholds are not configurable yet (`observer run` builds the engine with
-//! `EngineConfig::default()`; a `[thresholds]` table in the configuration file is accepted but
-//! not passed on), so these tests work with the defaults of `aggregate/anomaly.rs`:
-//! `flow_retransmit_spike` opens at 10 segments/s over the 10 s window and closes once the rate
-//! has stayed below 5/s for 30 s; open anomalies are re-reported every 10 s; `connect_trouble`
-//! opens at 1 SYN retransmit/s.
+//! Thresholds: the lifecycle test passes its own through a configuration file (`--config`,
+//! `[thresholds]`): an update every 2 s and a 5 s close hold keep it short, and an open threshold
+//! of 8/s that the records must report shows the file is in force. The other tests run with the
+//! defaults of `aggregate/anomaly.rs` (`connect_trouble` opens at 1 SYN retransmit/s over the
+//! 10 s window, closes below 0.5/s after 30 s; updates every 10 s).
+//!
+//! `anomaly_counts_reconcile_suppressed_events_exactly` is `#[ignore]`d: it fails on the observer
+//! as of this writing (see its documentation).
 //!
 //! The observer is watched while it runs (not only after it stopped), so that every wait is a
 //! poll for a record with a deadline: see [`live::LiveObserver`].
@@ -19,6 +21,7 @@ use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpStream},
     os::unix::fs::MetadataExt,
+    path::PathBuf,
     thread,
     time::{Duration, Instant, SystemTime},
 };
@@ -27,7 +30,7 @@ use anyhow::{Context, Result, bail, ensure};
 use live::LiveObserver;
 use observer_tests::{
     Filter, Netns, Sink, Topology, connect_in, faults, kernel_test, nonblocking_connect, note,
-    rfc3339_ns, send_bulk, tcp_info,
+    rfc3339_ns, send_bulk, tcp_info, unique_name,
 };
 use serde_json::Value;
 
@@ -37,17 +40,48 @@ const REFUSED_PORT: u16 = 5082;
 const CLEAN_PORT: u16 = 5083;
 
 /// The retransmit fault: the server drops every 5th inbound data segment while the client
-/// writes `CHUNK` bytes every `PACE` (about 250 segments/s, so about 50 retransmitted
-/// segments/s: five times the open threshold) for `FAULT`.
+/// writes `CHUNK` bytes every `PACE` (about 250 segments/s, so about 60 retransmitted
+/// segments/s: several times the open threshold) for `FAULT`.
 const DROP_EVERY: u32 = 5;
 const CHUNK: usize = 1000;
 const PACE: Duration = Duration::from_millis(4);
-/// Long enough to open the anomaly (about 2 s at 50/s); the update comes 10 s after the open
-/// whether or not the fault still runs (the 30 s close hold keeps the anomaly open), so a short
-/// fault keeps the wait for `subsided` (10 s window to drain + 30 s hold) within the minute.
+/// Long enough to open the anomaly (about 2 s) and see updates while the fault lasts; after it,
+/// the 10 s window drains below the close rate within ~10 s, then the close hold runs.
 const FAULT: Duration = Duration::from_secs(6);
 
+/// The lifecycle test's thresholds (everything else keeps its default).
+const LIFECYCLE_OPEN_PER_SEC: f64 = 8.0;
+const LIFECYCLE_UPDATE_SECS: u64 = 2;
+const LIFECYCLE_HOLD_SECS: u64 = 5;
+const LIFECYCLE_CONFIG: &str = "\
+[thresholds]
+update_interval_secs = 2
+close_hold_secs = 5
+
+[thresholds.flow_retransmit_spike]
+open_per_sec = 8.0
+";
+
 const TIMESTAMPS: &str = "net.ipv4.tcp_timestamps";
+
+/// Event record types (`close` is not exported by default).
+const EVENT_KINDS: [&str; 11] = [
+    "retransmit",
+    "retransmit_failed",
+    "syn_retransmit",
+    "synack_retransmit",
+    "drop",
+    "reset_sent",
+    "reset_received",
+    "connect",
+    "connect_failed",
+    "accept",
+    "close",
+];
+
+/// The refused-connect storm: this long, at most this many connects.
+const STORM: Duration = Duration::from_secs(3);
+const MAX_CONNECTS: u32 = 40_000;
 
 /// Every retransmit-kind event exported (no per-flow or per-CPU budget), and only those kinds:
 /// the anomaly engine sees exported events only, and other tests' storms of drops, resets and
@@ -60,6 +94,27 @@ const RETRANSMIT_KINDS: &[&str] = &[
     "--export-kinds",
     "retransmit,syn_retransmit,synack_retransmit",
 ];
+
+/// A file removed on drop.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn create(test: &str, suffix: &str, contents: &str) -> Result<Self> {
+        let path = std::env::temp_dir().join(format!("{}{suffix}", unique_name(test)));
+        std::fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))?;
+        Ok(Self(path))
+    }
+
+    fn path(&self) -> Result<&str> {
+        self.0.to_str().context("temporary path is not UTF-8")
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
 
 fn u64_of(v: &Value, k: &str) -> Result<u64> {
     v[k].as_u64()
@@ -193,9 +248,10 @@ fn unix_ns(t: SystemTime) -> Result<i128> {
 }
 
 /// Issue test 1: a retransmit fault on one flow. Exactly one `flow_retransmit_spike` opens on
-/// that flow, is updated under the same id and closes (`subsided`) once the fault is over; its
-/// context is the client namespace's (sysctls, `TcpRetransSegs` over the last minute), and its
-/// lifetime count is the kernel's `TcpRetransSegs`.
+/// that flow, is updated under the same id and closes (`subsided`) once the fault is over, with
+/// the thresholds of the configuration file; its context is the client namespace's (sysctls,
+/// `TcpRetransSegs` over the last minute), and its lifetime count is the kernel's
+/// `TcpRetransSegs`.
 #[test]
 fn retransmit_fault_opens_updates_and_closes_one_flow_anomaly() -> Result<()> {
     let Some(t) = kernel_test("anomaly_lifecycle") else {
@@ -205,7 +261,10 @@ fn retransmit_fault_opens_updates_and_closes_one_flow_anomaly() -> Result<()> {
     let (client_ns, server_ns) = (topo.client.inode()?, topo.server.inode()?);
     let ns_timestamps = sysctl_in(&topo.client, TIMESTAMPS)?;
     faults::drop_data_to(&topo.server, false, DATA_PORT, DROP_EVERY)?;
-    let observer = LiveObserver::start(RETRANSMIT_KINDS)?;
+    let config = TempFile::create(&t.name, ".toml", LIFECYCLE_CONFIG)?;
+    let mut args = vec!["--config", config.path()?];
+    args.extend_from_slice(RETRANSMIT_KINDS);
+    let observer = LiveObserver::start(&args)?;
     let to = SocketAddr::new(topo.server_ip(false), DATA_PORT);
     let sink = Sink::start(&topo.server, to, 1, Duration::from_secs(60))?;
     let before = topo.client.counters()?;
@@ -242,19 +301,19 @@ fn retransmit_fault_opens_updates_and_closes_one_flow_anomaly() -> Result<()> {
     };
     let is_ours = |r: &Value| r["kind"] == "flow_retransmit_spike" && flow.matches(&r["key"]);
     // Open, update and close, each polled for with a deadline (close: the 10 s window drains
-    // within ~10 s of the fault's end, then the rate must stay below 5/s for 30 s).
+    // below the close rate within ~10 s of the fault's end, then the 5 s hold).
     let waited = (|| -> Result<()> {
         let id = observer.wait_for("the flow's anomaly_open", Duration::from_secs(15), |rs| {
             Ok(of_type(rs, "anomaly_open")
                 .find(|r| is_ours(r))
                 .map(|r| r["id"].clone()))
         })?;
-        observer.wait_for("an anomaly_update", Duration::from_secs(25), |rs| {
+        observer.wait_for("an anomaly_update", Duration::from_secs(10), |rs| {
             Ok(of_type(rs, "anomaly_update")
                 .any(|r| r["id"] == id)
                 .then_some(()))
         })?;
-        observer.wait_for("the anomaly_close", Duration::from_secs(55), |rs| {
+        observer.wait_for("the anomaly_close", Duration::from_secs(30), |rs| {
             Ok(of_type(rs, "anomaly_close")
                 .any(|r| r["id"] == id)
                 .then_some(()))
@@ -340,9 +399,10 @@ fn retransmit_fault_opens_updates_and_closes_one_flow_anomaly() -> Result<()> {
             "signals: expected [\"retransmit\"]: {r}"
         );
         ensure!(
-            f64_of(r, "open_threshold_per_sec")? == 10.0
-                && f64_of(r, "close_threshold_per_sec")? == 5.0,
-            "thresholds: expected the defaults 10 / 5 per second: {r}"
+            f64_of(r, "open_threshold_per_sec")? == LIFECYCLE_OPEN_PER_SEC
+                && f64_of(r, "close_threshold_per_sec")? == LIFECYCLE_OPEN_PER_SEC / 2.0,
+            "thresholds: expected the configured {LIFECYCLE_OPEN_PER_SEC} / {} per second: {r}",
+            LIFECYCLE_OPEN_PER_SEC / 2.0
         );
     }
     ensure!(
@@ -353,7 +413,7 @@ fn retransmit_fault_opens_updates_and_closes_one_flow_anomaly() -> Result<()> {
     // Rates and counts against the fault and the kernel.
     let open_rate = f64_of(open, "rate_per_sec")?;
     ensure!(
-        open_rate >= 10.0,
+        open_rate >= LIFECYCLE_OPEN_PER_SEC,
         "opened at {open_rate}/s, below the threshold"
     );
     let peak = f64_of(close, "peak_rate_per_sec")?;
@@ -364,7 +424,7 @@ fn retransmit_fault_opens_updates_and_closes_one_flow_anomaly() -> Result<()> {
         retrans_segs as f64 / 10.0
     );
     ensure!(
-        f64_of(close, "rate_per_sec")? < 5.0,
+        f64_of(close, "rate_per_sec")? < LIFECYCLE_OPEN_PER_SEC / 2.0,
         "closed as subsided at a rate above the close threshold: {close}"
     );
     let lifetime = u64_of(close, "lifetime_count")?;
@@ -375,9 +435,17 @@ fn retransmit_fault_opens_updates_and_closes_one_flow_anomaly() -> Result<()> {
     );
     let (last_seen, closed) = (u64_of(close, "last_seen_ns")?, u64_of(close, "closed_ns")?);
     ensure!(
-        closed >= last_seen + 30_000_000_000,
-        "closed {} ms after the last retransmit: the close hold is 30 s",
+        closed >= last_seen + LIFECYCLE_HOLD_SECS * 1_000_000_000,
+        "closed {} ms after the last retransmit: the close hold is {LIFECYCLE_HOLD_SECS} s",
         (closed.saturating_sub(last_seen)) / 1_000_000
+    );
+    // Updates every 2 s while open (3 s when a tick comes a hair early): far more than the
+    // default interval (10 s) would give.
+    let open_secs = (closed - u64_of(open, "opened_ns")?) / 1_000_000_000;
+    ensure!(
+        updates.len() as u64 >= (open_secs / (LIFECYCLE_UPDATE_SECS + 1)).saturating_sub(1),
+        "{} updates in {open_secs} s with an update interval of {LIFECYCLE_UPDATE_SECS} s",
+        updates.len()
     );
     ensure!(
         u64_of(open, "first_seen_ns")? <= u64_of(open, "opened_ns")?
@@ -726,27 +794,25 @@ fn sysctl_change_in_a_namespace_reaches_anomaly_context_and_effect() -> Result<(
     Ok(())
 }
 
-/// Issue test 3: a refused-connect storm with the default export budgets. Many events are
-/// suppressed, yet the per-flow totals of `stop` equal the kernel's counters and every exported
-/// event is accounted for.
-#[test]
-fn refused_storm_totals_are_exact_under_default_budgets() -> Result<()> {
-    let Some(t) = kernel_test("anomaly_storm_exact") else {
-        return Ok(());
-    };
-    let topo = Topology::new(&t.name, 83)?;
-    let (client_ns, server_ns) = (topo.client.inode()?, topo.server.inode()?);
-    // At most 2,000 source ports: at most 4,000 flows of the test in the kernel's LRU map
-    // (65,536 by default), so none of them is evicted.
-    topo.client
-        .sysctl("net.ipv4.ip_local_port_range", "40000 41999")?;
-    let observer = LiveObserver::start(&[])?;
+/// A refused-connect storm and the kernel's account of it.
+#[derive(Debug)]
+struct RefusedStorm {
+    refused: u32,
+    /// When the last connect returned.
+    ended: SystemTime,
+    /// Server namespace `TcpOutRsts` delta.
+    server_rsts: u64,
+    /// Client namespace `TcpAttemptFails` delta.
+    attempt_fails: u64,
+}
+
+/// `STORM` of blocking connects from the client to a closed port on the server, paced at up to
+/// 10 per millisecond (at most `MAX_CONNECTS`). Every connect must be refused, and the kernel
+/// must count one RST (server) and one failed attempt (client) per connect.
+fn refused_storm(topo: &Topology) -> Result<RefusedStorm> {
     let to = SocketAddr::new(topo.server_ip(false), REFUSED_PORT);
     let (cb, sb) = (topo.client.counters()?, topo.server.counters()?);
-    // 3 s of blocking connects to a closed port, paced at up to 10 per millisecond.
-    const STORM: Duration = Duration::from_secs(3);
-    const MAX_CONNECTS: u32 = 40_000;
-    let storm = topo.client.run(|| -> Result<u32> {
+    let refused = topo.client.run(|| -> Result<u32> {
         let start = Instant::now();
         let mut refused = 0u32;
         for i in 0..MAX_CONNECTS {
@@ -765,12 +831,48 @@ fn refused_storm_totals_are_exact_under_default_budgets() -> Result<()> {
             }
         }
         Ok(refused)
-    })?;
+    })??;
+    let ended = SystemTime::now();
     let (ca, sa) = (topo.client.counters()?, topo.server.counters()?);
+    let storm = RefusedStorm {
+        refused,
+        ended,
+        server_rsts: sb.delta(&sa, "TcpOutRsts")?,
+        attempt_fails: cb.delta(&ca, "TcpAttemptFails")?,
+    };
+    // Ground truth: the storm happened, one RST and one failed attempt per connect.
+    ensure!(refused > 1000, "only {refused} refused connects: {storm:?}");
+    ensure!(
+        storm.server_rsts == u64::from(refused) && storm.attempt_fails == u64::from(refused),
+        "kernel counters disagree with the storm: {storm:?}"
+    );
+    Ok(storm)
+}
+
+/// Issue test 3: a refused-connect storm with the default export budgets. Many events are
+/// suppressed, yet the per-flow totals of `stop` equal the kernel's counters, every exported
+/// event is accounted for, and every event on the test's flows was written or counted as
+/// suppressed on its flow.
+#[test]
+fn refused_storm_totals_are_exact_under_default_budgets() -> Result<()> {
+    let Some(t) = kernel_test("anomaly_storm_exact") else {
+        return Ok(());
+    };
+    let topo = Topology::new(&t.name, 83)?;
+    let (client_ns, server_ns) = (topo.client.inode()?, topo.server.inode()?);
+    // At most 2,000 source ports: at most 4,000 flows of the test in the kernel's LRU map
+    // (65,536 by default), so none of them is evicted.
+    topo.client
+        .sysctl("net.ipv4.ip_local_port_range", "40000 41999")?;
+    let observer = LiveObserver::start(&[])?;
+    let storm = refused_storm(&topo);
     let run = observer.stop()?;
-    let refused = storm?;
-    let server_rsts = sb.delta(&sa, "TcpOutRsts")?;
-    let attempt_fails = cb.delta(&ca, "TcpAttemptFails")?;
+    let RefusedStorm {
+        refused,
+        server_rsts,
+        attempt_fails,
+        ..
+    } = storm?;
 
     let server_flows = run.flows(&Filter {
         netns: Some(server_ns),
@@ -824,29 +926,14 @@ fn refused_storm_totals_are_exact_under_default_budgets() -> Result<()> {
         client_flows.len(),
         per_kind.join("\n  ")
     ));
-    for r in run.records.iter().filter(|r| {
-        r["type"]
-            .as_str()
-            .is_some_and(|t| t.starts_with("anomaly_"))
-            && key_in(r, &[client_ns, server_ns])
-    }) {
+    // What the engine made of it (not checked here: see
+    // `anomaly_counts_reconcile_suppressed_events_exactly`).
+    for r in of_type(&run.records, "anomaly_close").filter(|r| key_in(r, &[client_ns, server_ns])) {
         note(&format!(
-            "DEBUG {} {} {} lifetime {} counts {} ctx {}",
-            r["type"],
-            r["kind"],
-            r["key"],
-            r["lifetime_count"],
-            r["counts"],
-            r["context"]["counters_60s"]
+            "{}: {} on {}: lifetime_count {} at shutdown",
+            t.name, r["kind"], r["key"], r["lifetime_count"]
         ));
     }
-    // Ground truth: the storm happened, one RST and one failed attempt per connect.
-    ensure!(refused > 1000, "only {refused} refused connects");
-    ensure!(
-        server_rsts == u64::from(refused) && attempt_fails == u64::from(refused),
-        "kernel counters disagree with the storm: {refused} refused, TcpOutRsts +{server_rsts}, \
-         TcpAttemptFails +{attempt_fails}"
-    );
     // Exact per-flow totals despite the budgets.
     ensure!(
         resets_sent == server_rsts,
@@ -877,6 +964,52 @@ fn refused_storm_totals_are_exact_under_default_budgets() -> Result<()> {
     );
     if let Some(problem) = run.accounting_problem() {
         bail!("{problem}");
+    }
+    // Per flow: every event of an exported kind on the test's flows was either written or
+    // counted as suppressed on its flow (both budgets count there).
+    if lost == 0 && undelivered == 0 && decode_errors == 0 {
+        let exportable = [
+            "retransmit_skbs",
+            "retransmit_failed",
+            "syn_retransmits",
+            "synack_retransmits",
+            "drops",
+            "resets_sent",
+            "resets_received",
+            "connects",
+            "connects_refused",
+            "connects_timed_out",
+            "accepts",
+        ];
+        let flows: Vec<&Value> = server_flows.iter().chain(&client_flows).copied().collect();
+        let counted: u64 = flows
+            .iter()
+            .flat_map(|f| exportable.iter().map(|k| f[*k].as_u64().unwrap_or(0)))
+            .sum();
+        let flow_suppressed: u64 = flows
+            .iter()
+            .map(|f| f["suppressed"].as_u64().unwrap_or(0))
+            .sum();
+        let written = run
+            .records
+            .iter()
+            .filter(|r| {
+                EVENT_KINDS.contains(&r["type"].as_str().unwrap_or(""))
+                    && r["netns"]
+                        .as_u64()
+                        .is_some_and(|n| n == client_ns || n == server_ns)
+            })
+            .count() as u64;
+        note(&format!(
+            "{}: the test's flows: {counted} events of exported kinds = {written} written + \
+             {flow_suppressed} suppressed",
+            t.name
+        ));
+        ensure!(
+            counted == written + flow_suppressed,
+            "the test's flows: {counted} events of exported kinds counted != {written} written \
+             + {flow_suppressed} suppressed"
+        );
     }
     // Per kind: every event was counted (or found the flow map full), and every counted event
     // of an exported kind was exported or suppressed; `close` is not exported by default.
@@ -1082,4 +1215,89 @@ mod live {
             }
         }
     }
+}
+
+/// Under the default budgets most storm events are suppressed; the engine is fed the kernel's
+/// exact per-flow counts for them (docs/schema.md, "Anomalies"), once every 5 s. So an update
+/// written after a reconciliation pass that followed the storm counts every refused connect
+/// and every reset exactly.
+///
+/// Ignored: on the observer as of this writing the counts are off (the events fed before the
+/// first pass are counted twice, e.g. lifetime_count 31,428 for 29,928 refused connects), and
+/// at shutdown the suppressed events of the last pass interval are missing (1,533 for 27,749).
+/// Run with `--ignored` once reconciliation is exact.
+#[test]
+#[ignore = "observer: reconciled anomaly counts are not exact (see the doc comment)"]
+fn anomaly_counts_reconcile_suppressed_events_exactly() -> Result<()> {
+    let Some(t) = kernel_test("anomaly_reconcile") else {
+        return Ok(());
+    };
+    let topo = Topology::new(&t.name, 84)?;
+    let (client_ns, server_ns) = (topo.client.inode()?, topo.server.inode()?);
+    topo.client
+        .sysctl("net.ipv4.ip_local_port_range", "40000 41999")?;
+    let observer = LiveObserver::start(&[])?;
+    let storm = refused_storm(&topo)?;
+    let (client_peer, server_peer) = (
+        topo.server_ip(false).to_string(),
+        topo.client_ip(false).to_string(),
+    );
+    let on = |r: &Value, kind: &str, netns: u64, addr: &str| {
+        r["kind"] == kind
+            && r["key"]["scope"] == "peer"
+            && r["key"]["netns"].as_u64() == Some(netns)
+            && r["key"]["addr"].as_str() == Some(addr)
+    };
+    // A pass runs at most every 5 s, at a tick: 7 s after the storm one has followed it.
+    let settled = unix_ns(storm.ended)? + 7_000_000_000;
+    let after_pass = |r: &Value| rfc3339_ns(&r["time"]).is_some_and(|at| at >= settled);
+    let waited = observer.wait_for(
+        "anomaly updates written 7 s after the storm",
+        Duration::from_secs(30),
+        |rs| {
+            let failed = of_type(rs, "anomaly_update")
+                .find(|r| after_pass(r) && on(r, "failed_connects", client_ns, &client_peer))
+                .cloned();
+            let resets = of_type(rs, "anomaly_update")
+                .find(|r| after_pass(r) && on(r, "reset_storm", server_ns, &server_peer))
+                .cloned();
+            Ok(failed.zip(resets))
+        },
+    );
+    let run = observer.stop()?;
+    let (failed, resets) = waited.with_context(|| describe_anomalies(&run.records))?;
+    let mut problems = Vec::new();
+    for (what, r, truth) in [
+        (
+            "failed_connects (client TcpAttemptFails)",
+            &failed,
+            storm.attempt_fails,
+        ),
+        (
+            "reset_storm (server TcpOutRsts)",
+            &resets,
+            storm.server_rsts,
+        ),
+    ] {
+        let lifetime = u64_of(r, "lifetime_count")?;
+        if lifetime != truth {
+            problems.push(format!(
+                "{what}: update lifetime_count {lifetime} != {truth}: {r}"
+            ));
+        }
+        let close = of_type(&run.records, "anomaly_close").find(|c| c["id"] == r["id"]);
+        let closed = close.and_then(|c| c["lifetime_count"].as_u64());
+        if closed != Some(truth) {
+            problems.push(format!(
+                "{what}: close lifetime_count {closed:?} != {truth}"
+            ));
+        }
+    }
+    ensure!(
+        problems.is_empty(),
+        "{} refused connects: {}",
+        storm.refused,
+        problems.join("\n")
+    );
+    Ok(())
 }

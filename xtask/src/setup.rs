@@ -20,6 +20,9 @@ const APT_PACKAGES: &[&str] = &[
     "tmux",
     // systemd-analyze, to verify the packaged unit file in the tests.
     "systemd",
+    // promtool (`promtool check metrics`) and syslog-ng, for tests/tests/outputs.rs.
+    "prometheus",
+    "syslog-ng-core",
 ];
 
 /// The nightly toolchain builds the eBPF crate (`-Z build-std=core`); clippy lints it.

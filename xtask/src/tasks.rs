@@ -68,9 +68,15 @@ fn build_and_test(cargo_test_args: &[String]) -> Result<()> {
     run(cargo().args(["build", "-p", "observer"]))?;
     let observer = cmd::target_dir().join("debug").join("observer");
     let mut test = cargo();
-    test.args(["test", "--workspace", "--exclude", EBPF_CRATE])
-        .args(cargo_test_args)
-        .env("OBSERVER_BIN", &observer);
+    test.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        EBPF_CRATE,
+        "--no-fail-fast",
+    ])
+    .args(cargo_test_args)
+    .env("OBSERVER_BIN", &observer);
     if is_root() {
         // As root the kernel tests can run: make them fail rather than skip.
         test.env("OBSERVER_REQUIRE_KERNEL_TESTS", "1");

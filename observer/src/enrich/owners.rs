@@ -14,7 +14,7 @@
 //! A short-lived process may have exited (or closed the socket) before the lookup: then no
 //! owner is found, and the caller should say so ("exited") rather than guess.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io::{self, Read as _},
     net::IpAddr,
     path::{Path, PathBuf},
@@ -99,16 +99,18 @@ pub fn parse_cmdline(bytes: &[u8]) -> String {
 
 /// Socket inode -> owning process, from a scan of `/proc/*/fd`, rescanned on demand.
 ///
-/// Lookups are answered from the last scan. [`OwnerMap::lookup_or_refresh`] rescans when an
-/// inode is missing, at most once per [`MIN_RESCAN_INTERVAL`]: a burst of lookups for sockets
-/// of a process that exited costs one scan, not one each.
+/// Lookups are answered from the last scan. [`OwnerMap::lookup_or_refresh`] first checks that
+/// the remembered descriptor still holds the socket (one `readlink`: the process may have
+/// exited or closed it since), and rescans when the inode is missing or no longer held, at
+/// most once per [`MIN_RESCAN_INTERVAL`]: a burst of lookups for sockets of a process that
+/// exited costs one scan, not one each.
 ///
 /// A scan reads every process's descriptor table (one `readlink` per descriptor), so it costs
 /// in proportion to the descriptors open on the machine (a few ms per thousand).
 #[derive(Debug)]
 pub struct OwnerMap {
     proc_root: PathBuf,
-    by_inode: HashMap<u64, Owner>,
+    by_inode: HashMap<u64, Entry>,
     last_scan: Option<Instant>,
     scans: u64,
 }
@@ -148,9 +150,10 @@ impl OwnerMap {
         Ok(self.by_inode.len())
     }
 
-    /// The owner of socket `inode` as of the last scan.
+    /// The owner of socket `inode` as of the last scan (not checked: the process may have
+    /// exited since).
     pub fn lookup(&self, inode: u64) -> Option<&Owner> {
-        self.by_inode.get(&inode)
+        self.by_inode.get(&inode).map(|e| &e.owner)
     }
 
     /// The owner of socket `inode`, rescanning first if it is unknown and the last scan is at
@@ -165,11 +168,20 @@ impl OwnerMap {
         if inode == 0 {
             return None;
         }
-        if !self.by_inode.contains_key(&inode) && self.may_rescan(now) {
-            // A failed scan leaves the map empty; the answer is then "unknown", like a miss.
-            let _ = self.refresh_at(now);
+        let held = self
+            .by_inode
+            .get(&inode)
+            .is_some_and(|e| still_holds(&e.fd, inode));
+        if !held {
+            // Gone from that process; another holder, if any, is found by a rescan.
+            self.by_inode.remove(&inode);
+            if self.may_rescan(now) {
+                // A failed scan leaves the map empty; the answer is then "unknown", like a
+                // miss.
+                let _ = self.refresh_at(now);
+            }
         }
-        self.by_inode.get(&inode)
+        self.by_inode.get(&inode).map(|e| &e.owner)
     }
 
     fn may_rescan(&self, now: Instant) -> bool {
@@ -192,6 +204,21 @@ impl OwnerMap {
     }
 }
 
+/// What a scan remembers of a socket: its owner, and the descriptor link that showed it.
+#[derive(Debug, Clone)]
+struct Entry {
+    owner: Owner,
+    fd: PathBuf,
+}
+
+/// Whether the descriptor link `fd` still points to socket `inode`.
+fn still_holds(fd: &Path, inode: u64) -> bool {
+    std::fs::read_link(fd)
+        .ok()
+        .and_then(|target| parse_socket_link(target.to_str()?))
+        == Some(inode)
+}
+
 /// Reads at most `limit` bytes of a file.
 fn read_prefix(path: &Path, limit: usize) -> io::Result<Vec<u8>> {
     let mut bytes = Vec::new();
@@ -202,12 +229,12 @@ fn read_prefix(path: &Path, limit: usize) -> io::Result<Vec<u8>> {
 }
 
 /// One pass over `proc_root/*/fd`.
-fn scan(proc_root: &Path) -> Result<HashMap<u64, Owner>, OwnersError> {
+fn scan(proc_root: &Path) -> Result<HashMap<u64, Entry>, OwnersError> {
     let entries = std::fs::read_dir(proc_root).map_err(|io_error| OwnersError::ReadProc {
         path: proc_root.to_owned(),
         io_error,
     })?;
-    let mut by_inode: HashMap<u64, Owner> = HashMap::new();
+    let mut by_inode: HashMap<u64, Entry> = HashMap::new();
     for entry in entries.flatten() {
         let Some(pid) = entry
             .file_name()
@@ -220,12 +247,15 @@ fn scan(proc_root: &Path) -> Result<HashMap<u64, Owner>, OwnersError> {
         let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
             continue;
         };
-        let inodes: Vec<u64> = fds
+        let sockets: Vec<(u64, PathBuf)> = fds
             .flatten()
-            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
-            .filter_map(|target| parse_socket_link(target.to_str()?))
+            .filter_map(|fd| {
+                let path = fd.path();
+                let inode = parse_socket_link(std::fs::read_link(&path).ok()?.to_str()?)?;
+                Some((inode, path))
+            })
             .collect();
-        if inodes.is_empty() {
+        if sockets.is_empty() {
             continue;
         }
         let dir = entry.path();
@@ -235,31 +265,34 @@ fn scan(proc_root: &Path) -> Result<HashMap<u64, Owner>, OwnersError> {
         let cmdline = read_prefix(&dir.join("cmdline"), CMDLINE_MAX)
             .map(|b| parse_cmdline(&b))
             .unwrap_or_default();
-        let mut seen_here = Vec::with_capacity(inodes.len());
-        for inode in inodes {
+        let mut seen_here = HashSet::with_capacity(sockets.len());
+        for (inode, fd) in sockets {
             // A process holding one socket in several descriptors is one holder.
-            if seen_here.contains(&inode) {
+            if !seen_here.insert(inode) {
                 continue;
             }
-            seen_here.push(inode);
             match by_inode.get_mut(&inode) {
                 None => {
                     by_inode.insert(
                         inode,
-                        Owner {
-                            pid,
-                            comm: comm.clone(),
-                            cmdline: cmdline.clone(),
-                            holders: 1,
+                        Entry {
+                            owner: Owner {
+                                pid,
+                                comm: comm.clone(),
+                                cmdline: cmdline.clone(),
+                                holders: 1,
+                            },
+                            fd,
                         },
                     );
                 }
-                Some(owner) => {
-                    owner.holders += 1;
-                    if pid < owner.pid {
-                        owner.pid = pid;
-                        owner.comm.clone_from(&comm);
-                        owner.cmdline.clone_from(&cmdline);
+                Some(entry) => {
+                    entry.owner.holders += 1;
+                    if pid < entry.owner.pid {
+                        entry.owner.pid = pid;
+                        entry.owner.comm.clone_from(&comm);
+                        entry.owner.cmdline.clone_from(&cmdline);
+                        entry.fd = fd;
                     }
                 }
             }
@@ -509,12 +542,25 @@ mod tests {
                 .is_none()
         );
         assert_eq!(map.scans(), 2);
-        // The process exits: the next rescan forgets it.
+        // A miss for another socket rescans (at 5 s; 7 is still held then).
+        assert!(
+            map.lookup_or_refresh_at(9, t0 + Duration::from_secs(5))
+                .is_none()
+        );
+        assert_eq!(map.scans(), 3);
+        // The process exits: its entry is no longer trusted even while no rescan is due (one
+        // readlink checks it), and the next rescan forgets it.
         std::fs::remove_dir_all(proc.0.join("50"))?;
+        assert!(
+            map.lookup_or_refresh_at(7, t0 + Duration::from_millis(5_100))
+                .is_none()
+        );
+        assert_eq!(map.scans(), 3);
         assert!(
             map.lookup_or_refresh_at(9, t0 + Duration::from_secs(6))
                 .is_none()
         );
+        assert_eq!(map.scans(), 4);
         assert!(map.lookup(7).is_none());
         Ok(())
     }

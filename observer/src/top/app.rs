@@ -375,9 +375,13 @@ fn sec_of(ns: u64) -> u64 {
 }
 
 impl Model {
-    pub fn new(now_ns: u64, host_netns: Option<u64>) -> Result<Self, ConfigError> {
+    pub fn new(
+        now_ns: u64,
+        host_netns: Option<u64>,
+        engine: EngineConfig,
+    ) -> Result<Self, ConfigError> {
         Ok(Self {
-            engine: Engine::new(EngineConfig::default(), now_ns)?,
+            engine: Engine::new(engine, now_ns)?,
             reasons: ReasonInterner::default(),
             extras: HashMap::new(),
             start: None,
@@ -623,9 +627,10 @@ impl Model {
             let extras = self.extras_of(key, at);
             extras.ring.add(sec, obs.amount);
             if let Some(reason) = &obs.reason {
+                let known = extras.reasons.len();
                 match extras.reasons.iter_mut().find(|(r, _)| r == reason) {
                     Some((_, n)) => *n += obs.amount,
-                    None if extras.reasons.len() < REASONS_PER_KEY => {
+                    None if known < REASONS_PER_KEY => {
                         extras.reasons.push((Arc::clone(reason), obs.amount));
                     }
                     None => {}
@@ -933,9 +938,14 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(now_ns: u64, host_netns: Option<u64>, source: &str) -> Result<Self, ConfigError> {
+    pub fn new(
+        now_ns: u64,
+        host_netns: Option<u64>,
+        source: &str,
+        engine: EngineConfig,
+    ) -> Result<Self, ConfigError> {
         Ok(Self {
-            model: Model::new(now_ns, host_netns)?,
+            model: Model::new(now_ns, host_netns, engine)?,
             view: View::default(),
             ui: Ui {
                 tab: Tab::Flows,
@@ -1182,7 +1192,7 @@ pub(crate) mod tests {
 
     /// An app with `flows` flows, flow i retransmitting i+1 segments per second for 20 s.
     pub(crate) fn app_with(flows: u16) -> App {
-        let mut app = App::new(T0, Some(4026531840), "test").expect("app");
+        let mut app = App::new(T0, Some(4026531840), "test", EngineConfig::default()).expect("app");
         for sec in 0..20u64 {
             let at = T0 + sec * NANOS_PER_SEC;
             for i in 0..flows {
@@ -1214,12 +1224,13 @@ pub(crate) mod tests {
     #[test]
     fn sorting_cycles_and_orders_by_the_column() {
         let mut app = app_with(3);
-        let at = T0 + 19 * NANOS_PER_SEC;
+        // After the tick at 20 s: counted in second 20, complete at 21 s.
+        let at = T0 + 20 * NANOS_PER_SEC;
         for _ in 0..7 {
             app.model
                 .apply(event(EventKind::Drop, flow(0, false), at), at);
         }
-        app.handle(Event::Tick, T0 + 20 * NANOS_PER_SEC);
+        app.handle(Event::Tick, T0 + 21 * NANOS_PER_SEC);
         assert_eq!(app.ui.sort, SortColumn::Severity);
         app.cycle_sort(false);
         assert_eq!(app.ui.sort, SortColumn::Retransmits);
@@ -1290,7 +1301,7 @@ pub(crate) mod tests {
 
     #[test]
     fn connect_latencies_are_per_peer() {
-        let mut app = App::new(T0, None, "test").expect("app");
+        let mut app = App::new(T0, None, "test", EngineConfig::default()).expect("app");
         for (i, ms) in [1.0, 2.0, 3.0, 4.0, 100.0].into_iter().enumerate() {
             let at = T0 + i as u64 * NANOS_PER_SEC;
             let mut record = event(EventKind::Connect, flow(0, false), at);
@@ -1319,7 +1330,7 @@ pub(crate) mod tests {
 
     #[test]
     fn anomalies_sysctls_and_counters_come_from_their_records() {
-        let mut app = App::new(T0, Some(1), "test").expect("app");
+        let mut app = App::new(T0, Some(1), "test", EngineConfig::default()).expect("app");
         app.model.apply(
             Record::Start(Start {
                 host: "web-1".into(),
@@ -1379,7 +1390,7 @@ pub(crate) mod tests {
 
     #[test]
     fn event_rates_are_measured_per_tick() {
-        let mut app = App::new(T0, None, "test").expect("app");
+        let mut app = App::new(T0, None, "test", EngineConfig::default()).expect("app");
         for _ in 0..30 {
             app.model
                 .apply(event(EventKind::Retransmit, flow(0, false), T0), T0);

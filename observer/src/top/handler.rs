@@ -121,7 +121,8 @@ mod tests {
 
     #[test]
     fn keys_on_an_empty_table_do_not_panic() {
-        let mut app = App::new(0, None, "test").expect("app");
+        let mut app =
+            App::new(0, None, "test", crate::aggregate::EngineConfig::default()).expect("app");
         for code in [
             KeyCode::Down,
             KeyCode::Up,

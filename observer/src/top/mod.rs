@@ -32,7 +32,7 @@ use std::{
 
 use crate::{
     aggregate::EngineConfig,
-    config::{self, Config, OutputConfig, Settings},
+    config::{self, Config, Settings},
     daemon::RunOptions,
     privileges,
     sink::socket::DEFAULT_SOCKET_PATH,
@@ -101,31 +101,42 @@ enum Source {
 }
 
 impl TopArgs {
-    /// The run options of the in-process daemon: these flags over the configuration file over
-    /// the defaults, as `observer run` resolves them.
-    pub fn run_options(&self) -> Result<RunOptions, config::ConfigError> {
+    /// The settings of the in-process daemon: these flags over the configuration file over
+    /// the defaults, as `observer run` resolves them, and the anomaly thresholds they give.
+    fn settings(&self) -> Result<(Settings, EngineConfig), String> {
         let flags = Config {
             export_per_flow: self.export_per_flow,
             export_per_cpu: self.export_per_cpu,
             max_flows: self.max_flows,
             export_kinds: self.export_kinds.clone(),
             drop_reasons: self.drop_reasons.clone(),
-            perf_pages: None,
-            output: OutputConfig::default(),
-            thresholds: None,
+            ..Config::default()
         };
         let file = match config::choose_path(self.config.as_deref()) {
-            Some(path) => Config::load(&path)?,
+            Some(path) => Config::load(&path).map_err(|e| e.to_string())?,
             None => Config::default(),
         };
-        let settings = Settings::resolve(&file.overlay(&flags))?;
+        let settings = Settings::resolve(&file.overlay(&flags)).map_err(|e| e.to_string())?;
+        let engine = EngineConfig {
+            thresholds: config::thresholds(&settings.thresholds)?,
+            ..EngineConfig::default()
+        };
+        Ok((settings, engine))
+    }
+
+    /// The run options of the in-process daemon.
+    pub fn run_options(&self) -> Result<RunOptions, String> {
+        let (settings, engine) = self.settings()?;
         Ok(RunOptions {
             duration: None,
             load: settings.load_options(),
             perf_pages: settings.perf_pages,
             queue_capacity: 65_536,
             context_interval: Duration::from_secs(1),
-            engine: EngineConfig::default(),
+            engine,
+            // A reload would need the file's path and flags kept; top is restarted instead.
+            reload: None,
+            metrics: None,
         })
     }
 
@@ -206,8 +217,14 @@ fn run(args: &TopArgs, source: Source) -> anyhow::Result<()> {
         Source::Socket(path) => path.display().to_string(),
         Source::InProcess(_) => "in-process".to_owned(),
     };
-    let mut app =
-        app::App::new(now_ns(), own_netns(), &label).context("starting the aggregation engine")?;
+    // Severity is measured against the same thresholds as the daemon's (those of the
+    // configuration file, when it can be read).
+    let engine = match &source {
+        Source::InProcess(options) => options.engine.clone(),
+        Source::Socket(_) => args.settings().map(|(_, e)| e).unwrap_or_default(),
+    };
+    let mut app = app::App::new(now_ns(), own_netns(), &label, engine)
+        .context("starting the aggregation engine")?;
     let (tx, rx) = event::channel();
     // First: from here on SIGTERM/SIGINT/SIGHUP are events, not deaths.
     let _signals = event::spawn_signals(tx.clone()).context("installing signal handlers")?;

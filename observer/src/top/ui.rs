@@ -105,16 +105,20 @@ pub fn fmt_count(n: u64) -> String {
     }
 }
 
-/// Milliseconds in 5 columns: `0.4`, `12.5`, `340`, `12s`.
+/// Milliseconds in 4 columns: `0.4`, `12`, `340`, `1.2s`, `12s`.
 pub fn fmt_ms(ms: f64) -> String {
     if !ms.is_finite() || ms < 0.0 {
         "-".to_owned()
-    } else if ms < 99.95 {
+    } else if ms < 9.95 {
         format!("{ms:.1}")
-    } else if ms < 9_999.5 {
+    } else if ms < 999.5 {
         format!("{ms:.0}")
-    } else {
+    } else if ms < 9_950.0 {
+        format!("{:.1}s", ms / 1e3)
+    } else if ms < 999_500.0 {
         format!("{:.0}s", ms / 1e3)
+    } else {
+        ">1ks".to_owned()
     }
 }
 
@@ -367,8 +371,8 @@ impl Col {
             Col::Drops => "Drops",
             Col::Resets => "RST",
             Col::Failed => "Fail",
-            Col::P50 => "p50ms",
-            Col::P99 => "p99ms",
+            Col::P50 => "p50",
+            Col::P99 => "p99",
             Col::Severity => "Sev",
             Col::Reason => "Top drop reason",
             Col::Netns => "Netns",
@@ -382,9 +386,15 @@ impl Col {
 
     fn width(self) -> u16 {
         match self {
-            Col::Syn | Col::Resets | Col::Failed | Col::Severity | Col::SynQueue => 4,
-            Col::Drops | Col::P50 | Col::P99 => 5,
-            Col::Retransmits | Col::Synack => 6,
+            Col::Syn
+            | Col::Resets
+            | Col::Failed
+            | Col::Severity
+            | Col::SynQueue
+            | Col::P50
+            | Col::P99 => 4,
+            Col::Drops | Col::Retransmits => 5,
+            Col::Synack => 6,
             Col::Backlog | Col::AcceptQueue => 7,
             Col::Overflows | Col::SynQueueDrops => 8,
             Col::Netns => 10,
@@ -617,15 +627,9 @@ fn render_sparkline(frame: &mut Frame, area: Rect, app: &App) {
         return;
     };
     let width = usize::from(area.width);
-    let data: Vec<u64> = row
-        .sparkline
-        .iter()
-        .skip(row.sparkline.len().saturating_sub(width))
-        .copied()
-        .collect();
-    let max = data.iter().copied().max().unwrap_or(0);
+    let max = row.sparkline.iter().copied().max().unwrap_or(0);
     let title = format!(
-        " last 60 s of {}: trouble/s, max {} ",
+        " last 60 s of {}: trouble/s, max {} (now at the right) ",
         row.label,
         fmt_count(max)
     );
@@ -636,12 +640,27 @@ fn render_sparkline(frame: &mut Frame, area: Rect, app: &App) {
             ellipsize(&title, width.saturating_sub(2)),
             bold(),
         ));
+    let inner = block.inner(area);
+    frame.render_widget(block, area);
+    // Now at the right edge: the minute takes the right-hand columns.
+    let shown = usize::from(inner.width).min(row.sparkline.len());
+    let data: Vec<u64> = row
+        .sparkline
+        .iter()
+        .skip(row.sparkline.len() - shown)
+        .copied()
+        .collect();
+    let shown = u16::try_from(shown).unwrap_or(inner.width);
+    let spark_area = Rect {
+        x: inner.x + inner.width.saturating_sub(shown),
+        width: shown,
+        ..inner
+    };
     let sparkline = Sparkline::default()
-        .block(block)
         .data(&data)
         .max(max.max(1))
         .style(Style::default().fg(Color::Red));
-    frame.render_widget(sparkline, area);
+    frame.render_widget(sparkline, spark_area);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -994,7 +1013,13 @@ mod tests {
             (1, 1),
             (0, 0),
         ] {
-            let mut app = App::new(T0, None, "in-process").expect("app");
+            let mut app = App::new(
+                T0,
+                None,
+                "in-process",
+                crate::aggregate::EngineConfig::default(),
+            )
+            .expect("app");
             let screen = draw(&mut app, w, h);
             if w >= 80 {
                 assert!(screen.contains("observer top"), "{w}x{h}:\n{screen}");
@@ -1019,7 +1044,7 @@ mod tests {
             .iter()
             .position(|l| l.contains("Rtx/s"))
             .expect("table header");
-        for col in ["SYN", "SYNACK", "Drops", "RST", "Fail", "p50ms", "p99ms"] {
+        for col in ["SYN", "SYNACK", "Drops", "RST", "Fail", "p50", "p99"] {
             assert!(lines[header].contains(col), "{col}: {}", lines[header]);
         }
         let first = lines[header + 1];
@@ -1065,7 +1090,8 @@ mod tests {
 
     #[test]
     fn long_ipv6_addresses_are_shortened_in_the_middle() {
-        let mut app = App::new(T0, None, "test").expect("app");
+        let mut app =
+            App::new(T0, None, "test", crate::aggregate::EngineConfig::default()).expect("app");
         let mut f = flow(0, true);
         f.saddr = "fd00:1234:5678:9abc:def0:1234:5678:9abc"
             .parse()
@@ -1169,5 +1195,62 @@ mod tests {
         assert!(screen.contains("ipv4.tcp_sack 1→0"), "{screen}");
         assert!(screen.contains("NO_SOCKET 1/1"), "{screen}");
         assert!(screen.contains("events/s retransmit"), "{screen}");
+    }
+}
+#[cfg(test)]
+mod peek {
+    #[test]
+    fn peek() {
+        use crate::top::app::tests::app_with;
+        use ratatui::{Terminal, backend::TestBackend};
+        let mut app = app_with(30);
+        for (w, h) in [(80u16, 24u16), (120, 40)] {
+            let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
+            t.draw(|f| super::render(f, &mut app)).unwrap();
+            let b = t.backend().buffer();
+            for y in 0..h {
+                let mut l = String::new();
+                for x in 0..w {
+                    l.push_str(b[(x, y)].symbol());
+                }
+                println!("{l}");
+            }
+        }
+    }
+}
+#[cfg(test)]
+mod peek2 {
+    #[test]
+    fn replay() {
+        use crate::top::{app::App, event::Event, wire};
+        let Ok(text) = std::fs::read_to_string("/tmp/obs_run.ndjson") else {
+            return;
+        };
+        let mut app = App::new(0, None, "x", Default::default()).unwrap();
+        let mut last = 0;
+        for line in text.lines() {
+            let r = wire::parse_line(line).unwrap();
+            let t = serde_json::from_str::<serde_json::Value>(line).unwrap()["time"]
+                .as_str()
+                .and_then(wire::parse_time)
+                .unwrap_or(last);
+            if t / 1_000_000_000 != last / 1_000_000_000 && last != 0 {
+                app.handle(Event::Tick, t);
+            }
+            last = t;
+            app.model.apply(r, t);
+        }
+        app.handle(Event::Tick, last + 1_000_000_000);
+        println!(
+            "now {} reasons {:?}",
+            app.model.now_ns(),
+            app.model.reason_counts(app.model.now_ns())
+        );
+        for r in app.view.rows.iter().take(5) {
+            println!(
+                "{} drops {} rtx {}",
+                r.label, r.drops, r.retransmits_per_sec
+            );
+        }
     }
 }
