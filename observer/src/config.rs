@@ -32,8 +32,8 @@ use crate::{
 pub const DEFAULT_PATH: &str = "/etc/observer/observer.toml";
 
 /// Built-in defaults (the flags' defaults).
-pub const DEFAULT_EXPORT_PER_FLOW: u32 = 100;
-pub const DEFAULT_EXPORT_PER_CPU: u32 = 2000;
+pub const DEFAULT_EXPORT_PER_FLOW: u32 = 10;
+pub const DEFAULT_EXPORT_PER_CPU: u32 = 500;
 pub const DEFAULT_MAX_FLOWS: u32 = 65_536;
 pub const DEFAULT_EXPORT_KINDS: &str = "default";
 pub const DEFAULT_DROP_REASONS: &str = "default";

@@ -56,7 +56,7 @@ pub enum OwnersError {
 }
 
 /// A process holding a socket.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Owner {
     /// Process id (thread-group id) in the daemon's PID namespace.
     pub pid: u32,
@@ -363,43 +363,72 @@ pub fn match_flow(flow: &Flow, sockets: &[TcpSocket]) -> Option<FlowSocket> {
         })
 }
 
-/// The socket of `flow` in the calling thread's network namespace (call inside
-/// [`in_namespace`](super::netns::in_namespace)): one sock_diag dump of every state per
-/// family that can hold it (IPv4 flows may sit on dual-stack IPv6 sockets).
-pub fn flow_socket(flow: &Flow) -> Result<Option<FlowSocket>, OwnersError> {
-    let families: &[Family] = match flow.family {
-        crate::decode::Family::Ipv4 => &[Family::V4, Family::V6],
-        crate::decode::Family::Ipv6 => &[Family::V6],
-    };
+/// The sockets of `flows` in the calling thread's network namespace, in the same order (call
+/// inside [`in_namespace`](super::netns::in_namespace)): one sock_diag dump of every state
+/// per family that can hold them (IPv4 flows may sit on dual-stack IPv6 sockets), however
+/// many flows.
+pub fn flow_sockets(flows: &[Flow]) -> Result<Vec<Option<FlowSocket>>, OwnersError> {
+    let mut families = Vec::new();
+    for flow in flows {
+        let wanted: &[Family] = match flow.family {
+            crate::decode::Family::Ipv4 => &[Family::V4, Family::V6],
+            crate::decode::Family::Ipv6 => &[Family::V6],
+        };
+        for family in wanted {
+            if !families.contains(family) {
+                families.push(*family);
+            }
+        }
+    }
     let mut sockets = Vec::new();
-    for &family in families {
+    for family in families {
         let dump = sockdiag::dump_tcp(family, StateMask::ALL, Extensions::NONE)
             .map_err(|error| OwnersError::Dump { family, error })?;
         sockets.extend(dump);
     }
-    Ok(match_flow(flow, &sockets))
+    Ok(flows
+        .iter()
+        .map(|flow| match_flow(flow, &sockets))
+        .collect())
 }
 
-/// The process holding the socket of `flow`, in the namespace at `ns_path` (e.g.
-/// [`NamespaceRef::path`](super::netns::NamespaceRef::path)). Blocks (a namespace thread and a
-/// sock_diag dump): call it from the context worker or `spawn_blocking`.
+/// The processes holding the sockets of `flows`, all in the namespace at `ns_path` (e.g.
+/// [`NamespaceRef::path`](super::netns::NamespaceRef::path)), in the same order. Blocks (a
+/// namespace thread and one dump per family): call it from the context worker or
+/// `spawn_blocking`, with the flows of one namespace together.
 ///
-/// `Ok(None)` when the socket is gone or held by no process: a short-lived process may have
-/// exited before the lookup ("exited"). The returned [`FlowSocket`] says whether the owner is
+/// `None` for a flow whose socket is gone or held by no process: a short-lived process may
+/// have exited before the lookup ("exited"). Each [`FlowSocket`] says whether the owner is
 /// that of the connection or of the listener on the flow's port.
+pub fn owners_of_flows(
+    flows: &[Flow],
+    ns_path: &Path,
+    owners: &mut OwnerMap,
+) -> Result<Vec<Option<(FlowSocket, Owner)>>, OwnersError> {
+    let owned: Vec<Flow> = flows.to_vec();
+    let sockets = netns::in_namespace(ns_path, move || flow_sockets(&owned))??;
+    Ok(sockets
+        .into_iter()
+        .map(|socket| {
+            let socket = socket?;
+            let owner = owners.lookup_or_refresh(u64::from(socket.inode))?.clone();
+            Some((socket, owner))
+        })
+        .collect())
+}
+
+/// [`owners_of_flows`] for one flow.
 pub fn owner_of_flow(
     flow: &Flow,
     ns_path: &Path,
     owners: &mut OwnerMap,
 ) -> Result<Option<(FlowSocket, Owner)>, OwnersError> {
-    let flow = *flow;
-    let Some(socket) = netns::in_namespace(ns_path, move || flow_socket(&flow))?? else {
-        return Ok(None);
-    };
-    Ok(owners
-        .lookup_or_refresh(u64::from(socket.inode))
-        .cloned()
-        .map(|owner| (socket, owner)))
+    Ok(
+        owners_of_flows(std::slice::from_ref(flow), ns_path, owners)?
+            .into_iter()
+            .next()
+            .flatten(),
+    )
 }
 
 #[cfg(test)]

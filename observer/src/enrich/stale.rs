@@ -52,7 +52,8 @@ pub enum StaleError {
 
 /// Why a connection is stale. Times are the kernel's own (`tcp_info`), so the age of a stall
 /// that began before observer started is known too.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum StaleKind {
     /// This side (the one that opened the connection) sent data, the peer acknowledged all of
     /// it, and nothing has been received since, for longer than the threshold, with no
@@ -298,7 +299,7 @@ pub fn sweep(
 }
 
 /// Stale connections of one process to one peer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct StaleGroup {
     pub netns: u64,
     /// The owning process; `None` for connections no process holds (it exited).
@@ -655,6 +656,20 @@ mod tests {
         assert_eq!(kind(&old, probe, false), Some(StaleKind::SendBlocked));
         let sending = with_info(blocked, |i| i.last_data_sent_ms = 10);
         assert_eq!(kind(&sending, probe, false), None);
+    }
+
+    #[test]
+    fn kind_names_match_their_json() {
+        for kind in [
+            StaleKind::AwaitingReply,
+            StaleKind::Unacknowledged,
+            StaleKind::SendBlocked,
+        ] {
+            assert_eq!(
+                serde_json::to_value(kind).ok(),
+                Some(serde_json::Value::from(kind.name()))
+            );
+        }
     }
 
     #[test]
