@@ -118,7 +118,21 @@ pub fn context_observations(record: &ContextRecord) -> Vec<Observation> {
                 })
                 .collect()
         }
-        ContextRecord::SysctlChange(_) => Vec::new(),
+        ContextRecord::StaleConnections(r) => {
+            let Ok(netns) = u32::try_from(r.group.netns) else {
+                return Vec::new();
+            };
+            if r.group.newly_stale == 0 {
+                return Vec::new();
+            }
+            vec![
+                Observation::new(Signal::StaleConnection, r.group.newly_stale).with_peer(PeerKey {
+                    netns,
+                    addr: r.group.peer,
+                }),
+            ]
+        }
+        ContextRecord::SysctlChange(_) | ContextRecord::AsymmetricRoute(_) => Vec::new(),
     }
 }
 

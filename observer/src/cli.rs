@@ -90,6 +90,10 @@ pub struct RunArgs {
     /// Pages per CPU for the perf buffers (a power of two).
     #[arg(long, value_name = "PAGES", default_value_t = config::DEFAULT_PERF_PAGES, value_parser = parse_pages)]
     pub perf_pages: usize,
+    /// Report ESTABLISHED connections stuck for this long (sent data and no reply, or data
+    /// not acknowledged, or sends blocked), grouped by owning process and peer.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = parse_stale_after)]
+    pub stale_after: f64,
     /// Where records go: `stdout`, or `file:PATH`, a file rotated by size at record boundaries
     /// (PATH.1 is the newest rotated file).
     #[arg(long, value_name = "TARGET", default_value = "stdout")]
@@ -113,6 +117,8 @@ pub fn explicit_flags(args: &RunArgs, matches: &ArgMatches) -> Config {
     let RunArgs {
         config: _,
         duration: _,
+        // Not in the configuration file yet: a flag only.
+        stale_after: _,
         export_per_flow,
         max_flows,
         export_per_cpu,
@@ -143,6 +149,15 @@ pub fn explicit_flags(args: &RunArgs, matches: &ArgMatches) -> Config {
 
 fn parse_export_kinds(s: &str) -> Result<String, String> {
     export_kinds_mask(s).map(|_| s.to_owned())
+}
+
+fn parse_stale_after(s: &str) -> Result<f64, String> {
+    let secs: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if secs.is_finite() && (0.5..=86_400.0).contains(&secs) {
+        Ok(secs)
+    } else {
+        Err("must be between 0.5 and 86400 seconds".to_owned())
+    }
 }
 
 fn parse_pages(s: &str) -> Result<usize, String> {
@@ -279,6 +294,7 @@ fn run(args: RunArgs, flags: Config) -> ExitCode {
         perf_pages: settings.perf_pages,
         queue_capacity: 65_536,
         context_interval: Duration::from_secs(1),
+        stale_after: Duration::from_secs_f64(args.stale_after),
         engine: crate::aggregate::EngineConfig {
             thresholds,
             ..crate::aggregate::EngineConfig::default()

@@ -20,11 +20,16 @@ use observer_common::NetnsReason;
 
 use crate::{
     clock::BootClock,
+    decode::Flow,
     enrich::{
         counters::{self, Counters},
         listeners::{self, ListenerKey, ListenerSnapshot, ListenerTracker},
         netfilter::{self, RuleCounter, RuleDelta},
-        netns, sysctl,
+        netns,
+        owners::{self, FlowSocket, OwnerMap},
+        routes::{self, AsymmetricRoute},
+        stale::{self, StaleConnection, StaleGroup, StaleTracker},
+        sysctl,
     },
     record::{ListenerDropsRecord, NetfilterDropRecord, RuleRecord, SysctlChangeRecord},
 };
@@ -41,6 +46,68 @@ pub enum ContextRecord {
     ListenerDrops(ListenerDropsRecord),
     NetfilterDrop(NetfilterDropRecord),
     SysctlChange(SysctlChangeRecord),
+    StaleConnections(StaleConnectionsRecord),
+    AsymmetricRoute(AsymmetricRouteRecord),
+}
+
+/// Connections of one process to one peer that stopped making progress.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StaleConnectionsRecord {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub time: String,
+    #[serde(flatten)]
+    pub group: StaleGroup,
+    /// The threshold a connection must be stuck for.
+    pub threshold_secs: u64,
+}
+
+/// Replies to a peer leave by another interface than its packets arrive on.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AsymmetricRouteRecord {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub time: String,
+    /// What made observer look: `synack_retransmit` or the drop reason (`IP_RPFILTER`).
+    pub trigger: String,
+    #[serde(flatten)]
+    pub route: AsymmetricRoute,
+}
+
+/// Work the output stage asks of the context worker (it must not block itself).
+#[derive(Debug, Clone)]
+pub enum ContextRequest {
+    /// Check the reply route to `peer` from `local` in namespace `netns`.
+    RouteCheck {
+        netns: u32,
+        peer: std::net::IpAddr,
+        local: std::net::IpAddr,
+        ifindex: Option<u32>,
+        trigger: String,
+    },
+    /// Find the process owning the socket of `flow`.
+    Owner(Flow),
+}
+
+/// The process owning a flow's socket, as the output stage shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OwnerBrief {
+    pub pid: u32,
+    pub comm: String,
+}
+
+/// Owners found per flow (`None`: the socket is gone or no process holds it).
+pub type OwnerCache = Arc<Mutex<HashMap<Flow, Option<OwnerBrief>>>>;
+
+/// Settings of the worker.
+#[derive(Debug, Clone, Copy)]
+pub struct ContextOptions {
+    pub interval: Duration,
+    /// A connection stuck for this long is stale.
+    pub stale_after: Duration,
+    /// Sweep for stale connections every this many intervals (each sweep dumps every
+    /// established socket with tcp_info).
+    pub stale_every: u32,
 }
 
 /// What one namespace looked like at one tick.
@@ -49,6 +116,18 @@ struct Reading {
     sysctls: sysctl::Snapshot,
     listeners: Option<Vec<ListenerSnapshot>>,
     rules: Option<Vec<RuleCounter>>,
+    stale: Option<Vec<StaleConnection>>,
+    routes: Vec<(String, AsymmetricRoute)>,
+    flow_sockets: Vec<(Flow, Option<FlowSocket>)>,
+}
+
+/// What to do in a namespace beyond the periodic reading.
+#[derive(Default)]
+struct NamespaceWork {
+    want_rules: bool,
+    stale_after: Option<Duration>,
+    route_checks: Vec<(std::net::IpAddr, std::net::IpAddr, Option<u32>, String)>,
+    owner_flows: Vec<Flow>,
 }
 
 /// Per-namespace context shared with the anomaly engine.
@@ -124,11 +203,14 @@ impl ContextWorker {
     pub fn spawn(
         netns_drops: BpfHashMap<MapData, NetnsReason, u64>,
         netfilter_reason: Option<u32>,
-        interval: Duration,
+        options: ContextOptions,
         clock: BootClock,
         shared: SharedContext,
+        owners: OwnerCache,
+        requests: std_mpsc::Receiver<ContextRequest>,
         emit: impl Fn(ContextRecord) -> bool + Send + 'static,
     ) -> std::io::Result<Self> {
+        let interval = options.interval;
         let mut state = WorkerState {
             netns_drops,
             netfilter_reason,
@@ -141,6 +223,13 @@ impl ContextWorker {
             listener_totals: BTreeMap::new(),
             rule_totals: BTreeMap::new(),
             totals: ContextTotals::default(),
+            options,
+            ticks: 0,
+            owner_cache: owners,
+            owner_map: OwnerMap::new(),
+            requests,
+            stale_tracker: StaleTracker::new(stale::DEFAULT_GROWTH_SWEEPS),
+            route_checked: HashMap::new(),
             warned_many: false,
             warned_namespace_error: false,
             own_netns: netns::current_inode().ok(),
@@ -184,6 +273,14 @@ struct WorkerState {
     listener_totals: BTreeMap<ListenerKey, ListenerTotal>,
     rule_totals: BTreeMap<(u64, String, String, u64), RuleTotal>,
     totals: ContextTotals,
+    options: ContextOptions,
+    ticks: u64,
+    owner_cache: OwnerCache,
+    owner_map: OwnerMap,
+    requests: std_mpsc::Receiver<ContextRequest>,
+    stale_tracker: StaleTracker,
+    /// When each (netns, peer, local) reply route was last checked.
+    route_checked: HashMap<(u32, std::net::IpAddr, std::net::IpAddr), Instant>,
     warned_many: bool,
     warned_namespace_error: bool,
     own_netns: Option<u64>,
@@ -203,14 +300,19 @@ impl WorkerState {
             }
             namespaces.truncate(MAX_NAMESPACES);
         }
+        self.ticks += 1;
+        let sweep_stale = self.ticks % u64::from(self.options.stale_every.max(1)) == 0;
+        let mut requested = self.take_requests();
         for ns in namespaces {
-            let want_rules = !self.last_rules.contains_key(&ns.inode)
+            let mut work = requested.remove(&ns.inode).unwrap_or_default();
+            work.want_rules = !self.last_rules.contains_key(&ns.inode)
                 || netfilter_drops.get(&ns.inode).is_some_and(|d| *d > 0);
+            work.stale_after = sweep_stale.then_some(self.options.stale_after);
             // Our own namespace needs no setns (and so no CAP_SYS_ADMIN).
             let reading = if Some(ns.inode) == self.own_netns {
-                Ok(read_namespace(want_rules))
+                Ok(read_namespace(work))
             } else {
-                netns::in_namespace(&ns.path, move || read_namespace(want_rules))
+                netns::in_namespace(&ns.path, move || read_namespace(work))
             };
             let reading = match reading {
                 Ok(reading) => reading,
@@ -263,7 +365,11 @@ impl WorkerState {
             sysctls,
             listeners,
             rules,
+            stale,
+            routes,
+            flow_sockets,
         } = reading;
+        self.apply_causes(netns, &now, stale, routes, flow_sockets, emit);
 
         // Sysctls: every change is a record.
         let previous_sysctls = {
@@ -394,6 +500,109 @@ impl WorkerState {
         }
     }
 
+    /// Groups pending requests by namespace; a reply route is checked at most once a minute
+    /// per (namespace, peer, local address).
+    fn take_requests(&mut self) -> HashMap<u64, NamespaceWork> {
+        let mut work: HashMap<u64, NamespaceWork> = HashMap::new();
+        let now = Instant::now();
+        for request in self.requests.try_iter().take(4096) {
+            match request {
+                ContextRequest::RouteCheck {
+                    netns,
+                    peer,
+                    local,
+                    ifindex,
+                    trigger,
+                } => {
+                    let key = (netns, peer, local);
+                    if self
+                        .route_checked
+                        .get(&key)
+                        .is_some_and(|at| now.duration_since(*at) < Duration::from_secs(60))
+                    {
+                        continue;
+                    }
+                    self.route_checked.insert(key, now);
+                    work.entry(u64::from(netns))
+                        .or_default()
+                        .route_checks
+                        .push((peer, local, ifindex, trigger));
+                }
+                ContextRequest::Owner(flow) => {
+                    let w = work.entry(u64::from(flow.netns)).or_default();
+                    if w.owner_flows.len() < 1024 {
+                        w.owner_flows.push(flow);
+                    }
+                }
+            }
+        }
+        if self.route_checked.len() > 65_536 {
+            self.route_checked
+                .retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
+        }
+        work
+    }
+
+    /// Stale connections, asymmetric routes and socket owners found in a namespace.
+    fn apply_causes(
+        &mut self,
+        netns: u64,
+        now: &str,
+        stale: Option<Vec<StaleConnection>>,
+        routes: Vec<(String, AsymmetricRoute)>,
+        flow_sockets: Vec<(Flow, Option<FlowSocket>)>,
+        emit: &impl Fn(ContextRecord) -> bool,
+    ) {
+        if let Some(mut connections) = stale {
+            stale::attach_owners(&mut connections, &mut self.owner_map);
+            for group in self
+                .stale_tracker
+                .update(netns, Instant::now(), &connections)
+            {
+                if group.newly_stale == 0 && !group.growing {
+                    continue;
+                }
+                self.send(
+                    emit,
+                    ContextRecord::StaleConnections(StaleConnectionsRecord {
+                        kind: "stale_connections",
+                        time: now.to_owned(),
+                        group,
+                        threshold_secs: self.options.stale_after.as_secs(),
+                    }),
+                );
+            }
+        }
+        for (trigger, route) in routes {
+            self.send(
+                emit,
+                ContextRecord::AsymmetricRoute(AsymmetricRouteRecord {
+                    kind: "asymmetric_route",
+                    time: now.to_owned(),
+                    trigger,
+                    route,
+                }),
+            );
+        }
+        if !flow_sockets.is_empty() {
+            let mut found = Vec::with_capacity(flow_sockets.len());
+            for (flow, socket) in flow_sockets {
+                let owner = socket
+                    .and_then(|s| self.owner_map.lookup_or_refresh(u64::from(s.inode)))
+                    .map(|o| OwnerBrief {
+                        pid: o.pid,
+                        comm: o.comm.clone(),
+                    });
+                found.push((flow, owner));
+            }
+            let mut cache = self.owner_cache.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.len() > 65_536 {
+                cache.clear();
+            }
+            cache.extend(found);
+        }
+    }
+
     fn send(&mut self, emit: &impl Fn(ContextRecord) -> bool, record: ContextRecord) {
         if !emit(record) {
             self.totals.undelivered += 1;
@@ -468,7 +677,30 @@ fn namespaces_to_read() -> Vec<netns::NamespaceRef> {
 }
 
 /// Runs inside the namespace (on a thread that entered it).
-fn read_namespace(want_rules: bool) -> Reading {
+fn read_namespace(work: NamespaceWork) -> Reading {
+    let NamespaceWork {
+        want_rules,
+        stale_after,
+        route_checks,
+        owner_flows,
+    } = work;
+    let routes = route_checks
+        .into_iter()
+        .filter_map(|(peer, local, ifindex, trigger)| {
+            routes::check_reply_route(peer, local, ifindex)
+                .ok()
+                .flatten()
+                .map(|route| (trigger, route))
+        })
+        .collect();
+    let flow_sockets = if owner_flows.is_empty() {
+        Vec::new()
+    } else {
+        match owners::flow_sockets(&owner_flows) {
+            Ok(sockets) => owner_flows.into_iter().zip(sockets).collect(),
+            Err(_) => Vec::new(),
+        }
+    };
     Reading {
         counters: counters::read_current().ok(),
         sysctls: sysctl::snapshot(std::path::Path::new("/proc/sys"), sysctl::TCP_SYSCTLS),
@@ -478,6 +710,9 @@ fn read_namespace(want_rules: bool) -> Reading {
         } else {
             None
         },
+        stale: stale_after.and_then(|t| stale::snapshot_stale(t).ok()),
+        routes,
+        flow_sockets,
     }
 }
 

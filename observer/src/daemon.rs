@@ -4,8 +4,9 @@
 //! The perf-buffer readers never wait on the output: they decode into a bounded queue and count
 //! what does not fit, so a slow consumer costs records (reported), never kernel-side drops.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     io::Write,
+    sync::mpsc as std_mpsc,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -34,7 +35,11 @@ use crate::{
     analysis::{self, AnomalyRecord, ReasonCache, SysctlEffectRecord},
     clock::BootClock,
     config::{self, Settings},
-    context::{ContextRecord, ContextWorker, SharedContext},
+    context::{
+        ContextOptions, ContextRecord, ContextRequest, ContextWorker, OwnerBrief, OwnerCache,
+        SharedContext,
+    },
+    decode::Detail,
     decode::{Event, EventKind, Flow, decode_sample},
     enrich::symbols::KernelSymbols,
     enrich::sysctl,
@@ -74,6 +79,8 @@ pub struct RunOptions {
     pub queue_capacity: usize,
     /// How often the context worker reads counters, listeners, sysctls and rules.
     pub context_interval: Duration,
+    /// A connection stuck (no reply, no progress) for this long is reported as stale.
+    pub stale_after: Duration,
     /// Table limits and anomaly thresholds.
     pub engine: EngineConfig,
     /// SIGHUP reloads the configuration file from here (none: SIGHUP is ignored with a note).
@@ -179,12 +186,20 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
     drop(tx);
     let shared_context: SharedContext = SharedContext::default();
     let netfilter_reason = loaded.drop_reasons.code("NETFILTER_DROP");
+    let owner_cache = OwnerCache::default();
+    let (request_tx, request_rx) = std_mpsc::channel();
     let context = ContextWorker::spawn(
         loaded.take_netns_drops()?,
         netfilter_reason,
-        options.context_interval,
+        ContextOptions {
+            interval: options.context_interval,
+            stale_after: options.stale_after,
+            stale_every: 5,
+        },
         clock,
         Arc::clone(&shared_context),
+        Arc::clone(&owner_cache),
+        request_rx,
         move |record| context_tx.try_send(Incoming::Context(record)).is_ok(),
     )
     .context("starting the context worker")?;
@@ -233,6 +248,9 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
         anomaly_records: 0,
         reconciler: Reconciler::default(),
         last_reconcile_ns: 0,
+        requests: request_tx,
+        owners: owner_cache,
+        owner_requested: HashSet::new(),
         counters: Arc::clone(&counters),
         reported_undelivered: 0,
         flow_map: match loaded.flow_counters_handle() {
@@ -411,6 +429,11 @@ struct Output<'a, W: Write> {
     anomaly_records: u64,
     reconciler: Reconciler,
     last_reconcile_ns: u64,
+    /// Asks the context worker for owners and route checks (it may block; we may not).
+    requests: std_mpsc::Sender<ContextRequest>,
+    owners: OwnerCache,
+    /// Flows whose owner was asked for (bounded; cleared when full).
+    owner_requested: HashSet<Flow>,
     counters: Arc<ReaderCounters>,
     /// `undelivered` count already reported in the stream.
     reported_undelivered: u64,
@@ -437,7 +460,9 @@ impl<W: Write> Output<'_, W> {
                     self.reconciler.fed(&obs);
                     self.engine.observe(event.boot_ns, obs);
                 }
-                let record = EventRecord::new(&event, self.clock, self.names);
+                self.ask_for_causes(&event);
+                let mut record = EventRecord::new(&event, self.clock, self.names);
+                record.owner = self.owner_of(&event.flow);
                 if let Some(metrics) = &self.metrics {
                     metrics.event(record.kind, record.reason.as_deref());
                     metrics.peer_event(record.daddr, record.kind);
@@ -474,6 +499,8 @@ impl<W: Write> Output<'_, W> {
                         self.sink.write(&r)
                     }
                     ContextRecord::NetfilterDrop(r) => self.sink.write(&r),
+                    ContextRecord::StaleConnections(r) => self.sink.write(&r),
+                    ContextRecord::AsymmetricRoute(r) => self.sink.write(&r),
                     ContextRecord::SysctlChange(r) => {
                         let due = now + SYSCTL_EFFECT_SPAN.as_nanos() as u64;
                         self.pending_effects.push((due, now, r.clone()));
@@ -481,6 +508,53 @@ impl<W: Write> Output<'_, W> {
                     }
                 }
             }
+        }
+    }
+
+    /// The owner of a flow's socket, once the context worker has found it; asks for it
+    /// otherwise (the first events of a flow may go out without one).
+    fn owner_of(&mut self, flow: &Flow) -> Option<OwnerBrief> {
+        let cached = {
+            let cache = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+            cache.get(flow).cloned()
+        };
+        match cached {
+            Some(owner) => owner,
+            None => {
+                if self.owner_requested.len() >= 65_536 {
+                    self.owner_requested.clear();
+                }
+                if self.owner_requested.insert(*flow) {
+                    let _ = self.requests.send(ContextRequest::Owner(*flow));
+                }
+                None
+            }
+        }
+    }
+
+    /// Trouble that may come from the reply route: SYN-ACK retransmits (the client never sees
+    /// our SYN-ACK) and reverse-path-filter drops.
+    fn ask_for_causes(&mut self, event: &Event) {
+        let check = match event.detail {
+            Detail::Drop {
+                reason, ifindex, ..
+            } => {
+                let name = self.names.drop_reasons.name(reason);
+                (name == "IP_RPFILTER").then(|| (Some(ifindex).filter(|i| *i > 0), name))
+            }
+            _ if event.kind == EventKind::SynackRetransmit => {
+                Some((None, "synack_retransmit".to_owned()))
+            }
+            _ => None,
+        };
+        if let Some((ifindex, trigger)) = check {
+            let _ = self.requests.send(ContextRequest::RouteCheck {
+                netns: event.flow.netns,
+                peer: event.flow.daddr,
+                local: event.flow.saddr,
+                ifindex,
+                trigger,
+            });
         }
     }
 
@@ -501,7 +575,7 @@ impl<W: Write> Output<'_, W> {
             }
             self.reported_undelivered = undelivered;
         }
-        self.reconcile(now);
+        self.reconcile(now, false);
         let events = self.engine.tick(now);
         self.write_anomalies(events)?;
         if let Some(metrics) = &self.metrics {
@@ -567,10 +641,11 @@ impl<W: Write> Output<'_, W> {
     }
 
     /// Feeds the engine what the kernel counted but did not export (suppressed by budgets).
-    fn reconcile(&mut self, now: u64) {
+    fn reconcile(&mut self, now: u64, force: bool) {
         // A pass walks the whole flow map (two syscalls per flow): under a storm that is real
-        // CPU, so it runs at most every RECONCILE_EVERY.
-        if now.saturating_sub(self.last_reconcile_ns) < RECONCILE_EVERY.as_nanos() as u64 {
+        // CPU, so it runs at most every RECONCILE_EVERY (and once more at shutdown).
+        if !force && now.saturating_sub(self.last_reconcile_ns) < RECONCILE_EVERY.as_nanos() as u64
+        {
             return;
         }
         self.last_reconcile_ns = now;
@@ -637,7 +712,9 @@ impl<W: Write> Output<'_, W> {
     /// At shutdown: open anomalies close, pending sysctl comparisons are reported as far as
     /// they got.
     fn finish(&mut self) -> Result<(), SinkError> {
-        let events = self.engine.close_all(BootClock::boot_now_ns());
+        let now = BootClock::boot_now_ns();
+        self.reconcile(now, true);
+        let events = self.engine.close_all(now);
         self.write_anomalies(events)?;
         for (_, changed_ns, change) in std::mem::take(&mut self.pending_effects) {
             self.write_effect(changed_ns, change)?;

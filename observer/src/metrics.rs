@@ -390,7 +390,7 @@ impl Collector for ProcessCollector {
             let counter = ConstCounter::new(seconds);
             let metric = encoder.encode_descriptor(
                 "process_cpu_seconds",
-                "CPU time observer used, user and system, in seconds",
+                "CPU time observer used, user and system, in seconds.",
                 None,
                 counter.metric_type(),
             )?;
@@ -403,7 +403,7 @@ impl Collector for ProcessCollector {
             let gauge = ConstGauge::new(i64::try_from(bytes).unwrap_or(i64::MAX));
             let metric = encoder.encode_descriptor(
                 "process_resident_memory_bytes",
-                "Resident memory of observer (VmRSS), in bytes",
+                "Resident memory of observer (VmRSS), in bytes.",
                 None,
                 gauge.metric_type(),
             )?;

@@ -24,16 +24,19 @@ fn signal_counts(c: &FlowCounters) -> [(Signal, u64); 8] {
     ]
 }
 
-/// Remembers what was fed per flow, and what the kernel had counted at the last pass.
+/// Remembers, per flow, what reached the engine: fed from received events, and added by earlier
+/// passes. A pass adds what the kernel counted beyond both.
 #[derive(Debug, Default)]
 pub struct Reconciler {
-    /// Amounts fed from received events since the last pass, per flow and signal.
-    fed: HashMap<FlowKey, [u64; 8]>,
-    /// Kernel counters at the last pass, for flows that have had suppressed events.
-    last: HashMap<FlowKey, FlowCounters>,
+    /// Cumulative amounts that reached the engine per flow and signal (events + passes).
+    seen: HashMap<FlowKey, [u64; 8]>,
     /// Suppressed total (all kinds) at the last pass: a pass is needed only when it grew.
     last_suppressed: u64,
 }
+
+/// Flows remembered at most; beyond, the memory is dropped (the next pass may then count a
+/// flow's earlier events twice, which only inflates anomaly rates, never the kernel's totals).
+const MAX_REMEMBERED: usize = 262_144;
 
 fn slot(signal: Signal) -> Option<usize> {
     Some(match signal {
@@ -69,11 +72,10 @@ impl Reconciler {
         let (Some(flow), Some(slot)) = (obs.flow.as_ref(), slot(obs.signal)) else {
             return;
         };
-        if self.last_suppressed == 0 && self.last.is_empty() {
-            // Nothing has ever been suppressed: no pass will need this.
-            return;
+        if self.seen.len() >= MAX_REMEMBERED {
+            self.seen.clear();
         }
-        self.fed.entry(key_of(flow)).or_default()[slot] += obs.amount;
+        self.seen.entry(key_of(flow)).or_default()[slot] += obs.amount;
     }
 
     /// Whether a pass is needed: the kernel suppressed events since the last one.
@@ -81,37 +83,32 @@ impl Reconciler {
         suppressed_total > self.last_suppressed
     }
 
-    /// One pass over the kernel's flows: observations for what the engine has not seen.
+    /// One pass over the kernel's flows: observations for what the engine has not seen. Flows
+    /// the kernel no longer has (evicted) are forgotten.
     pub fn pass(
         &mut self,
         suppressed_total: u64,
         flows: impl IntoIterator<Item = (FlowKey, FlowCounters)>,
     ) -> Vec<Observation> {
         let mut out = Vec::new();
+        let mut kept = HashMap::with_capacity(self.seen.len());
         for (key, now) in flows {
-            let previous = self.last.get(&key);
-            let grew = previous.map_or(now.suppressed > 0, |p| now.suppressed > p.suppressed);
-            if !grew {
-                continue;
-            }
-            let before = previous.copied().unwrap_or_default();
-            let fed = self.fed.get(&key).copied().unwrap_or_default();
-            let flow = Flow::from_key(&key);
-            for (i, ((signal, now_count), (_, before_count))) in signal_counts(&now)
-                .into_iter()
-                .zip(signal_counts(&before))
-                .enumerate()
-            {
-                let missing = now_count
-                    .saturating_sub(before_count)
-                    .saturating_sub(fed[i]);
-                if missing > 0 {
-                    out.push(Observation::new(signal, missing).with_flow(flow));
+            let mut seen = self.seen.remove(&key).unwrap_or_default();
+            if now.suppressed > 0 {
+                let flow = Flow::from_key(&key);
+                for (i, (signal, kernel_count)) in signal_counts(&now).into_iter().enumerate() {
+                    let missing = kernel_count.saturating_sub(seen[i]);
+                    if missing > 0 {
+                        out.push(Observation::new(signal, missing).with_flow(flow));
+                        seen[i] += missing;
+                    }
                 }
             }
-            self.last.insert(key, now);
+            if seen.iter().any(|n| *n > 0) {
+                kept.insert(key, seen);
+            }
         }
-        self.fed.clear();
+        self.seen = kept;
         self.last_suppressed = suppressed_total;
         out
     }

@@ -106,6 +106,10 @@ pub struct EventRecord {
     /// Whether a closed connection was opened by this host.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub active: Option<bool>,
+    /// The process owning the socket (found through sock_diag and /proc; absent until found,
+    /// and for sockets no process holds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<crate::context::OwnerBrief>,
 }
 
 fn ms(ns: u64) -> f64 {
@@ -160,6 +164,7 @@ impl EventRecord {
             handshake_rtt_us: None,
             from_state: None,
             active: None,
+            owner: None,
         };
         match detail {
             Detail::None => {}

@@ -663,7 +663,16 @@ fn a_slow_reader_costs_records_not_kernel_events() -> Result<()> {
     );
     let lines_while_paused = reader.with(|s| s.lines);
     reader.pause(false);
-    reader.wait_for("undelivered", Duration::from_secs(30))?;
+    reader
+        .wait_for("undelivered", Duration::from_secs(30))
+        .with_context(|| {
+            format!(
+                "after the pause: {:?} lines, by type {:?}; stderr:\n{}",
+                reader.with(|s| s.lines),
+                reader.with(|s| s.counts.clone()),
+                obs.stderr()
+            )
+        })?;
 
     send_signal(obs.pid()?, libc::SIGINT)?;
     reader.wait_for("stop", Duration::from_secs(30))?;
@@ -732,7 +741,11 @@ fn a_slow_reader_costs_records_not_kernel_events() -> Result<()> {
     ensure!(
         exported == received + lost + undelivered + decode_errors,
         "accounting: exported {exported} != received {received} + lost {lost} + undelivered \
-         {undelivered} + decode_errors {decode_errors}"
+         {undelivered} + decode_errors {decode_errors} (difference {}; the last `undelivered` \
+         record's total is {last_total}, `lost` records sum {lost_reported}: stop.undelivered \
+         beyond the events dropped counts `lost` notifications the full queue dropped and \
+         context records, see daemon.rs drain() and run())",
+        (received + lost + undelivered + decode_errors) as i128 - exported as i128
     );
     ensure!(
         undelivered > 0,
@@ -742,8 +755,10 @@ fn a_slow_reader_costs_records_not_kernel_events() -> Result<()> {
         reported == last_total && last_total > 0 && last_total <= undelivered,
         "undelivered records sum {reported}, last total {last_total}, stop {undelivered}"
     );
+    // Lost samples are always in stop.lost; a `lost` record is itself queued, so one the full
+    // queue could not hold is missing from the stream.
     ensure!(
-        lost == lost_reported,
+        lost_reported <= lost,
         "stop.lost {lost} but `lost` records report {lost_reported}"
     );
     ensure!(

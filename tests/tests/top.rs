@@ -140,9 +140,8 @@ impl Tmux {
             .trim()
             .parse()
             .context("pane pid")?;
-        let children =
-            std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children"))
-                .unwrap_or_default();
+        let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children"))
+            .unwrap_or_default();
         Ok(children.split_whitespace().find_map(|p| p.parse().ok()))
     }
 
@@ -215,9 +214,7 @@ impl Stream {
     fn finish(mut self) -> Result<u64> {
         self.stop.store(true, Ordering::Relaxed);
         let sent = match self.writer.take() {
-            Some(w) => w
-                .join()
-                .map_err(|_| anyhow::anyhow!("writer panicked"))??,
+            Some(w) => w.join().map_err(|_| anyhow::anyhow!("writer panicked"))??,
             None => 0,
         };
         if let Some(sink) = self.sink.take() {
@@ -271,14 +268,25 @@ fn flow_with_rate(tmux: &Tmux, label: &str) -> Result<String> {
     )
 }
 
+/// The status `echo {marker}=$?` printed after top, if it did (the command line itself shows
+/// `{marker}=$?`).
+fn exit_status(screen: &str, marker: &str) -> Option<u8> {
+    let pattern = format!("{marker}=");
+    screen.match_indices(&pattern).find_map(|(at, _)| {
+        let rest = &screen[at + pattern.len()..];
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    })
+}
+
 /// `q`: the program ends with status 0 and the shell's own screen is back.
-fn quit_restores_the_terminal(tmux: &Tmux) -> Result<()> {
+fn quit_restores_the_terminal(tmux: &Tmux, marker: &str) -> Result<()> {
     tmux.keys(&["q"])?;
     let screen = tmux.wait_for("the shell after q", Duration::from_secs(15), |s| {
-        s.contains("TOP_EXIT=")
+        exit_status(s, marker).is_some()
     })?;
     ensure!(
-        screen.contains("TOP_EXIT=0"),
+        exit_status(&screen, marker) == Some(0),
         "top did not exit cleanly:\n{screen}"
     );
     ensure!(
@@ -321,15 +329,33 @@ fn check_flow(tmux: &Tmux, topo: &Topology, stream: &Stream) -> Result<()> {
         rows.iter().any(|l| l.contains(&label)),
         "{label} is not in the table rows:\n{screen}"
     );
-    // The filter narrows the table to it.
+    // The filter narrows the table to the flows of that port (both ends of the connection,
+    // as each namespace sees it).
+    let port = stream.local.port().to_string();
     tmux.keys(&["/"])?;
-    tmux.run(&["send-keys", "-t", "main", "-l", &stream.local.port().to_string()])?;
+    tmux.run(&["send-keys", "-t", "main", "-l", &port])?;
     tmux.keys(&["Enter"])?;
     let filtered = tmux.wait_for("the filtered table", Duration::from_secs(10), |s| {
-        s.contains(&format!("filter {}", stream.local.port())) && s.contains("1 of ")
+        s.contains(&format!("filter {port}")) && s.contains(&label)
     })?;
-    ensure!(filtered.contains(&label), "{filtered}");
-    // The details window names the flow and its retransmits.
+    let rows: Vec<&str> = filtered
+        .lines()
+        .skip_while(|l| !l.contains("Rtx/s"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .collect();
+    ensure!(
+        rows.iter().all(|l| l.contains(&port)),
+        "rows without the port {port} pass the filter:\n{filtered}"
+    );
+    let index = rows
+        .iter()
+        .position(|l| l.contains(&label))
+        .with_context(|| format!("{label} not among the filtered rows:\n{filtered}"))?;
+    // The first row is selected after filtering: move down to the flow, open its details.
+    for _ in 0..index {
+        tmux.keys(&["j"])?;
+    }
     tmux.keys(&["Enter"])?;
     tmux.wait_for("the details window", Duration::from_secs(10), |s| {
         s.contains(&format!("flow {label}")) && s.contains("retransmit")
@@ -355,10 +381,13 @@ fn top_in_process_shows_the_retransmitting_flow_and_restores_the_terminal() -> R
     command.extend(["--no-connect".into(), "--interval".into(), "0.5".into()]);
     tmux.type_line(&format!("{}; echo TOP_EXIT=$?", shell_quote(&command)))?;
     top_screen_ready(&tmux)?;
-    ensure!(tmux.alternate_screen()?, "top should use the alternate screen");
+    ensure!(
+        tmux.alternate_screen()?,
+        "top should use the alternate screen"
+    );
     let stream = Stream::start(&topo)?;
     check_flow(&tmux, &topo, &stream)?;
-    quit_restores_the_terminal(&tmux)?;
+    quit_restores_the_terminal(&tmux, "TOP_EXIT")?;
     let sent = stream.finish()?;
     ensure!(sent > 0, "nothing was sent");
     Ok(())
@@ -450,11 +479,10 @@ fn top_attached_to_a_daemon_shows_the_flow_and_leaves_cleanly() -> Result<()> {
     );
     let stream = Stream::start(&topo)?;
     check_flow(&tmux, &topo, &stream)?;
-    quit_restores_the_terminal(&tmux)?;
+    quit_restores_the_terminal(&tmux, "TOP_EXIT")?;
 
     // Again, ended by SIGTERM this time.
-    tmux.type_line("clear")?;
-    tmux.type_line(&format!("{}; echo TOP_EXIT=$?", shell_quote(&command)))?;
+    tmux.type_line(&format!("{}; echo TOP2_EXIT=$?", shell_quote(&command)))?;
     top_screen_ready(&tmux)?;
     let pid = tmux
         .foreground_pid()?
@@ -464,11 +492,14 @@ fn top_attached_to_a_daemon_shows_the_flow_and_leaves_cleanly() -> Result<()> {
         libc::kill(pid, libc::SIGTERM);
     }
     let screen = tmux.wait_for("the shell after SIGTERM", Duration::from_secs(15), |s| {
-        s.contains("TOP_EXIT=")
+        exit_status(s, "TOP2_EXIT").is_some()
     })?;
-    ensure!(!tmux.alternate_screen()?, "alternate screen left on:\n{screen}");
     ensure!(
-        screen.contains("TOP_EXIT=0"),
+        !tmux.alternate_screen()?,
+        "alternate screen left on:\n{screen}"
+    );
+    ensure!(
+        exit_status(&screen, "TOP2_EXIT") == Some(0),
         "top should exit cleanly on SIGTERM:\n{screen}"
     );
     stream.finish()?;
@@ -483,7 +514,16 @@ fn top_attached_to_a_daemon_shows_the_flow_and_leaves_cleanly() -> Result<()> {
 #[test]
 fn rates_are_read_off_the_screen() {
     let screen = "Flow (this host → peer)  Rtx/s  SYN\n10.200.90.1:4000→10.200.90.2:5001   12.5    0\n!10.200.90.1:4001→10.200.90.2:5001  1.2k 0\n";
-    assert_eq!(rate_of(screen, "10.200.90.1:4000→10.200.90.2:5001"), Some(12.5));
-    assert_eq!(rate_of(screen, "10.200.90.1:4001→10.200.90.2:5001"), Some(1200.0));
+    assert_eq!(
+        rate_of(screen, "10.200.90.1:4000→10.200.90.2:5001"),
+        Some(12.5)
+    );
+    assert_eq!(
+        rate_of(screen, "10.200.90.1:4001→10.200.90.2:5001"),
+        Some(1200.0)
+    );
     assert_eq!(rate_of(screen, "10.200.90.1:4002→10.200.90.2:5001"), None);
+    let shell = "# 'top' --connect x; echo TOP_EXIT=$?\n# TOP_EXIT=0\n";
+    assert_eq!(exit_status(shell, "TOP_EXIT"), Some(0));
+    assert_eq!(exit_status("# top; echo TOP_EXIT=$?", "TOP_EXIT"), None);
 }

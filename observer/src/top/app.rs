@@ -1127,6 +1127,10 @@ impl App {
     pub fn set_filter(&mut self, filter: String) {
         let widened = !self.ui.filter.is_empty() && filter.is_empty();
         self.ui.filter = filter;
+        // A new filter starts at its first row.
+        self.ui.selected_key = None;
+        self.ui.table = TableState::default();
+        self.ui.table.select(Some(0));
         // Leaving a filter, or setting one, needs a wider fetch unless paused (then the rows
         // fetched before are what there is).
         if self.ui.paused && !widened {

@@ -133,6 +133,7 @@ impl TopArgs {
             perf_pages: settings.perf_pages,
             queue_capacity: 65_536,
             context_interval: Duration::from_secs(1),
+            stale_after: Duration::from_secs(30),
             engine,
             // A reload would need the file's path and flags kept; top is restarted instead.
             reload: None,

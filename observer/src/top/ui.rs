@@ -1254,3 +1254,36 @@ mod peek2 {
         }
     }
 }
+#[cfg(test)]
+mod peek3 {
+    #[test]
+    fn timing() {
+        use crate::decode::EventKind;
+        use crate::top::app::tests::{T0, event, flow};
+        use crate::top::{app::App, event::Event};
+        let mut app = App::new(T0, None, "x", Default::default()).unwrap();
+        let t = std::time::Instant::now();
+        for sec in 0..10u64 {
+            let at = T0 + sec * 1_000_000_000;
+            for i in 0..5000u16 {
+                app.model
+                    .apply(event(EventKind::Drop, flow(i, false), at), at);
+            }
+        }
+        println!("apply 50k: {:?}", t.elapsed());
+        let t = std::time::Instant::now();
+        app.handle(Event::Tick, T0 + 11_000_000_000);
+        println!(
+            "tick+refresh: {:?} rows {}",
+            t.elapsed(),
+            app.view.rows.len()
+        );
+        let t = std::time::Instant::now();
+        app.refresh();
+        println!("refresh: {:?}", t.elapsed());
+        let mut term = ratatui::Terminal::new(ratatui::backend::TestBackend::new(120, 40)).unwrap();
+        let t = std::time::Instant::now();
+        term.draw(|f| super::render(f, &mut app)).unwrap();
+        println!("draw: {:?}", t.elapsed());
+    }
+}
