@@ -200,6 +200,10 @@ pub struct ContextWorker {
 impl ContextWorker {
     /// Starts the worker. The first reading (the baseline every later delta is measured
     /// against) is taken before this returns, so faults that follow are seen whole.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "each argument is a separate channel or handle the worker owns"
+    )]
     pub fn spawn(
         netns_drops: BpfHashMap<MapData, NetnsReason, u64>,
         netfilter_reason: Option<u32>,
@@ -301,7 +305,9 @@ impl WorkerState {
             namespaces.truncate(MAX_NAMESPACES);
         }
         self.ticks += 1;
-        let sweep_stale = self.ticks % u64::from(self.options.stale_every.max(1)) == 0;
+        let sweep_stale = self
+            .ticks
+            .is_multiple_of(u64::from(self.options.stale_every.max(1)));
         let mut requested = self.take_requests();
         for ns in namespaces {
             let mut work = requested.remove(&ns.inode).unwrap_or_default();
