@@ -16,7 +16,10 @@ use crate::{
     config::{self, Config, OutputConfig, OutputTarget, Settings},
     daemon::{self, RunOptions},
     privileges,
-    sink::file::{DEFAULT_KEEP, DEFAULT_MAX_BYTES, MAX_KEEP, RotatingFile},
+    sink::{
+        file::{DEFAULT_KEEP, DEFAULT_MAX_BYTES, MAX_KEEP, RotatingFile},
+        socket::{DEFAULT_SOCKET_PATH, SocketBroadcaster, SocketOptions, Tee},
+    },
 };
 
 /// Kernel-level TCP observer: retransmits, SYN and SYN-ACK retransmits (and, as they land,
@@ -37,6 +40,9 @@ pub enum Command {
     /// `stop` (exact totals per event kind and per flow from the kernel's own counters).
     /// Human messages go to stderr.
     Run(RunArgs),
+    /// Live full-screen view of TCP trouble: attaches to `observer run --socket`, or runs
+    /// observer in-process (docs/top.md).
+    Top(crate::top::TopArgs),
     /// List the running kernel's drop reasons (names and numbers) and which are reported by
     /// default.
     Reasons,
@@ -94,6 +100,12 @@ pub struct RunArgs {
     /// not acknowledged, or sends blocked), grouped by owning process and peer.
     #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = parse_stale_after)]
     pub stale_after: f64,
+    /// Also serve the records to local readers (`observer top`) on this unix socket (mode 0660).
+    #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = DEFAULT_SOCKET_PATH)]
+    pub socket: Option<PathBuf>,
+    /// Group whose members may connect to `--socket` (name or id) [default: root only].
+    #[arg(long, value_name = "GROUP", requires = "socket")]
+    pub socket_group: Option<String>,
     /// Where records go: `stdout`, or `file:PATH`, a file rotated by size at record boundaries
     /// (PATH.1 is the newest rotated file).
     #[arg(long, value_name = "TARGET", default_value = "stdout")]
@@ -119,6 +131,8 @@ pub fn explicit_flags(args: &RunArgs, matches: &ArgMatches) -> Config {
         duration: _,
         // Not in the configuration file yet: a flag only.
         stale_after: _,
+        socket: _,
+        socket_group: _,
         export_per_flow,
         max_flows,
         export_per_cpu,
@@ -193,6 +207,7 @@ pub fn main() -> ExitCode {
         }
         Command::Reasons => reasons(),
         Command::Check(args) => check_command(&args),
+        Command::Top(args) => crate::top::main(args),
     }
 }
 
@@ -286,6 +301,31 @@ fn run(args: RunArgs, flags: Config) -> ExitCode {
         Err(e) => {
             eprintln!("observer: error: {e:#}");
             return ExitCode::from(1);
+        }
+    };
+    let out: Box<dyn Write> = match &args.socket {
+        None => out,
+        Some(path) => {
+            let options = match &args.socket_group {
+                Some(group) => match SocketOptions::new(path).with_group(group) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        eprintln!("observer: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                None => SocketOptions::new(path),
+            };
+            match SocketBroadcaster::bind(options) {
+                Ok(socket) => {
+                    eprintln!("observer: serving records on {}", path.display());
+                    Box::new(Tee::new(out, socket))
+                }
+                Err(e) => {
+                    eprintln!("observer: error: {e}");
+                    return ExitCode::from(1);
+                }
+            }
         }
     };
     let mut options = RunOptions {

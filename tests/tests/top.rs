@@ -378,7 +378,13 @@ fn top_in_process_shows_the_retransmitting_flow_and_restores_the_terminal() -> R
     faults::drop_data_to(&topo.server, false, PORT, DROP_EVERY)?;
     let tmux = Tmux::start("inproc")?;
     let mut command = top;
-    command.extend(["--no-connect".into(), "--interval".into(), "0.5".into()]);
+    command.extend([
+        "--no-connect".into(),
+        "--interval".into(),
+        "0.5".into(),
+        "--export-per-cpu".into(),
+        "0".into(),
+    ]);
     tmux.type_line(&format!("{}; echo TOP_EXIT=$?", shell_quote(&command)))?;
     top_screen_ready(&tmux)?;
     ensure!(
@@ -406,7 +412,13 @@ impl Daemon {
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("observer.sock");
         let mut command = driver("run", "--socket")?;
-        command.extend(["--socket".into(), socket.display().to_string()]);
+        // No per-CPU export budget: other tests' storms must not crowd out this flow's events.
+        command.extend([
+            "--socket".into(),
+            socket.display().to_string(),
+            "--export-per-cpu".into(),
+            "0".into(),
+        ]);
         let (program, args) = command.split_first().context("empty command")?;
         let child = Command::new(program)
             .args(args)
@@ -507,6 +519,45 @@ fn top_attached_to_a_daemon_shows_the_flow_and_leaves_cleanly() -> Result<()> {
     ensure!(
         !Path::new(&socket).exists(),
         "the daemon should remove its socket on exit"
+    );
+    Ok(())
+}
+
+/// A panic while top owns the screen: the hook gives the terminal back before the message.
+/// Needs the development driver (`top_dev panic-check`); skipped without it.
+#[test]
+fn a_panic_restores_the_terminal() -> Result<()> {
+    let Some(_t) = kernel_test("top_panic") else {
+        return Ok(());
+    };
+    let dev = observer_bin()
+        .parent()
+        .map(|dir| dir.join("examples/top_dev"))
+        .unwrap_or_default();
+    if !dev.exists() {
+        note("SKIPPED a_panic_restores_the_terminal: no target/debug/examples/top_dev");
+        return Ok(());
+    }
+    let tmux = Tmux::start("panic")?;
+    let command = vec![dev.display().to_string(), "panic-check".to_owned()];
+    tmux.type_line(&format!("{}; echo TOP_EXIT=$?", shell_quote(&command)))?;
+    tmux.wait_for("the alternate screen", Duration::from_secs(10), |s| {
+        s.contains("observer top")
+    })?;
+    let screen = tmux.wait_for("the shell after the panic", Duration::from_secs(15), |s| {
+        exit_status(s, "TOP_EXIT").is_some()
+    })?;
+    ensure!(
+        !tmux.alternate_screen()?,
+        "alternate screen left on:\n{screen}"
+    );
+    ensure!(
+        exit_status(&screen, "TOP_EXIT") == Some(101),
+        "a panic exits with 101:\n{screen}"
+    );
+    ensure!(
+        screen.contains("a deliberate panic"),
+        "the panic message should be on the restored screen:\n{screen}"
     );
     Ok(())
 }

@@ -15,8 +15,8 @@ use super::{
 };
 use crate::{
     aggregate::{
-        ConfigError, Engine, EngineConfig, ListenerKey, RowKey, RowView, Signal, SignalView,
-        SortKey, TableId, Window,
+        ConfigError, Engine, EngineConfig, ListenerKey, Observation, RowKey, RowView, Signal,
+        SignalView, SortKey, TableId, Window,
     },
     decode::{EventKind, Flow},
 };
@@ -252,6 +252,8 @@ struct Extras {
     reasons: Vec<(Arc<str>, u64)>,
     /// Connect latencies in milliseconds, newest last (peers).
     latencies: VecDeque<f32>,
+    /// The process holding the socket, `comm (pid)` (flows).
+    owner: Option<Arc<str>>,
     touched_sec: u64,
 }
 
@@ -261,6 +263,7 @@ impl Extras {
             ring: SecondRing::new(sec),
             reasons: Vec::new(),
             latencies: VecDeque::new(),
+            owner: None,
             touched_sec: sec,
         }
     }
@@ -458,6 +461,17 @@ impl Model {
                 }
                 self.observe_context(&record, at);
             }
+            Record::Reconciled(observations) => {
+                let at = arrival_ns;
+                self.latest_ns = self.latest_ns.max(at);
+                for obs in observations {
+                    self.observe_flow(obs, at);
+                }
+            }
+            Record::StaleConnections(ref r) => {
+                let at = wire::parse_time(&r.time).unwrap_or(arrival_ns);
+                self.observe_context(&record, at);
+            }
             Record::NetfilterDrop(ref r) => {
                 let at = wire::parse_time(&r.time).unwrap_or(arrival_ns);
                 let exact = !r.rules.is_empty();
@@ -498,7 +512,8 @@ impl Model {
                         }
                     }
                 }
-                self.rules.sort_by(|a, b| b.last_ns.cmp(&a.last_ns));
+                self.rules
+                    .sort_by_key(|rule| std::cmp::Reverse(rule.last_ns));
                 self.observe_context(&record, at);
             }
             Record::SysctlChange(change) => {
@@ -593,6 +608,12 @@ impl Model {
         self.kinds.entry(event.kind.name()).or_default().count += 1;
         let flow = event.flow;
         let peer = RowKey::Peer(crate::aggregate::PeerKey::of_flow(&flow));
+        if let Some(owner) = &event.owner {
+            let extras = self.extras_of(RowKey::Flow(flow), at);
+            if extras.owner.is_none() {
+                extras.owner = Some(Arc::from(format!("{} ({})", owner.comm, owner.pid)));
+            }
+        }
         if event.kind == EventKind::Connect
             && let Some(ms) = event.duration_ms
         {
@@ -605,19 +626,30 @@ impl Model {
         let Some(obs) = wire::observation(event, &mut self.reasons) else {
             return;
         };
+        self.observe_flow(obs, at);
+    }
+
+    /// Counts an observation on its flow (and the flow's peer and listener): the engine, the
+    /// sparklines, the drop reasons.
+    fn observe_flow(&mut self, obs: Observation, at: u64) {
+        let Some(flow) = obs.flow else {
+            self.engine.observe(at, obs);
+            return;
+        };
+        let peer = RowKey::Peer(crate::aggregate::PeerKey::of_flow(&flow));
         let sec = sec_of(at);
-        if let Some(reason) = &obs.reason {
-            if self.drop_reasons.len() < MAX_REASONS || self.drop_reasons.contains_key(reason) {
-                let state = self
-                    .drop_reasons
-                    .entry(Arc::clone(reason))
-                    .or_insert_with(|| ReasonState {
-                        total: 0,
-                        ring: SecondRing::new(sec),
-                    });
-                state.total += obs.amount;
-                state.ring.add(sec, obs.amount);
-            }
+        if let Some(reason) = &obs.reason
+            && (self.drop_reasons.len() < MAX_REASONS || self.drop_reasons.contains_key(reason))
+        {
+            let state = self
+                .drop_reasons
+                .entry(Arc::clone(reason))
+                .or_insert_with(|| ReasonState {
+                    total: 0,
+                    ring: SecondRing::new(sec),
+                });
+            state.total += obs.amount;
+            state.ring.add(sec, obs.amount);
         }
         let mut keys = vec![RowKey::Flow(flow), peer];
         if let Some(listener) = obs.listener {
@@ -779,6 +811,8 @@ pub struct Row {
     /// Drop reasons on this row, busiest first.
     pub reasons: Vec<(String, u64)>,
     pub latency: Option<Latency>,
+    /// The process holding the flow's socket, `comm (pid)`, when events named it.
+    pub owner: Option<String>,
     pub queue: Option<ListenerState>,
     /// Trouble per second over the last minute, oldest first.
     pub sparkline: Vec<u64>,
@@ -809,6 +843,7 @@ impl Row {
             syn_queue_drops: count(Signal::SynQueueDrop),
             reasons,
             latency: extras.and_then(latency),
+            owner: extras.and_then(|e| e.owner.as_deref().map(str::to_owned)),
             queue: None,
             sparkline: extras.map_or_else(|| vec![0; SPARK_SECS], |e| e.ring.series(now_sec)),
             signals: view.signals,
@@ -842,6 +877,10 @@ impl Row {
                 .iter()
                 .any(|(r, _)| r.to_ascii_lowercase().contains(&filter))
             || self.anomalies.iter().any(|k| k.contains(&filter))
+            || self
+                .owner
+                .as_ref()
+                .is_some_and(|o| o.to_ascii_lowercase().contains(&filter))
     }
 }
 
@@ -918,6 +957,9 @@ pub struct Ui {
     pub sort: SortColumn,
     /// The selected row's key: the selection follows its row when the order changes.
     pub selected_key: Option<RowKey>,
+    /// Whether the selection follows its row when the order changes (after the user moved it
+    /// off the top row); otherwise it stays at its position, the top by default.
+    pub follow: bool,
     pub table: TableState,
     pub filter: String,
     /// While typing a filter: the text so far.
@@ -951,6 +993,7 @@ impl App {
                 tab: Tab::Flows,
                 sort: SortColumn::Severity,
                 selected_key: None,
+                follow: false,
                 table: TableState::default(),
                 filter: String::new(),
                 filter_input: None,
@@ -1071,6 +1114,7 @@ impl App {
             .ui
             .selected_key
             .as_ref()
+            .filter(|_| self.ui.follow)
             .and_then(|key| self.view.rows.iter().position(|r| &r.key == key));
         match index {
             Some(i) => self.ui.table.select(Some(i)),
@@ -1090,6 +1134,13 @@ impl App {
         self.ui.selected_key = self.view.rows.get(index).map(|r| r.key.clone());
     }
 
+    /// Selects row `index` at the user's request: off the top row, the selection then follows
+    /// its row; at the top, it stays on whatever ranks first.
+    pub fn select_by_user(&mut self, index: usize) {
+        self.ui.follow = index > 0;
+        self.select(index);
+    }
+
     /// The selected row, if any.
     pub fn selected_row(&self) -> Option<&Row> {
         self.ui.table.selected().and_then(|i| self.view.rows.get(i))
@@ -1102,6 +1153,7 @@ impl App {
             self.ui.sort = SortColumn::Severity;
         }
         self.ui.selected_key = None;
+        self.ui.follow = false;
         self.ui.table = TableState::default();
         self.refresh();
     }
@@ -1129,6 +1181,7 @@ impl App {
         self.ui.filter = filter;
         // A new filter starts at its first row.
         self.ui.selected_key = None;
+        self.ui.follow = false;
         self.ui.table = TableState::default();
         self.ui.table.select(Some(0));
         // Leaving a filter, or setting one, needs a wider fetch unless paused (then the rows
@@ -1191,6 +1244,7 @@ pub(crate) mod tests {
             reason: (kind == EventKind::Drop).then(|| "NO_SOCKET".to_owned()),
             outcome: (kind == EventKind::ConnectFailed).then(|| "refused".to_owned()),
             duration_ms: (kind == EventKind::Connect).then_some(2.5),
+            owner: None,
         })
     }
 
@@ -1280,26 +1334,37 @@ pub(crate) mod tests {
     #[test]
     fn selection_follows_its_row_and_pause_freezes() {
         let mut app = app_with(3);
-        app.select(2);
-        let key = app.view.rows[2].key.clone();
-        // Another flow overtakes: the selection stays on its row.
-        for sec in 15..20u64 {
-            let at = T0 + sec * NANOS_PER_SEC;
-            for _ in 0..100 {
-                app.model
-                    .apply(event(EventKind::Retransmit, flow(7, false), at), at);
-            }
+        // Untouched, the selection stays on the top row whatever ranks first.
+        let top = app.view.rows[0].key.clone();
+        let at = T0 + 20 * NANOS_PER_SEC;
+        for _ in 0..100 {
+            app.model
+                .apply(event(EventKind::Retransmit, flow(8, false), at), at);
         }
-        app.handle(Event::Tick, T0 + 20 * NANOS_PER_SEC);
-        assert_eq!(app.view.rows.len(), 4);
+        app.handle(Event::Tick, T0 + 21 * NANOS_PER_SEC);
+        assert_eq!(app.view.rows[0].key, RowKey::Flow(flow(8, false)));
+        assert_ne!(top, app.view.rows[0].key);
+        assert_eq!(app.ui.table.selected(), Some(0));
+        // Moved by the user, it follows its row: another flow overtakes.
+        app.select_by_user(2);
+        let key = app.view.rows[2].key.clone();
+        let at = T0 + 21 * NANOS_PER_SEC;
+        for _ in 0..200 {
+            app.model
+                .apply(event(EventKind::Retransmit, flow(7, false), at), at);
+        }
+        app.handle(Event::Tick, T0 + 22 * NANOS_PER_SEC);
+        assert_eq!(app.view.rows.len(), 5);
+        assert_eq!(app.view.rows[0].key, RowKey::Flow(flow(7, false)));
+        assert_eq!(app.ui.table.selected(), Some(3));
         assert_eq!(app.selected_row().map(|r| &r.key), Some(&key));
         // Paused: ticks do not change what is shown.
         app.ui.paused = true;
         let shown = app.view.rows.clone();
-        let at = T0 + 21 * NANOS_PER_SEC;
+        let at = T0 + 22 * NANOS_PER_SEC;
         app.model
             .apply(event(EventKind::Retransmit, flow(9, false), at), at);
-        app.handle(Event::Tick, T0 + 22 * NANOS_PER_SEC);
+        app.handle(Event::Tick, T0 + 23 * NANOS_PER_SEC);
         assert_eq!(app.view.rows, shown);
     }
 
@@ -1390,6 +1455,24 @@ pub(crate) mod tests {
             .apply(event(EventKind::Retransmit, flow(0, false), at), at);
         app.handle(Event::Tick, T0 + 2 * NANOS_PER_SEC);
         assert_eq!(app.view.rows[0].anomalies, ["flow_retransmit_spike"]);
+    }
+
+    #[test]
+    fn reconciled_counts_add_to_the_exemplars() {
+        let mut app = App::new(T0, None, "test", EngineConfig::default()).expect("app");
+        let at = T0 + NANOS_PER_SEC;
+        app.model
+            .apply(event(EventKind::Retransmit, flow(0, false), at), at);
+        app.model.apply(
+            Record::Reconciled(vec![
+                Observation::new(Signal::Retransmit, 99).with_flow(flow(0, false)),
+            ]),
+            at,
+        );
+        app.handle(Event::Tick, T0 + 2 * NANOS_PER_SEC);
+        assert_eq!(app.view.rows.len(), 1);
+        assert_eq!(app.view.rows[0].retransmits_per_sec, 10.0);
+        assert_eq!(app.view.rows[0].sparkline.last(), Some(&100));
     }
 
     #[test]

@@ -8,6 +8,18 @@ const PAGE: usize = 10;
 
 /// Applies one key press to the state.
 pub fn handle_key(app: &mut App, key: KeyEvent) {
+    // Esc followed quickly by a key reaches us as Alt+key (the terminal cannot tell them
+    // apart): take it as the two keys.
+    if key.modifiers.contains(KeyModifiers::ALT)
+        && let KeyCode::Char(_) = key.code
+    {
+        handle_key(app, KeyEvent::new(KeyCode::Esc, KeyModifiers::NONE));
+        handle_key(
+            app,
+            KeyEvent::new(key.code, key.modifiers.difference(KeyModifiers::ALT)),
+        );
+        return;
+    }
     let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
     if ctrl && matches!(key.code, KeyCode::Char('c') | KeyCode::Char('C')) {
         app.ui.quit = true;
@@ -49,12 +61,12 @@ pub fn handle_key(app: &mut App, key: KeyEvent) {
     let selected = app.ui.table.selected().unwrap_or(0);
     match key.code {
         KeyCode::Char('q') => app.ui.quit = true,
-        KeyCode::Down | KeyCode::Char('j') => app.select(selected.saturating_add(1)),
-        KeyCode::Up | KeyCode::Char('k') => app.select(selected.saturating_sub(1)),
-        KeyCode::PageDown => app.select(selected.saturating_add(PAGE)),
-        KeyCode::PageUp => app.select(selected.saturating_sub(PAGE)),
-        KeyCode::Home | KeyCode::Char('g') => app.select(0),
-        KeyCode::End | KeyCode::Char('G') => app.select(usize::MAX),
+        KeyCode::Down | KeyCode::Char('j') => app.select_by_user(selected.saturating_add(1)),
+        KeyCode::Up | KeyCode::Char('k') => app.select_by_user(selected.saturating_sub(1)),
+        KeyCode::PageDown => app.select_by_user(selected.saturating_add(PAGE)),
+        KeyCode::PageUp => app.select_by_user(selected.saturating_sub(PAGE)),
+        KeyCode::Home | KeyCode::Char('g') => app.select_by_user(0),
+        KeyCode::End | KeyCode::Char('G') => app.select_by_user(usize::MAX),
         KeyCode::Tab => app.set_tab(app.ui.tab.next()),
         KeyCode::BackTab => app.set_tab(app.ui.tab.previous()),
         KeyCode::Char('s') => app.cycle_sort(false),
@@ -209,6 +221,15 @@ mod tests {
         assert_eq!(app.ui.popup, None);
         press(&mut app, KeyCode::Char('q'));
         assert!(app.ui.quit);
+        // Esc and p typed together arrive as Alt+p: the window closes, the display pauses.
+        let mut app = app_with(2);
+        press(&mut app, KeyCode::Char('?'));
+        handle_key(
+            &mut app,
+            KeyEvent::new(KeyCode::Char('p'), KeyModifiers::ALT),
+        );
+        assert_eq!(app.ui.popup, None);
+        assert!(app.ui.paused);
         let mut app = app_with(1);
         press(&mut app, KeyCode::Char('/'));
         handle_key(

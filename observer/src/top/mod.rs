@@ -14,7 +14,7 @@ pub mod app;
 pub mod event;
 pub mod feed;
 pub mod handler;
-mod terminal;
+pub mod terminal;
 pub mod ui;
 pub mod wire;
 
@@ -300,5 +300,53 @@ fn stop_in_process(in_process: feed::InProcess) {
     if done.recv_timeout(Duration::from_secs(5)).is_ok() {
         let _ = daemon.join();
         let _ = reader.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, Parser};
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        top: TopArgs,
+    }
+
+    fn parse(argv: &[&str]) -> Result<TopArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("top").chain(argv.iter().copied())).map(|c| c.top)
+    }
+
+    #[test]
+    fn flags_parse_and_are_checked() {
+        Cli::command().debug_assert();
+        let args = parse(&[]).expect("defaults");
+        assert_eq!(args.interval, 1.0);
+        assert_eq!(args.connect, None);
+        let args = parse(&["--interval", "0.5", "--connect", "/tmp/s.sock"]).expect("valid");
+        assert_eq!(args.interval, 0.5);
+        assert_eq!(args.connect.as_deref(), Some(Path::new("/tmp/s.sock")));
+        for bad in [
+            &["--interval", "0"][..],
+            &["--interval", "nan"],
+            &["--connect", "/x", "--no-connect"],
+            &["--export-kinds", "bogus"],
+            &["--max-flows", "1"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn in_process_options_are_resolved_like_observer_runs() {
+        let args = parse(&["--config", "/dev/null", "--export-per-flow", "0"]).expect("valid");
+        let options = args.run_options().expect("resolves");
+        assert_eq!(options.load.export_per_flow, 0);
+        assert_eq!(options.load.export_per_cpu, config::DEFAULT_EXPORT_PER_CPU);
+        assert_eq!(options.duration, None);
+        let missing = parse(&["--config", "/nonexistent/observer.toml"]).expect("valid");
+        assert!(missing.run_options().is_err());
     }
 }

@@ -108,7 +108,8 @@ impl Terminal {
 
 impl Drop for Terminal {
     fn drop(&mut self) {
-        let _ = self.inner.flush();
+        // No flush here: after a panic the screen is already the shell's, and a flush would
+        // paint the last frame's cells over the panic message.
         restore_terminal();
     }
 }

@@ -354,6 +354,7 @@ enum Col {
     P99,
     Severity,
     Reason,
+    Process,
     Netns,
     Overflows,
     SynQueueDrops,
@@ -375,6 +376,7 @@ impl Col {
             Col::P99 => "p99",
             Col::Severity => "Sev",
             Col::Reason => "Top drop reason",
+            Col::Process => "Process",
             Col::Netns => "Netns",
             Col::Overflows => "Overflow",
             Col::SynQueueDrops => "SYNQdrop",
@@ -399,6 +401,7 @@ impl Col {
             Col::Overflows | Col::SynQueueDrops => 8,
             Col::Netns => 10,
             Col::Reason => 16,
+            Col::Process => 18,
         }
     }
 
@@ -416,6 +419,14 @@ impl Col {
             Col::SynQueueDrops => SortColumn::SynQueueDrops,
             _ => return None,
         })
+    }
+
+    /// Numbers to the right; names to the left, cut to the column.
+    fn aligned(self, text: String) -> Line<'static> {
+        match self {
+            Col::Reason | Col::Process => Line::from(ellipsize(&text, usize::from(self.width()))),
+            _ => Line::from(text).right_aligned(),
+        }
     }
 
     fn cell(self, row: &Row) -> String {
@@ -438,6 +449,7 @@ impl Col {
                 .reasons
                 .first()
                 .map_or(String::new(), |(r, _)| r.clone()),
+            Col::Process => row.owner.clone().unwrap_or_default(),
             Col::Netns => row.netns.to_string(),
             Col::Overflows => fmt_count(row.overflows),
             Col::SynQueueDrops => fmt_count(row.syn_queue_drops),
@@ -465,7 +477,7 @@ fn table_columns(tab: Tab) -> (&'static str, u16, &'static [Col], &'static [Col]
                 Col::P50,
                 Col::P99,
             ],
-            &[Col::Severity, Col::Reason, Col::Netns],
+            &[Col::Severity, Col::Reason, Col::Netns, Col::Process],
         ),
         Tab::Peers => (
             "Peer",
@@ -532,13 +544,32 @@ fn row_label(row: &Row) -> String {
     }
 }
 
+/// The rows on screen: `height` rows from an offset that keeps the selection visible (and moves
+/// as little as possible). Only these are turned into cells, however long the table.
+fn visible_window(app: &mut App, height: usize) -> (usize, usize) {
+    let len = app.view.rows.len();
+    let mut offset = app.ui.table.offset();
+    if let Some(selected) = app.ui.table.selected() {
+        if selected < offset {
+            offset = selected;
+        } else if height > 0 && selected >= offset + height {
+            offset = selected + 1 - height;
+        }
+    }
+    offset = offset.min(len.saturating_sub(height));
+    *app.ui.table.offset_mut() = offset;
+    (offset, (offset + height).min(len))
+}
+
 fn render_table(frame: &mut Frame, area: Rect, app: &mut App) {
     let tab = app.ui.tab;
+    let (start, end) = visible_window(app, usize::from(area.height.saturating_sub(1)));
     let label_pref = app
         .view
         .rows
+        .get(start..end)
+        .unwrap_or_default()
         .iter()
-        .take(200)
         .map(|r| row_label(r).chars().count())
         .max()
         .unwrap_or(0)
@@ -553,10 +584,10 @@ fn render_table(frame: &mut Frame, area: Rect, app: &mut App) {
         }
     };
     let mut header = vec![Cell::from(ellipsize(label_title, usize::from(label_width)))];
-    header
-        .extend(cols.iter().map(|c| {
-            Cell::from(Line::from(c.title()).right_aligned()).style(sorted(c.sorts_by()))
-        }));
+    header.extend(
+        cols.iter()
+            .map(|c| Cell::from(c.aligned(c.title().to_owned())).style(sorted(c.sorts_by()))),
+    );
     let mut widths = vec![Constraint::Length(label_width)];
     widths.extend(cols.iter().map(|c| Constraint::Length(c.width())));
 
@@ -591,16 +622,15 @@ fn render_table(frame: &mut Frame, area: Rect, app: &mut App) {
     let rows: Vec<TableRow> = app
         .view
         .rows
+        .get(start..end)
+        .unwrap_or_default()
         .iter()
         .map(|row| {
             let mut cells = vec![Cell::from(ellipsize_middle(
                 &row_label(row),
                 usize::from(label_width),
             ))];
-            cells.extend(
-                cols.iter()
-                    .map(|c| Cell::from(Line::from(c.cell(row)).right_aligned())),
-            );
+            cells.extend(cols.iter().map(|c| Cell::from(c.aligned(c.cell(row)))));
             let style = if !row.anomalies.is_empty() {
                 Style::default().fg(Color::Red)
             } else if row.severity >= 0.5 {
@@ -615,7 +645,9 @@ fn render_table(frame: &mut Frame, area: Rect, app: &mut App) {
         .header(TableRow::new(header))
         .column_spacing(1)
         .row_highlight_style(Style::default().add_modifier(Modifier::REVERSED));
-    frame.render_stateful_widget(table, area, &mut app.ui.table);
+    let mut window = ratatui::widgets::TableState::default()
+        .with_selected(app.ui.table.selected().map(|s| s.saturating_sub(start)));
+    frame.render_stateful_widget(table, area, &mut window);
 }
 
 fn render_sparkline(frame: &mut Frame, area: Rect, app: &App) {
@@ -893,9 +925,12 @@ fn render_details(frame: &mut Frame, area: Rect, app: &App) {
         )),
     ];
     if let RowKey::Flow(flow) = &row.key {
+        let family = match flow.family {
+            crate::decode::Family::Ipv4 => "ipv4",
+            crate::decode::Family::Ipv6 => "ipv6",
+        };
         lines.push(Line::from(format!(
-            "family {:?} · this host {} · peer {}",
-            flow.family,
+            "{family} · this host {} · peer {}",
             super::app::endpoint(flow.saddr, flow.sport),
             super::app::endpoint(flow.daddr, flow.dport)
         )));
@@ -928,6 +963,9 @@ fn render_details(frame: &mut Frame, area: Rect, app: &App) {
             .map(|(r, n)| format!("{r} {}", fmt_count(*n)))
             .collect();
         lines.push(Line::from(format!("drop reasons: {}", reasons.join(", "))));
+    }
+    if let Some(owner) = &row.owner {
+        lines.push(Line::from(format!("process: {owner}")));
     }
     if let Some(latency) = row.latency {
         lines.push(Line::from(format!(
@@ -1196,94 +1234,18 @@ mod tests {
         assert!(screen.contains("NO_SOCKET 1/1"), "{screen}");
         assert!(screen.contains("events/s retransmit"), "{screen}");
     }
-}
-#[cfg(test)]
-mod peek {
+
     #[test]
-    fn peek() {
-        use crate::top::app::tests::app_with;
-        use ratatui::{Terminal, backend::TestBackend};
-        let mut app = app_with(30);
-        for (w, h) in [(80u16, 24u16), (120, 40)] {
-            let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
-            t.draw(|f| super::render(f, &mut app)).unwrap();
-            let b = t.backend().buffer();
-            for y in 0..h {
-                let mut l = String::new();
-                for x in 0..w {
-                    l.push_str(b[(x, y)].symbol());
-                }
-                println!("{l}");
-            }
-        }
-    }
-}
-#[cfg(test)]
-mod peek2 {
-    #[test]
-    fn replay() {
-        use crate::top::{app::App, event::Event, wire};
-        let Ok(text) = std::fs::read_to_string("/tmp/obs_run.ndjson") else {
-            return;
-        };
-        let mut app = App::new(0, None, "x", Default::default()).unwrap();
-        let mut last = 0;
-        for line in text.lines() {
-            let r = wire::parse_line(line).unwrap();
-            let t = serde_json::from_str::<serde_json::Value>(line).unwrap()["time"]
-                .as_str()
-                .and_then(wire::parse_time)
-                .unwrap_or(last);
-            if t / 1_000_000_000 != last / 1_000_000_000 && last != 0 {
-                app.handle(Event::Tick, t);
-            }
-            last = t;
-            app.model.apply(r, t);
-        }
-        app.handle(Event::Tick, last + 1_000_000_000);
-        println!(
-            "now {} reasons {:?}",
-            app.model.now_ns(),
-            app.model.reason_counts(app.model.now_ns())
-        );
-        for r in app.view.rows.iter().take(5) {
-            println!(
-                "{} drops {} rtx {}",
-                r.label, r.drops, r.retransmits_per_sec
+    fn the_selected_row_stays_on_screen_when_scrolling() {
+        let mut app = app_with(300);
+        for target in [250usize, 299, 120, 0] {
+            app.select(target);
+            let label = app.view.rows[target].label.clone();
+            let screen = draw(&mut app, 80, 24);
+            assert!(
+                screen.contains(&label),
+                "row {target} ({label}) not shown:\n{screen}"
             );
         }
-    }
-}
-#[cfg(test)]
-mod peek3 {
-    #[test]
-    fn timing() {
-        use crate::decode::EventKind;
-        use crate::top::app::tests::{T0, event, flow};
-        use crate::top::{app::App, event::Event};
-        let mut app = App::new(T0, None, "x", Default::default()).unwrap();
-        let t = std::time::Instant::now();
-        for sec in 0..10u64 {
-            let at = T0 + sec * 1_000_000_000;
-            for i in 0..5000u16 {
-                app.model
-                    .apply(event(EventKind::Drop, flow(i, false), at), at);
-            }
-        }
-        println!("apply 50k: {:?}", t.elapsed());
-        let t = std::time::Instant::now();
-        app.handle(Event::Tick, T0 + 11_000_000_000);
-        println!(
-            "tick+refresh: {:?} rows {}",
-            t.elapsed(),
-            app.view.rows.len()
-        );
-        let t = std::time::Instant::now();
-        app.refresh();
-        println!("refresh: {:?}", t.elapsed());
-        let mut term = ratatui::Terminal::new(ratatui::backend::TestBackend::new(120, 40)).unwrap();
-        let t = std::time::Instant::now();
-        term.draw(|f| super::render(f, &mut app)).unwrap();
-        println!("draw: {:?}", t.elapsed());
     }
 }

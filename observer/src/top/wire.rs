@@ -14,8 +14,9 @@ use serde_json::Value;
 use crate::{
     aggregate::{ListenerKey, Observation, PeerKey, RowKey, RuleKey, Signal},
     analysis,
-    context::ContextRecord,
+    context::{ContextRecord, StaleConnectionsRecord},
     decode::{EventKind, Family, Flow},
+    enrich::stale::StaleGroup,
     record::{ListenerDropsRecord, NetfilterDropRecord, RuleRecord},
 };
 
@@ -48,6 +49,10 @@ pub enum Record {
         count: u64,
     },
     ListenerDrops(ListenerDropsIn),
+    StaleConnections(StaleConnectionsIn),
+    /// What the daemon fed its engine from the kernel's exact counters for events the export
+    /// budgets suppressed (proposed record, see docs/top.md).
+    Reconciled(Vec<Observation>),
     NetfilterDrop(NetfilterDropIn),
     SysctlChange(SysctlChangeIn),
     Anomaly(AnomalyIn),
@@ -102,6 +107,16 @@ pub struct EventIn {
     pub outcome: Option<String>,
     /// Connect latency (for `connect`), time to failure, or lifetime.
     pub duration_ms: Option<f64>,
+    /// The process holding the socket (`owner`), once the daemon resolved it.
+    pub owner: Option<Owner>,
+}
+
+/// A socket's owner: `comm` and pid.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct Owner {
+    pub pid: u32,
+    #[serde(default)]
+    pub comm: String,
 }
 
 #[derive(Deserialize)]
@@ -119,6 +134,7 @@ struct EventJson {
     reason: Option<String>,
     outcome: Option<String>,
     duration_ms: Option<f64>,
+    owner: Option<Owner>,
 }
 
 fn one() -> u32 {
@@ -184,6 +200,28 @@ pub struct NetfilterDropIn {
     pub rules: Vec<RuleIn>,
     #[serde(default)]
     pub candidates: Vec<RuleIn>,
+}
+
+/// A `stale_connections` record: connections of one process to one peer stuck.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct StaleConnectionsIn {
+    pub time: String,
+    pub netns: u64,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub cmdline: Option<String>,
+    pub peer: Option<IpAddr>,
+    pub peer_port: u16,
+    pub count: u64,
+    pub awaiting_reply: u64,
+    pub unacknowledged: u64,
+    pub send_blocked: u64,
+    pub oldest_age_secs: u64,
+    pub bytes_waiting: u64,
+    pub growing: bool,
+    pub newly_stale: u64,
+    pub threshold_secs: u64,
 }
 
 /// A `sysctl_change` record.
@@ -324,6 +362,7 @@ pub fn parse_line(line: &str) -> Result<Record, WireError> {
             reason: e.reason,
             outcome: e.outcome,
             duration_ms: e.duration_ms,
+            owner: e.owner,
         }));
     }
     Ok(match kind {
@@ -335,6 +374,8 @@ pub fn parse_line(line: &str) -> Result<Record, WireError> {
             count: fields::<CountJson>(kind, &value)?.count,
         },
         "listener_drops" => Record::ListenerDrops(fields(kind, &value)?),
+        "stale_connections" => Record::StaleConnections(fields(kind, &value)?),
+        "reconciled" => Record::Reconciled(reconciled(&fields::<ReconciledJson>(kind, &value)?)),
         "netfilter_drop" => Record::NetfilterDrop(fields(kind, &value)?),
         "sysctl_change" => Record::SysctlChange(fields(kind, &value)?),
         "anomaly_open" | "anomaly_update" | "anomaly_close" => {
@@ -373,6 +414,45 @@ pub fn parse_line(line: &str) -> Result<Record, WireError> {
             kind: other.to_owned(),
         },
     })
+}
+
+#[derive(Deserialize)]
+struct ReconciledJson {
+    #[serde(default)]
+    flows: Vec<ReconciledFlowJson>,
+}
+
+#[derive(Deserialize)]
+struct ReconciledFlowJson {
+    family: Option<String>,
+    saddr: IpAddr,
+    sport: u16,
+    daddr: IpAddr,
+    dport: u16,
+    #[serde(default)]
+    netns: u32,
+    signal: String,
+    amount: u64,
+}
+
+/// The observations of a `reconciled` record (entries with unknown signals are skipped).
+fn reconciled(record: &ReconciledJson) -> Vec<Observation> {
+    record
+        .flows
+        .iter()
+        .filter_map(|f| {
+            let signal = Signal::ALL.into_iter().find(|s| s.name() == f.signal)?;
+            let flow = Flow {
+                family: family_of(f.family.as_deref(), f.saddr, f.daddr),
+                saddr: f.saddr,
+                sport: f.sport,
+                daddr: f.daddr,
+                dport: f.dport,
+                netns: f.netns,
+            };
+            Some(Observation::new(signal, f.amount).with_flow(flow))
+        })
+        .collect()
 }
 
 /// The row key of an anomaly record's `key` (`{"scope":"peer","netns":..,"addr":..}`).
@@ -568,6 +648,32 @@ pub fn context_observations(record: &Record) -> Vec<Observation> {
             rules: r.rules.iter().map(rule_record).collect(),
             candidates: r.candidates.iter().map(rule_record).collect(),
         }),
+        Record::StaleConnections(r) => {
+            let Some(peer) = r.peer else {
+                return Vec::new();
+            };
+            ContextRecord::StaleConnections(StaleConnectionsRecord {
+                kind: "stale_connections",
+                time: r.time.clone(),
+                group: StaleGroup {
+                    netns: r.netns,
+                    pid: r.pid,
+                    comm: r.comm.clone(),
+                    cmdline: r.cmdline.clone(),
+                    peer,
+                    peer_port: r.peer_port,
+                    count: r.count,
+                    awaiting_reply: r.awaiting_reply,
+                    unacknowledged: r.unacknowledged,
+                    send_blocked: r.send_blocked,
+                    oldest_age_secs: r.oldest_age_secs,
+                    bytes_waiting: r.bytes_waiting,
+                    growing: r.growing,
+                    newly_stale: r.newly_stale,
+                },
+                threshold_secs: r.threshold_secs,
+            })
+        }
         _ => return Vec::new(),
     };
     analysis::context_observations(&context)
@@ -715,6 +821,18 @@ mod tests {
             panic!("{line}");
         };
         assert_eq!(parsed.duration_ms, Some(1.5));
+        let mut value: Value = serde_json::from_str(&line).expect("json");
+        value["owner"] = serde_json::json!({"pid": 4242, "comm": "curl"});
+        let Ok(Record::Event(parsed)) = parse_line(&value.to_string()) else {
+            panic!("{value}");
+        };
+        assert_eq!(
+            parsed.owner,
+            Some(Owner {
+                pid: 4242,
+                comm: "curl".into()
+            })
+        );
     }
 
     #[test]
@@ -738,6 +856,20 @@ mod tests {
         let obs = context_observations(&parse_line(line).expect("parses"));
         assert_eq!(obs.len(), 1);
         assert_eq!((obs[0].signal, obs[0].amount), (Signal::NetfilterDrop, 2));
+        let line = r#"{"type":"stale_connections","time":"2026-11-22T03:40:00.000000000Z","netns":9,"pid":4242,"comm":"python3","cmdline":"python3 client.py","peer":"10.203.1.2","peer_port":7001,"count":20,"awaiting_reply":20,"unacknowledged":0,"send_blocked":0,"oldest_age_secs":31,"bytes_waiting":0,"growing":true,"newly_stale":20,"threshold_secs":30}"#;
+        let obs = context_observations(&parse_line(line).expect("parses"));
+        assert_eq!(obs.len(), 1);
+        assert_eq!(
+            (obs[0].signal, obs[0].amount),
+            (Signal::StaleConnection, 20)
+        );
+        assert_eq!(
+            obs[0].peer,
+            Some(PeerKey {
+                netns: 9,
+                addr: IpAddr::from([10, 203, 1, 2])
+            })
+        );
     }
 
     #[test]
@@ -792,6 +924,13 @@ mod tests {
             parse_line(r#"{"type":"lost","time":"x","cpu":1,"count":3}"#),
             Ok(Record::Lost { count: 3 })
         ));
+        let Ok(Record::Reconciled(obs)) = parse_line(
+            r#"{"type":"reconciled","time":"x","flows":[{"family":"ipv4","saddr":"10.0.0.1","sport":1,"daddr":"10.0.0.2","dport":80,"netns":5,"signal":"retransmit","amount":12},{"saddr":"10.0.0.1","sport":1,"daddr":"10.0.0.2","dport":80,"signal":"bogus","amount":1}]}"#,
+        ) else {
+            panic!("reconciled record");
+        };
+        assert_eq!(obs.len(), 1);
+        assert_eq!((obs[0].signal, obs[0].amount), (Signal::Retransmit, 12));
         assert!(parse_line("not json").is_err());
         assert!(parse_line(r#"{"no":"type"}"#).is_err());
         assert!(parse_line(r#"{"type":"retransmit","saddr":"x"}"#).is_err());
