@@ -89,6 +89,56 @@ pub struct RunOptions {
     pub metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
+/// What the kernel counted beyond the exported events, per flow and signal, as fed to the
+/// engine (so that readers of the stream can count the same).
+#[derive(Debug, serde::Serialize)]
+struct ReconciledRecord {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    time: String,
+    flows: Vec<ReconciledFlow>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct ReconciledFlow {
+    #[serde(flatten)]
+    flow: FlowRef,
+    signal: &'static str,
+    amount: u64,
+}
+
+/// A flow's fields as event records show them.
+#[derive(Debug, serde::Serialize)]
+struct FlowRef {
+    family: crate::decode::Family,
+    saddr: std::net::IpAddr,
+    sport: u16,
+    daddr: std::net::IpAddr,
+    dport: u16,
+    netns: u32,
+}
+
+impl From<&Flow> for FlowRef {
+    fn from(flow: &Flow) -> Self {
+        let Flow {
+            family,
+            saddr,
+            sport,
+            daddr,
+            dport,
+            netns,
+        } = *flow;
+        Self {
+            family,
+            saddr,
+            sport,
+            daddr,
+            dport,
+            netns,
+        }
+    }
+}
+
 /// Records the daemon could not queue for the output (it fell behind), since the last such
 /// record.
 #[derive(Debug, serde::Serialize)]
@@ -336,7 +386,7 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
     let mut stop = stop_record(&loaded, &names, &counters, &out.received, &clock, reason)?;
     stop.engine = Some(out.engine.stats());
     stop.anomaly_records = out.anomaly_records;
-    stop.undelivered += context_totals.undelivered;
+    stop.context_undelivered = context_totals.undelivered;
     stop.listeners = context_totals.listeners;
     stop.netfilter_rules = context_totals.netfilter_rules;
     drop(loaded);
@@ -575,7 +625,7 @@ impl<W: Write> Output<'_, W> {
             }
             self.reported_undelivered = undelivered;
         }
-        self.reconcile(now, false);
+        self.reconcile(now, false)?;
         let events = self.engine.tick(now);
         self.write_anomalies(events)?;
         if let Some(metrics) = &self.metrics {
@@ -641,31 +691,48 @@ impl<W: Write> Output<'_, W> {
     }
 
     /// Feeds the engine what the kernel counted but did not export (suppressed by budgets).
-    fn reconcile(&mut self, now: u64, force: bool) {
+    fn reconcile(&mut self, now: u64, force: bool) -> Result<(), SinkError> {
         // A pass walks the whole flow map (two syscalls per flow): under a storm that is real
         // CPU, so it runs at most every RECONCILE_EVERY (and once more at shutdown).
         if !force && now.saturating_sub(self.last_reconcile_ns) < RECONCILE_EVERY.as_nanos() as u64
         {
-            return;
+            return Ok(());
         }
         self.last_reconcile_ns = now;
         let Some(stats) = &self.kind_stats else {
-            return;
+            return Ok(());
         };
         let suppressed: u64 = (0..event_kind::COUNT as u32)
             .filter_map(|i| stats.get(&i, 0).ok())
             .flat_map(|per_cpu| per_cpu.iter().map(|s| s.suppressed).collect::<Vec<_>>())
             .sum();
         if !self.reconciler.needed(suppressed) {
-            return;
+            return Ok(());
         }
         let Some(map) = &self.flow_map else {
-            return;
+            return Ok(());
         };
         let flows: Vec<(FlowKey, FlowCounters)> = map.iter().flatten().collect();
+        let mut record = ReconciledRecord {
+            kind: "reconciled",
+            time: self.clock.now_rfc3339(),
+            flows: Vec::new(),
+        };
         for obs in self.reconciler.pass(suppressed, flows) {
+            if let Some(flow) = obs.flow {
+                record.flows.push(ReconciledFlow {
+                    flow: FlowRef::from(&flow),
+                    signal: obs.signal.name(),
+                    amount: obs.amount,
+                });
+            }
             self.engine.observe(now, obs);
         }
+        if record.flows.is_empty() {
+            return Ok(());
+        }
+        // Other views of the stream (observer top) count the same as the daemon's engine.
+        self.sink.write(&record)
     }
 
     fn write_anomalies(&mut self, events: Vec<AnomalyEvent>) -> Result<(), SinkError> {
@@ -713,7 +780,7 @@ impl<W: Write> Output<'_, W> {
     /// they got.
     fn finish(&mut self) -> Result<(), SinkError> {
         let now = BootClock::boot_now_ns();
-        self.reconcile(now, true);
+        self.reconcile(now, true)?;
         let events = self.engine.close_all(now);
         self.write_anomalies(events)?;
         for (_, changed_ns, change) in std::mem::take(&mut self.pending_effects) {
@@ -781,7 +848,10 @@ fn drain(
                 Incoming::Lost { cpu, count }
             }
         };
-        if tx.try_send(msg).is_err() {
+        // Only events count as undelivered: a dropped `lost` notice is already in `lost`.
+        if let Err(e) = tx.try_send(msg)
+            && matches!(e.into_inner(), Incoming::Event(_))
+        {
             counters.undelivered.fetch_add(1, Ordering::Relaxed);
         }
     });
@@ -874,6 +944,7 @@ fn stop_record(
         lost: counters.lost.load(Ordering::Relaxed),
         undelivered: counters.undelivered.load(Ordering::Relaxed),
         decode_errors: counters.decode_errors.load(Ordering::Relaxed),
+        context_undelivered: 0,
         drop_reasons: loaded
             .drop_reason_counts()?
             .into_iter()

@@ -293,6 +293,8 @@ pub struct StopRecord {
     pub undelivered: u64,
     /// Samples that could not be decoded.
     pub decode_errors: u64,
+    /// Context records (listener drops, rules, sysctl changes, ...) that did not fit the queue.
+    pub context_undelivered: u64,
     /// Drops per reason (kernel counters).
     pub drop_reasons: Vec<ReasonCount>,
     pub flows: Vec<FlowRecord>,
