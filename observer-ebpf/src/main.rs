@@ -17,7 +17,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_COMMON_LRU, BPF_NOEXIST},
+    bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, generated::bpf_ktime_get_boot_ns},
     macros::{map, tracepoint},
     maps::{Array, LruHashMap, PerCpuArray, PerfEventArray},
@@ -46,10 +46,9 @@ macro_rules! config {
 /// Exact counters per flow. LRU so that a flood of distinct flows evicts old ones instead of
 /// failing; userspace sizes it.
 #[map]
-// BPF_F_NO_COMMON_LRU: per-CPU LRU lists, so inserting a new flow (every connect of a storm)
-// takes no lock shared between CPUs.
-static FLOW_COUNTERS: LruHashMap<FlowKey, FlowCounters> =
-    LruHashMap::with_max_entries(65_536, BPF_F_NO_COMMON_LRU);
+// One LRU list for all CPUs: with per-CPU lists (BPF_F_NO_COMMON_LRU) a storm on one CPU
+// evicts that CPU's share early, and quiet flows' exact counts with it.
+static FLOW_COUNTERS: LruHashMap<FlowKey, FlowCounters> = LruHashMap::with_max_entries(65_536, 0);
 
 /// Per-CPU statistics, one slot per event kind.
 #[map]
@@ -76,8 +75,7 @@ static NETNS_DROPS: LruHashMap<NetnsReason, u64> = LruHashMap::with_max_entries(
 
 /// Per-socket state between state changes, keyed by the socket's address.
 #[map]
-static SOCKETS: LruHashMap<u64, SocketState> =
-    LruHashMap::with_max_entries(65_536, BPF_F_NO_COMMON_LRU);
+static SOCKETS: LruHashMap<u64, SocketState> = LruHashMap::with_max_entries(65_536, 0);
 
 /// Exemplar events for userspace.
 #[map]
@@ -218,7 +216,15 @@ fn count_flow(
     if ptr.is_none() {
         // Several CPUs may race to create the entry: NOEXIST keeps the first and the others
         // simply look it up again.
-        let _ = FLOW_COUNTERS.insert(flow, FlowCounters::default(), u64::from(BPF_NOEXIST));
+        if FLOW_COUNTERS
+            .insert(flow, FlowCounters::default(), u64::from(BPF_NOEXIST))
+            .is_ok()
+            && let Some(created) = stats(0)
+        {
+            // Slot 0 of KIND_STATS counts flow entries created: userspace derives LRU
+            // evictions from it (created - live entries).
+            created.counted += 1;
+        }
         ptr = FLOW_COUNTERS.get_ptr_mut(flow);
     }
     let counters = ptr?;
@@ -297,7 +303,18 @@ fn record<C: aya_ebpf::EbpfContext>(ctx: &C, mut event: TcpEvent, counter: Count
     let Some((total, flow_allows, counters)) =
         count_flow(&event.flow, counter, amount, event.timestamp_ns)
     else {
+        // Not counted per flow (the map update failed): still export it, so the event stream
+        // stays complete, and say so in `map_full`.
         stats.map_full += 1;
+        if config!(budget.kinds) & (1u32 << event.kind) != 0
+            && cpu_budget_allows(event.timestamp_ns)
+        {
+            event.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+            EVENTS.output(ctx, event, 0);
+            stats.exported += 1;
+        } else {
+            stats.suppressed += 1;
+        }
         return;
     };
     stats.counted += amount;

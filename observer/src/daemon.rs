@@ -880,6 +880,8 @@ fn stop_record(
     reason: StopReason,
 ) -> anyhow::Result<StopRecord> {
     let stats = loaded.kind_stats()?;
+    // Slot 0 counts flow entries the kernel created; the LRU map evicted those not live now.
+    let flows_created = stats[0].counted;
     let mut totals = BTreeMap::new();
     for (kind, name) in KERNEL_KINDS {
         let s = stats[usize::from(kind)];
@@ -945,6 +947,8 @@ fn stop_record(
         undelivered: counters.undelivered.load(Ordering::Relaxed),
         decode_errors: counters.decode_errors.load(Ordering::Relaxed),
         context_undelivered: 0,
+        flows_created,
+        flows_evicted: flows_created.saturating_sub(flows.len() as u64),
         drop_reasons: loaded
             .drop_reason_counts()?
             .into_iter()

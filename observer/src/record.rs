@@ -295,6 +295,10 @@ pub struct StopRecord {
     pub decode_errors: u64,
     /// Context records (listener drops, rules, sysctl changes, ...) that did not fit the queue.
     pub context_undelivered: u64,
+    /// Flow entries the kernel created in its counter map, and how many of them the LRU map
+    /// evicted to make room (their counts are gone from `flows`, not from `totals`).
+    pub flows_created: u64,
+    pub flows_evicted: u64,
     /// Drops per reason (kernel counters).
     pub drop_reasons: Vec<ReasonCount>,
     pub flows: Vec<FlowRecord>,
