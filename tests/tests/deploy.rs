@@ -520,7 +520,7 @@ fn config_file_sets_run_options_and_flags_override_it() -> Result<()> {
     let dir = TempDir::new(&t.name)?;
     let config = dir.write(
         "observer.toml",
-        "# test\nexport_per_flow = 7\nexport_per_cpu = 11\n\n[output]\ntarget = \"stdout\"\n\n[thresholds]\nanything = { goes = 1 }\n",
+        "# test\nexport_per_flow = 7\nexport_per_cpu = 11\n\n[output]\ntarget = \"stdout\"\n\n[thresholds.connect_trouble]\nopen_per_sec = 2.0\n",
     )?;
     let config = config.to_string_lossy().into_owned();
     for (extra, per_flow) in [(&[][..], 7), (&["--export-per-flow", "3"][..], 3)] {
