@@ -102,41 +102,9 @@ struct ReconciledRecord {
 #[derive(Debug, serde::Serialize)]
 struct ReconciledFlow {
     #[serde(flatten)]
-    flow: FlowRef,
+    flow: Flow,
     signal: &'static str,
     amount: u64,
-}
-
-/// A flow's fields as event records show them.
-#[derive(Debug, serde::Serialize)]
-struct FlowRef {
-    family: crate::decode::Family,
-    saddr: std::net::IpAddr,
-    sport: u16,
-    daddr: std::net::IpAddr,
-    dport: u16,
-    netns: u32,
-}
-
-impl From<&Flow> for FlowRef {
-    fn from(flow: &Flow) -> Self {
-        let Flow {
-            family,
-            saddr,
-            sport,
-            daddr,
-            dport,
-            netns,
-        } = *flow;
-        Self {
-            family,
-            saddr,
-            sport,
-            daddr,
-            dport,
-            netns,
-        }
-    }
 }
 
 /// Records the daemon could not queue for the output (it fell behind), since the last such
@@ -721,7 +689,7 @@ impl<W: Write> Output<'_, W> {
         for obs in self.reconciler.pass(suppressed, flows) {
             if let Some(flow) = obs.flow {
                 record.flows.push(ReconciledFlow {
-                    flow: FlowRef::from(&flow),
+                    flow,
                     signal: obs.signal.name(),
                     amount: obs.amount,
                 });

@@ -13,8 +13,9 @@ pub enum Family {
     Ipv6,
 }
 
-/// A TCP flow: `s` is this host's side, as the kernel names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A TCP flow: `s` is this host's side, as the kernel names it. Serializes with the field
+/// names event records use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct Flow {
     pub family: Family,
     pub saddr: IpAddr,

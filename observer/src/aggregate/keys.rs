@@ -7,7 +7,7 @@ use std::{
 
 use serde::{Serialize, Serializer};
 
-use crate::decode::{Family, Flow};
+use crate::decode::Flow;
 
 /// The remote end of flows: a network namespace and the peer's address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -187,46 +187,15 @@ impl TableKey for RuleKey {
 }
 
 /// A flow's fields as records show them (the same names as `event` records).
-#[derive(Serialize)]
-struct FlowFields {
-    family: Family,
-    saddr: IpAddr,
-    sport: u16,
-    daddr: IpAddr,
-    dport: u16,
-    netns: u32,
-}
-
-impl From<&Flow> for FlowFields {
-    fn from(flow: &Flow) -> Self {
-        let Flow {
-            family,
-            saddr,
-            sport,
-            daddr,
-            dport,
-            netns,
-        } = *flow;
-        Self {
-            family,
-            saddr,
-            sport,
-            daddr,
-            dport,
-            netns,
-        }
-    }
-}
-
 fn serialize_flow<S: Serializer>(flow: &Flow, serializer: S) -> Result<S::Ok, S::Error> {
-    FlowFields::from(flow).serialize(serializer)
+    flow.serialize(serializer)
 }
 
 pub(crate) fn serialize_flows<S: Serializer>(
     flows: &[Flow],
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
-    serializer.collect_seq(flows.iter().map(FlowFields::from))
+    serializer.collect_seq(flows.iter())
 }
 
 // serde serializes `Arc<str>` only with its `rc` feature, which the workspace does not enable.
@@ -240,6 +209,7 @@ pub(crate) fn serialize_shared_str<S: Serializer>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decode::Family;
 
     fn flow() -> Flow {
         Flow {
