@@ -9,6 +9,11 @@
 //!   ([`Netns::counters`], the numbers `nstat -az` shows).
 //! - Bounded traffic: [`Sink`], [`send_bulk`], [`connect_in`].
 //! - [`Observer`]: runs the binary under test, parses its JSON lines, stops it with SIGINT.
+//! - [`live::LiveObserver`]: the binary under test read while it runs (poll for a record with a
+//!   deadline), records with the time each was received.
+//! - [`support`]: connects from explicitly bound ports, accepts and closes, exact per-event
+//!   accounting of a run with every event exported.
+//! - Small shared pieces: [`TempDir`], [`require_tool`], [`send_signal`], [`ALL_EVENT_TYPES`].
 //!
 //! Every wait has a deadline; every loop is bounded in count and time.
 use std::{
@@ -244,6 +249,15 @@ impl Netns {
     pub fn iptables(&self, v6: bool, args: &[&str]) -> Result<()> {
         self.exec(if v6 { "ip6tables" } else { "iptables" }, args)
             .map(drop)
+    }
+
+    /// Appends `-w 5 -A INPUT -p tcp <matches> -j DROP` (`iptables`/`ip6tables`) in the namespace:
+    /// drops the inbound TCP packets that `matches` select.
+    pub fn drop_inbound_tcp(&self, v6: bool, matches: &[&str]) -> Result<()> {
+        let mut args = vec!["-w", "5", "-A", "INPUT", "-p", "tcp"];
+        args.extend_from_slice(matches);
+        args.extend_from_slice(&["-j", "DROP"]);
+        self.iptables(v6, &args)
     }
 
     /// Packet counter of the rules of `chain` in `filter` (sum): how many packets were dropped.
@@ -629,6 +643,28 @@ pub struct BulkResult {
     pub total_retrans: u32,
 }
 
+/// After our FIN: reads `stream` until the peer's FIN (end of stream) by `deadline`; fails if the
+/// peer sends data. Errors start with `what`; `late` says the deadline passed. The stream needs a
+/// read timeout (so that the deadline is checked).
+pub fn await_fin(stream: &mut TcpStream, deadline: Instant, what: &str, late: &str) -> Result<()> {
+    let mut buf = [0u8; 4096];
+    loop {
+        ensure!(Instant::now() < deadline, "{what}: {late}");
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => bail!("{what}: the sink sent data"),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e).context(format!("{what}: read")),
+        }
+    }
+}
+
 /// Connects from `ns` to `to`, sends `bytes`, shuts down its side and waits for the peer's FIN:
 /// when it returns, every byte and the FIN were acknowledged, so the client retransmits no more.
 pub fn send_bulk(
@@ -663,25 +699,12 @@ pub fn send_bulk(
         }
     }
     stream.shutdown(Shutdown::Write)?;
-    let mut buf = [0u8; 4096];
-    loop {
-        ensure!(
-            Instant::now() < deadline,
-            "send_bulk: timed out waiting for the peer's FIN"
-        );
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(_) => bail!("send_bulk: the sink sent data"),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => return Err(e).context("send_bulk: read"),
-        }
-    }
+    await_fin(
+        &mut stream,
+        deadline,
+        "send_bulk",
+        "timed out waiting for the peer's FIN",
+    )?;
     let total_retrans = tcp_info(&stream)?.tcpi_total_retrans;
     Ok(BulkResult {
         local,
@@ -1416,15 +1439,9 @@ pub mod faults {
     /// Server side: drops every `every`-th inbound data segment (packets with payload, no
     /// SYN/FIN/RST) to `port`. Deterministic (`statistic --mode nth`).
     pub fn drop_data_to(server: &Netns, v6: bool, port: u16, every: u32) -> Result<()> {
-        server.exec(
-            ip_flag(v6),
+        server.drop_inbound_tcp(
+            v6,
             &[
-                "-w",
-                "5",
-                "-A",
-                "INPUT",
-                "-p",
-                "tcp",
                 "--dport",
                 &port.to_string(),
                 "--tcp-flags",
@@ -1442,24 +1459,15 @@ pub mod faults {
                 &every.to_string(),
                 "--packet",
                 "0",
-                "-j",
-                "DROP",
             ],
-        )?;
-        Ok(())
+        )
     }
 
     /// Server side: drops every `every`-th inbound SYN to `port`.
     pub fn drop_syns_to(server: &Netns, v6: bool, port: u16, every: u32) -> Result<()> {
-        server.exec(
-            ip_flag(v6),
+        server.drop_inbound_tcp(
+            v6,
             &[
-                "-w",
-                "5",
-                "-A",
-                "INPUT",
-                "-p",
-                "tcp",
                 "--dport",
                 &port.to_string(),
                 "--syn",
@@ -1471,11 +1479,8 @@ pub mod faults {
                 &every.to_string(),
                 "--packet",
                 "0",
-                "-j",
-                "DROP",
             ],
-        )?;
-        Ok(())
+        )
     }
 
     /// Client side: drops everything it sends to `port` except SYNs, so the handshake-completing
@@ -1746,6 +1751,902 @@ pub fn nonblocking_connect(to: SocketAddr) -> Result<std::os::fd::OwnedFd> {
         "connect: {err}"
     );
     Ok(fd)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers of several test files
+
+/// Every event record type the observer writes (`close` is not exported by default).
+pub const ALL_EVENT_TYPES: [&str; 11] = [
+    "retransmit",
+    "retransmit_failed",
+    "syn_retransmit",
+    "synack_retransmit",
+    "drop",
+    "reset_sent",
+    "reset_received",
+    "connect",
+    "connect_failed",
+    "accept",
+    "close",
+];
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates `<temp dir>/<unique name for test>`.
+    pub fn new(test: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(unique_name(test));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    /// Writes `text` to the file `name` in the directory; returns its path.
+    pub fn write(&self, name: &str, text: &str) -> Result<PathBuf> {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A tool the test needs: fails with REQUIRE_ENV=1, otherwise says SKIPPED. False: skip.
+pub fn require_tool(test: &str, tool: &str, package: &str) -> bool {
+    let found = Command::new(tool)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if found {
+        return true;
+    }
+    if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
+        panic!(
+            "{test}: `{tool}` is missing (apt-get install {package}; `cargo xtask setup` installs it), and {REQUIRE_ENV}=1 forbids skipping"
+        );
+    }
+    eprintln!("SKIPPED {test}: `{tool}` is missing (apt-get install {package})");
+    false
+}
+
+/// Sends `signal` to `pid` (a child the test spawned and has not reaped).
+pub fn send_signal(pid: u32, signal: i32) -> Result<()> {
+    let pid = libc::pid_t::try_from(pid)?;
+    // SAFETY: plain syscall on a child we spawned and have not reaped.
+    let rc = unsafe { libc::kill(pid, signal) };
+    ensure!(rc == 0, "kill: {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connects with known 4-tuples, and exact per-event accounting
+
+/// Connects from explicitly bound source ports (so every flow the observer reports can be matched
+/// to one connect of the test), accepts and closes, iptables rule counters, and the exact
+/// per-event checks of a run with every event exported (`check_run`). Used by the drop/reset and
+/// lifecycle tests.
+pub mod support {
+    use std::{
+        collections::BTreeMap,
+        io::{self, Read},
+        net::{SocketAddr, TcpListener, TcpStream},
+        os::fd::{AsRawFd, FromRawFd, OwnedFd},
+        thread,
+        time::{Duration, Instant},
+    };
+
+    use crate::{Filter, Netns, Run, describe, note, poll_until};
+    use anyhow::{Context, Result, anyhow, bail, ensure};
+    use serde_json::Value;
+
+    /// `v[k]` as an unsigned integer; fails naming the key when it is missing.
+    pub fn u64_of(v: &Value, k: &str) -> Result<u64> {
+        v[k].as_u64()
+            .with_context(|| format!("`{k}` missing in {v}"))
+    }
+
+    /// How a connect ended.
+    #[derive(Debug)]
+    // The payloads are shown in failure messages (Debug), which the dead-code lint ignores.
+    #[allow(dead_code)]
+    pub enum Outcome {
+        Connected(TcpStream),
+        Refused,
+        TimedOut,
+        Failed(io::Error),
+    }
+
+    #[derive(Debug)]
+    /// One connect: from where, how it ended and how long it took.
+    pub struct Attempt {
+        pub local: SocketAddr,
+        pub outcome: Outcome,
+        /// From connect(2) until the outcome was known (for timeouts: until the socket closed).
+        pub elapsed: Duration,
+    }
+
+    fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+        // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid value.
+        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let len = match addr {
+            SocketAddr::V4(a) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(a.ip().octets()),
+                    },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+                unsafe { std::ptr::write((&raw mut storage).cast::<libc::sockaddr_in>(), sin) };
+                size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(a) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: a.port().to_be(),
+                    sin6_flowinfo: 0,
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
+                    sin6_scope_id: 0,
+                };
+                // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+                unsafe { std::ptr::write((&raw mut storage).cast::<libc::sockaddr_in6>(), sin6) };
+                size_of::<libc::sockaddr_in6>()
+            }
+        };
+        (storage, len as libc::socklen_t)
+    }
+
+    fn check(rc: libc::c_int, what: &str) -> Result<()> {
+        if rc < 0 {
+            Err(io::Error::last_os_error()).with_context(|| what.to_owned())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Connects from `local` (bound first: the test knows every flow's 4-tuple) to `to` in the
+    /// calling thread's network namespace, waiting at most `timeout`. On a timeout the socket is
+    /// closed (the kernel sees SYN_SENT -> CLOSE) before this returns.
+    pub fn connect_here(local: SocketAddr, to: SocketAddr, timeout: Duration) -> Result<Attempt> {
+        let domain = if to.is_ipv6() {
+            libc::AF_INET6
+        } else {
+            libc::AF_INET
+        };
+        // SAFETY: plain syscall; the fd is owned right below.
+        let fd = unsafe {
+            libc::socket(
+                domain,
+                libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                0,
+            )
+        };
+        check(fd, "socket")?;
+        // SAFETY: fd is a fresh socket owned by nobody else.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        let one: libc::c_int = 1;
+        // SAFETY: the pointer and length describe `one`.
+        check(
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_REUSEADDR,
+                    (&raw const one).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            },
+            "SO_REUSEADDR",
+        )?;
+        let (addr, len) = sockaddr(local);
+        // SAFETY: addr/len describe a valid socket address.
+        check(
+            unsafe { libc::bind(fd, (&raw const addr).cast(), len) },
+            &format!("bind {local}"),
+        )?;
+        let (addr, len) = sockaddr(to);
+        let start = Instant::now();
+        let deadline = start + timeout;
+        // SAFETY: addr/len describe a valid socket address.
+        let rc = unsafe { libc::connect(fd, (&raw const addr).cast(), len) };
+        let mut err = 0;
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINPROGRESS) {
+                err = e.raw_os_error().unwrap_or(libc::EIO);
+            } else {
+                loop {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        drop(sock);
+                        return Ok(Attempt {
+                            local,
+                            outcome: Outcome::TimedOut,
+                            elapsed: start.elapsed(),
+                        });
+                    }
+                    let mut pfd = libc::pollfd {
+                        fd: sock.as_raw_fd(),
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    };
+                    let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(1000);
+                    // SAFETY: pfd is one valid pollfd.
+                    let n = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+                    if n < 0 {
+                        let e = io::Error::last_os_error();
+                        if e.kind() == io::ErrorKind::Interrupted {
+                            continue;
+                        }
+                        return Err(e).context("poll");
+                    }
+                    if n > 0 {
+                        let mut so_error: libc::c_int = 0;
+                        let mut l = size_of::<libc::c_int>() as libc::socklen_t;
+                        // SAFETY: the pointer and length describe `so_error`.
+                        check(
+                            unsafe {
+                                libc::getsockopt(
+                                    fd,
+                                    libc::SOL_SOCKET,
+                                    libc::SO_ERROR,
+                                    (&raw mut so_error).cast(),
+                                    &mut l,
+                                )
+                            },
+                            "SO_ERROR",
+                        )?;
+                        err = so_error;
+                        break;
+                    }
+                }
+            }
+        }
+        let elapsed = start.elapsed();
+        let outcome = match err {
+            0 => {
+                let stream = TcpStream::from(sock);
+                stream.set_nonblocking(false)?;
+                Outcome::Connected(stream)
+            }
+            libc::ECONNREFUSED => Outcome::Refused,
+            e => Outcome::Failed(io::Error::from_raw_os_error(e)),
+        };
+        Ok(Attempt {
+            local,
+            outcome,
+            elapsed,
+        })
+    }
+
+    /// Connects one after the other from each of `locals` (one thread in `ns`), each allowed
+    /// `timeout`, all within `total`.
+    pub fn connect_sequential(
+        ns: &Netns,
+        locals: &[SocketAddr],
+        to: SocketAddr,
+        timeout: Duration,
+        total: Duration,
+    ) -> Result<Vec<Attempt>> {
+        ns.run(|| {
+            let deadline = Instant::now() + total;
+            let mut out = Vec::with_capacity(locals.len());
+            for &local in locals {
+                ensure!(
+                    Instant::now() < deadline,
+                    "connects took longer than {total:?} ({} of {} done)",
+                    out.len(),
+                    locals.len()
+                );
+                out.push(connect_here(local, to, timeout)?);
+            }
+            Ok(out)
+        })?
+    }
+
+    /// Connects in parallel (one thread per connect, each in `ns`): `(local, to)` pairs.
+    pub fn connect_parallel(
+        ns: &Netns,
+        pairs: &[(SocketAddr, SocketAddr)],
+        timeout: Duration,
+    ) -> Result<Vec<Attempt>> {
+        thread::scope(|s| {
+            let handles: Vec<_> = pairs
+                .iter()
+                .map(|&(local, to)| s.spawn(move || ns.run(|| connect_here(local, to, timeout))?))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().map_err(|_| anyhow!("connect thread panicked"))?)
+                .collect()
+        })
+    }
+
+    /// `ifindex` of `dev` in `ns` (`ip -j link show`).
+    pub fn ifindex(ns: &Netns, dev: &str) -> Result<u64> {
+        let out = ns.ip(&["-j", "link", "show", dev])?;
+        let v: Value = serde_json::from_str(&out).with_context(|| format!("parsing {out}"))?;
+        v[0]["ifindex"]
+            .as_u64()
+            .with_context(|| format!("no ifindex for {dev} in {}: {out}", ns.name))
+    }
+
+    /// Packet counter of the rule(s) of `chain` whose `-L -v -n` line has the token `needle`
+    /// (e.g. `dpt:5061`, `spt:41000`); fails if no rule has it.
+    pub fn rule_packets(ns: &Netns, v6: bool, chain: &str, needle: &str) -> Result<u64> {
+        let out = ns.exec(
+            if v6 { "ip6tables" } else { "iptables" },
+            &["-w", "5", "-L", chain, "-v", "-n", "-x"],
+        )?;
+        let mut found = false;
+        let mut total = 0;
+        for line in out.lines().skip(2) {
+            if line.split_whitespace().any(|t| t == needle) {
+                found = true;
+                total += line
+                    .split_whitespace()
+                    .next()
+                    .and_then(|p| p.parse::<u64>().ok())
+                    .with_context(|| format!("no packet count in {line:?}"))?;
+            }
+        }
+        ensure!(
+            found,
+            "no rule with {needle} in {chain} of {}:\n{out}",
+            ns.name
+        );
+        Ok(total)
+    }
+
+    /// Each of `ports` appears exactly once as `field` of `events` (and nothing else does).
+    pub fn one_each(events: &[&Value], field: &str, ports: &[u16], what: &str) -> Result<()> {
+        let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
+        for e in events {
+            *seen
+                .entry(e[field].as_u64().unwrap_or(u64::MAX))
+                .or_default() += 1;
+        }
+        let want: BTreeMap<u64, usize> = ports.iter().map(|&p| (u64::from(p), 1)).collect();
+        if seen != want {
+            let missing: Vec<u64> = want
+                .keys()
+                .filter(|p| !seen.contains_key(p))
+                .copied()
+                .collect();
+            let extra: Vec<(u64, usize)> = seen
+                .iter()
+                .filter(|(p, n)| want.get(p) != Some(n))
+                .map(|(p, n)| (*p, *n))
+                .collect();
+            bail!(
+                "{what} events: expected one per client port ({} ports); missing {missing:?}, \
+                 unexpected or repeated (port, count) {extra:?}",
+                ports.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// Field checks of the event kinds these tests use (the harness's schema check predates
+    /// them). Only events matching one of `filters` are checked.
+    pub fn event_problems(run: &Run, filters: &[Filter]) -> Vec<String> {
+        let mut p = Vec::new();
+        for (i, r) in run.records.iter().enumerate() {
+            let ty = r["type"].as_str().unwrap_or("");
+            let required: &[&str] = match ty {
+                "drop" => &[
+                    "reason",
+                    "reason_code",
+                    "location",
+                    "ifindex",
+                    "tcp_flags",
+                    "direction",
+                ],
+                "reset_sent" => &["reason", "reason_code"],
+                "reset_received" => &[],
+                "connect" => &["duration_ms", "syn_retransmits"],
+                "connect_failed" => &["outcome", "duration_ms", "syn_retransmits"],
+                "accept" => &["handshake_rtt_us"],
+                "close" => &["duration_ms", "from_state", "active"],
+                _ => continue,
+            };
+            if !filters.iter().any(|f| f.matches(r)) {
+                continue;
+            }
+            for k in ["time", "family", "saddr", "daddr", "state"] {
+                if !r[k].is_string() {
+                    p.push(format!("record {i} ({ty}): `{k}` missing: {r}"));
+                }
+            }
+            for k in ["sport", "dport", "netns", "segs", "flow_count", "pid"] {
+                if !r[k].is_u64() {
+                    p.push(format!(
+                        "record {i} ({ty}): `{k}` not an unsigned integer: {r}"
+                    ));
+                }
+            }
+            for &k in required {
+                let ok = match k {
+                    "reason" | "location" | "tcp_flags" | "from_state" => {
+                        r[k].as_str().is_some_and(|s| !s.is_empty())
+                    }
+                    "direction" => matches!(r[k].as_str(), Some("inbound" | "outbound")),
+                    "outcome" => matches!(r[k].as_str(), Some("refused" | "timeout")),
+                    "duration_ms" => r[k].as_f64().is_some_and(|d| d >= 0.0),
+                    "active" => r[k].is_boolean(),
+                    _ => r[k].is_u64(),
+                };
+                if !ok {
+                    p.push(format!(
+                        "record {i} ({ty}): `{k}` missing or malformed: {r}"
+                    ));
+                }
+            }
+        }
+        p
+    }
+
+    /// Record types written per `stop.totals` kind.
+    pub const KINDS: [(&str, &[&str]); 10] = [
+        ("retransmit", &["retransmit", "retransmit_failed"]),
+        ("syn_retransmit", &["syn_retransmit"]),
+        ("synack_retransmit", &["synack_retransmit"]),
+        ("drop", &["drop"]),
+        ("reset_sent", &["reset_sent"]),
+        ("reset_received", &["reset_received"]),
+        ("connect", &["connect"]),
+        ("connect_failed", &["connect_failed"]),
+        ("accept", &["accept"]),
+        ("close", &["close"]),
+    ];
+
+    /// With every event exported (`--export-per-flow 0 --export-per-cpu 0 --export-kinds all`):
+    /// nothing lost, undelivered or suppressed, every received event written, and the test's
+    /// events well formed. Then per-event counts can be compared exactly.
+    ///
+    /// `exported = received + lost + undelivered + decode_errors` (docs/schema.md) is a global
+    /// identity over every namespace, so traffic of other tests running at the same time enters
+    /// it; a mismatch is printed (and shows in the test's own exact counts if it touches them)
+    /// rather than failing here.
+    pub fn check_run(run: &Run, filters: &[Filter]) -> Result<()> {
+        let stop = run.stop()?;
+        run.ensure_nothing_lost().with_context(|| describe(run))?;
+        for k in ["undelivered", "decode_errors"] {
+            ensure!(
+                stop[k] == 0,
+                "stop.{k} = {}: events were not written",
+                stop[k]
+            );
+        }
+        let mut unaccounted = Vec::new();
+        for (kind, types) in KINDS {
+            let t = &stop["totals"][kind];
+            let written = run
+                .records
+                .iter()
+                .filter(|r| r["type"].as_str().is_some_and(|ty| types.contains(&ty)))
+                .count() as u64;
+            let (exported, received, suppressed) = (
+                u64_of(t, "exported")?,
+                u64_of(t, "received")?,
+                u64_of(t, "suppressed")?,
+            );
+            ensure!(
+                received == written && suppressed == 0,
+                "stop.totals.{kind}: received {received}, suppressed {suppressed}, but {written} \
+                 {types:?} records written (expected equal, nothing suppressed)"
+            );
+            if exported != received {
+                unaccounted.push(format!("{kind}: exported {exported}, received {received}"));
+            }
+        }
+        if !unaccounted.is_empty() {
+            note(&format!(
+                "OBSERVER CONTRACT: exported != received + lost (0) + undelivered (0) + \
+                 decode_errors (0) for {}",
+                unaccounted.join("; ")
+            ));
+        }
+        let problems = event_problems(run, filters);
+        ensure!(
+            problems.is_empty(),
+            "event records do not match the schema:\n  {}",
+            problems.join("\n  ")
+        );
+        Ok(())
+    }
+
+    /// Accepts `n` connections within `timeout` (blocking streams).
+    pub fn accept_n(listener: &TcpListener, n: usize, timeout: Duration) -> Result<Vec<TcpStream>> {
+        listener.set_nonblocking(true)?;
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    stream.set_nonblocking(false)?;
+                    out.push(stream);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ensure!(
+                        Instant::now() < deadline,
+                        "accepted {} of {n} connections within {timeout:?}",
+                        out.len()
+                    );
+                    thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(e).context("accept"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads each stream to EOF (the peer closed), then closes it; all within `timeout`.
+    pub fn close_after_eof(streams: Vec<TcpStream>, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 1024];
+        for mut s in streams {
+            s.set_read_timeout(Some(Duration::from_millis(200)))?;
+            loop {
+                ensure!(Instant::now() < deadline, "no EOF within {timeout:?}");
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => bail!("the peer sent data"),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock
+                                | io::ErrorKind::TimedOut
+                                | io::ErrorKind::Interrupted
+                        ) => {}
+                    Err(e) => return Err(e).context("read"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits (10 s at most) until no socket of `ns` with one of `ports` as local port is in a
+    /// state before CLOSE other than LISTEN and TIME_WAIT (whose full socket already closed).
+    pub fn wait_until_closed(ns: &Netns, ports: &[u16]) -> Result<()> {
+        // /proc/net/tcp states: 01 ESTABLISHED .. 0B CLOSING; 06 TIME_WAIT and 0A LISTEN pass.
+        const OPEN: [&str; 9] = ["01", "02", "03", "04", "05", "07", "08", "09", "0B"];
+        let suffixes: Vec<String> = ports.iter().map(|p| format!(":{p:04X}")).collect();
+        poll_until(
+            &format!("sockets on ports {ports:?} in {} to close", ns.name),
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            || {
+                let files = ns.run(|| {
+                    ["tcp", "tcp6"]
+                        .iter()
+                        .map(|f| std::fs::read_to_string(format!("/proc/thread-self/net/{f}")))
+                        .collect::<io::Result<Vec<_>>>()
+                })??;
+                let open = files
+                    .iter()
+                    .flat_map(|t| t.lines().skip(1))
+                    .filter(|l| {
+                        let cols: Vec<&str> = l.split_whitespace().collect();
+                        cols.len() > 3
+                            && suffixes.iter().any(|s| cols[1].ends_with(s.as_str()))
+                            && OPEN.contains(&cols[3])
+                    })
+                    .count();
+                Ok((open == 0).then_some(()))
+            },
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The observer, watched while it runs
+
+/// An observer watched while it runs (not only after it stopped), so that every wait is a poll for
+/// a record with a deadline.
+pub mod live {
+    use std::{
+        io::{BufRead, BufReader},
+        process::{Child, Command, Stdio},
+        sync::{Arc, Mutex, MutexGuard},
+        thread,
+        time::{Duration, Instant},
+    };
+
+    use crate::{Run, START_TIMEOUT, observer_bin, poll_until, wait_child};
+    use anyhow::{Context, Result, bail, ensure};
+    use serde_json::Value;
+
+    /// Waits for the end of the output after the stop signal.
+    const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
+    #[derive(Default)]
+    struct Output {
+        records: Vec<Value>,
+        /// When this process received each of `records` (same index).
+        arrivals: Vec<Instant>,
+        bad_lines: Vec<String>,
+        eof: bool,
+    }
+
+    /// A record and when the test received it.
+    #[derive(Clone, Debug)]
+    pub struct Received {
+        pub at: Instant,
+        pub value: Value,
+    }
+
+    impl Output {
+        fn received(&self) -> Vec<Received> {
+            self.records
+                .iter()
+                .zip(&self.arrivals)
+                .map(|(value, &at)| Received {
+                    at,
+                    value: value.clone(),
+                })
+                .collect()
+        }
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `observer run ...` whose records are read as they come (a thread per pipe), so a test can poll for a record
+    /// while the observer runs. Killed and reaped on drop if still running.
+    pub struct LiveObserver {
+        child: Option<Child>,
+        output: Arc<Mutex<Output>>,
+        stderr: Arc<Mutex<String>>,
+        readers: Vec<thread::JoinHandle<()>>,
+    }
+
+    impl LiveObserver {
+        /// Spawns `observer run <args>` and waits for its `start` record.
+        pub fn start(args: &[&str]) -> Result<Self> {
+            let bin = observer_bin();
+            ensure!(
+                bin.exists(),
+                "{} does not exist: build it first (cargo build -p observer) or set OBSERVER_BIN",
+                bin.display()
+            );
+            let mut child = Command::new(&bin)
+                .arg("run")
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .with_context(|| format!("spawning {}", bin.display()))?;
+            let stdout = child.stdout.take().context("stdout")?;
+            let stderr_pipe = child.stderr.take().context("stderr")?;
+            let output = Arc::new(Mutex::new(Output::default()));
+            let stderr = Arc::new(Mutex::new(String::new()));
+            let out = Arc::clone(&output);
+            let out_reader = thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    let mut o = lock(&out);
+                    match serde_json::from_str::<Value>(&line) {
+                        Ok(v) if v.is_object() => {
+                            o.records.push(v);
+                            o.arrivals.push(Instant::now());
+                        }
+                        _ => o.bad_lines.push(line),
+                    }
+                }
+                lock(&out).eof = true;
+            });
+            let err = Arc::clone(&stderr);
+            let err_reader = thread::spawn(move || {
+                for line in BufReader::new(stderr_pipe).lines() {
+                    let Ok(line) = line else { break };
+                    let mut s = lock(&err);
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            });
+            let observer = Self {
+                child: Some(child),
+                output,
+                stderr,
+                readers: vec![out_reader, err_reader],
+            };
+            observer.wait_for("the start record", START_TIMEOUT, |records| {
+                match records.first() {
+                    None => Ok(None),
+                    Some(r) if r["type"] == "start" => Ok(Some(())),
+                    Some(r) => bail!("the first record is not `start`: {r}"),
+                }
+            })?;
+            Ok(observer)
+        }
+
+        /// Everything the observer wrote to stderr so far.
+        pub fn stderr(&self) -> String {
+            lock(&self.stderr).clone()
+        }
+
+        /// Record number `i` written so far.
+        pub fn record(&self, i: usize) -> Result<Value> {
+            lock(&self.output)
+                .records
+                .get(i)
+                .cloned()
+                .with_context(|| format!("no record {i}"))
+        }
+
+        /// How many records so far satisfy `f`.
+        pub fn count(&self, f: impl Fn(&Value) -> bool) -> Result<usize> {
+            Ok(lock(&self.output).records.iter().filter(|r| f(r)).count())
+        }
+
+        /// Sends `signal` to the running observer.
+        pub fn signal(&self, signal: i32) -> Result<()> {
+            let child = self.child.as_ref().context("observer already stopped")?;
+            let pid = libc::pid_t::try_from(child.id())?;
+            // SAFETY: plain kill(2) on our own child, not reaped yet (so the pid is still ours).
+            let rc = unsafe { libc::kill(pid, signal) };
+            ensure!(rc == 0, "kill: {}", std::io::Error::last_os_error());
+            Ok(())
+        }
+
+        /// Polls the records written so far (every 50 ms, at most `timeout`) until `f` returns
+        /// `Some`; fails early when the observer's output ended.
+        pub fn wait_for<T>(
+            &self,
+            what: &str,
+            timeout: Duration,
+            mut f: impl FnMut(&[Value]) -> Result<Option<T>>,
+        ) -> Result<T> {
+            self.wait_for_output(what, timeout, |o| f(&o.records))
+        }
+
+        /// [`Self::wait_for`] over the records with the time each was received.
+        pub fn wait_for_received<T>(
+            &self,
+            what: &str,
+            timeout: Duration,
+            mut f: impl FnMut(&[Received]) -> Option<T>,
+        ) -> Result<T> {
+            self.wait_for_output(what, timeout, |o| Ok(f(&o.received())))
+        }
+
+        /// Every record written so far, with the time each was received.
+        pub fn received(&self) -> Vec<Received> {
+            lock(&self.output).received()
+        }
+
+        fn wait_for_output<T>(
+            &self,
+            what: &str,
+            timeout: Duration,
+            mut f: impl FnMut(&Output) -> Result<Option<T>>,
+        ) -> Result<T> {
+            poll_until(what, timeout, Duration::from_millis(50), || {
+                let o = lock(&self.output);
+                if let Some(found) = f(&o)? {
+                    return Ok(Some(found));
+                }
+                if o.eof {
+                    bail!(
+                        "observer output ended while waiting for {what}; stderr:\n{}",
+                        self.stderr()
+                    );
+                }
+                Ok(None)
+            })
+            .with_context(|| format!("observer stderr so far:\n{}", self.stderr()))
+        }
+
+        /// SIGINT, then everything up to the end of the output (see [`Self::stop_with`]).
+        pub fn stop(self) -> Result<Run> {
+            Ok(self.stop_with(libc::SIGINT)?.0)
+        }
+
+        /// Sends `signal`, then collects everything up to the end of the output; checks that
+        /// stdout held only JSON objects, `stop` came last and the exit code is 0. Also returns
+        /// the time from the signal to the process's exit.
+        pub fn stop_with(self, signal: i32) -> Result<(Run, Duration)> {
+            let (output, stderr, took) = self.finish(signal)?;
+            Ok((
+                Run {
+                    records: output.records,
+                    stderr,
+                },
+                took,
+            ))
+        }
+
+        /// [`Self::stop`], returning every record with the time it was received.
+        pub fn stop_received(self) -> Result<Vec<Received>> {
+            Ok(self.finish(libc::SIGINT)?.0.received())
+        }
+
+        /// [`Self::stop_with`]: the checked output, stderr and the time to exit.
+        fn finish(mut self, signal: i32) -> Result<(Output, String, Duration)> {
+            self.signal(signal)?;
+            let sent = Instant::now();
+            let mut child = self.child.take().context("observer already stopped")?;
+            // Poll for the exit first (finely), so the time measured is the process's.
+            let mut exited = None;
+            while sent.elapsed() < STOP_TIMEOUT {
+                if let Some(status) = child.try_wait()? {
+                    exited = Some((status, sent.elapsed()));
+                    break;
+                }
+                thread::sleep(Duration::from_millis(2));
+            }
+            let (status, took) = match exited {
+                Some(e) => e,
+                None => {
+                    let status = wait_child(&mut child, Duration::from_secs(1));
+                    bail!(
+                        "observer did not exit within {STOP_TIMEOUT:?} of signal {signal} ({status:?}); stderr:\n{}",
+                        self.stderr()
+                    );
+                }
+            };
+            let ended = poll_until(
+                "the observer's output to end",
+                Duration::from_secs(10),
+                Duration::from_millis(20),
+                || Ok(lock(&self.output).eof.then_some(())),
+            );
+            for reader in self.readers.drain(..) {
+                let _ = reader.join();
+            }
+            let stderr = self.stderr();
+            ended.with_context(|| format!("stderr:\n{stderr}"))?;
+            let output = std::mem::take(&mut *lock(&self.output));
+            ensure!(
+                output.bad_lines.is_empty(),
+                "non-JSON lines on stdout: {:?}",
+                output.bad_lines
+            );
+            let stops = output
+                .records
+                .iter()
+                .filter(|r| r["type"] == "stop")
+                .count();
+            ensure!(
+                stops == 1 && output.records.last().is_some_and(|r| r["type"] == "stop"),
+                "expected one `stop` record, last; got {stops}; stderr:\n{stderr}"
+            );
+            ensure!(
+                status.code() == Some(0),
+                "observer exited with {status}; stderr:\n{stderr}"
+            );
+            Ok((output, stderr, took))
+        }
+    }
+
+    impl Drop for LiveObserver {
+        fn drop(&mut self) {
+            if let Some(mut child) = self.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
 }
 
 #[cfg(test)]

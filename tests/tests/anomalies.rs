@@ -12,13 +12,13 @@
 //! as of this writing (see its documentation).
 //!
 //! The observer is watched while it runs (not only after it stopped), so that every wait is a
-//! poll for a record with a deadline: see [`live::LiveObserver`].
+//! poll for a record with a deadline: see [`observer_tests::live::LiveObserver`].
 //!
 //! Subnets: 10.200.80-89.0/24 (fd00:200:50-59::/64). Ports: 5080 data (every 5th data segment
 //! dropped), 5081 SYNs (all dropped), 5082 closed (refused), 5083 clean transfers.
 use std::{
     collections::BTreeSet,
-    io::{Read, Write},
+    io::Write,
     net::{Shutdown, SocketAddr, TcpStream},
     os::unix::fs::MetadataExt,
     path::PathBuf,
@@ -27,10 +27,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use live::LiveObserver;
 use observer_tests::{
-    Filter, Netns, Sink, Topology, connect_in, faults, kernel_test, nonblocking_connect, note,
-    rfc3339_ns, send_bulk, tcp_info, unique_name,
+    ALL_EVENT_TYPES, Filter, Netns, Sink, Topology, await_fin, connect_in, faults, kernel_test,
+    live::LiveObserver, nonblocking_connect, note, rfc3339_ns, send_bulk, tcp_info, unique_name,
 };
 use serde_json::Value;
 
@@ -63,21 +62,6 @@ open_per_sec = 8.0
 ";
 
 const TIMESTAMPS: &str = "net.ipv4.tcp_timestamps";
-
-/// Event record types (`close` is not exported by default).
-const EVENT_KINDS: [&str; 11] = [
-    "retransmit",
-    "retransmit_failed",
-    "syn_retransmit",
-    "synack_retransmit",
-    "drop",
-    "reset_sent",
-    "reset_received",
-    "connect",
-    "connect_failed",
-    "accept",
-    "close",
-];
 
 /// The refused-connect storm: this long, at most this many connects.
 const STORM: Duration = Duration::from_secs(3);
@@ -212,25 +196,12 @@ fn paced_stream(ns: &Netns, to: SocketAddr, duration: Duration) -> Result<Paced>
     }
     stream.shutdown(Shutdown::Write)?;
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut buf = [0u8; 512];
-    loop {
-        ensure!(
-            Instant::now() < deadline,
-            "paced stream: no FIN from the peer within 30 s"
-        );
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(_) => bail!("paced stream: the sink sent data"),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => return Err(e).context("paced stream: read"),
-        }
-    }
+    await_fin(
+        &mut stream,
+        deadline,
+        "paced stream",
+        "no FIN from the peer within 30 s",
+    )?;
     let ended = SystemTime::now();
     let total_retrans = tcp_info(&stream)?.tcpi_total_retrans;
     Ok(Paced {
@@ -994,7 +965,7 @@ fn refused_storm_totals_are_exact_under_default_budgets() -> Result<()> {
             .records
             .iter()
             .filter(|r| {
-                EVENT_KINDS.contains(&r["type"].as_str().unwrap_or(""))
+                ALL_EVENT_TYPES.contains(&r["type"].as_str().unwrap_or(""))
                     && r["netns"]
                         .as_u64()
                         .is_some_and(|n| n == client_ns || n == server_ns)
@@ -1034,187 +1005,6 @@ fn refused_storm_totals_are_exact_under_default_budgets() -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// An observer watched while it runs.
-mod live {
-    use std::{
-        io::{BufRead, BufReader},
-        process::{Child, Command, Stdio},
-        sync::{Arc, Mutex, MutexGuard},
-        thread,
-        time::Duration,
-    };
-
-    use anyhow::{Context, Result, bail, ensure};
-    use observer_tests::{Run, START_TIMEOUT, observer_bin, poll_until, wait_child};
-    use serde_json::Value;
-
-    /// Waits for the `stop` record and the end of the output after SIGINT.
-    const STOP_TIMEOUT: Duration = Duration::from_secs(20);
-
-    #[derive(Default)]
-    struct Output {
-        records: Vec<Value>,
-        bad_lines: Vec<String>,
-        eof: bool,
-    }
-
-    fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-        m.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// `observer run ...` whose records are read as they come (a thread per pipe), so a test can
-    /// poll for a record while the observer runs. Killed and reaped on drop if still running.
-    pub struct LiveObserver {
-        child: Option<Child>,
-        output: Arc<Mutex<Output>>,
-        stderr: Arc<Mutex<String>>,
-        readers: Vec<thread::JoinHandle<()>>,
-    }
-
-    impl LiveObserver {
-        /// Spawns `observer run <args>` and waits for its `start` record.
-        pub fn start(args: &[&str]) -> Result<Self> {
-            let bin = observer_bin();
-            ensure!(
-                bin.exists(),
-                "{} does not exist: build it first (cargo build -p observer) or set OBSERVER_BIN",
-                bin.display()
-            );
-            let mut child = Command::new(&bin)
-                .arg("run")
-                .args(args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .with_context(|| format!("spawning {}", bin.display()))?;
-            let stdout = child.stdout.take().context("stdout")?;
-            let stderr_pipe = child.stderr.take().context("stderr")?;
-            let output = Arc::new(Mutex::new(Output::default()));
-            let stderr = Arc::new(Mutex::new(String::new()));
-            let out = Arc::clone(&output);
-            let out_reader = thread::spawn(move || {
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    let mut o = lock(&out);
-                    match serde_json::from_str::<Value>(&line) {
-                        Ok(v) if v.is_object() => o.records.push(v),
-                        _ => o.bad_lines.push(line),
-                    }
-                }
-                lock(&out).eof = true;
-            });
-            let err = Arc::clone(&stderr);
-            let err_reader = thread::spawn(move || {
-                for line in BufReader::new(stderr_pipe).lines() {
-                    let Ok(line) = line else { break };
-                    let mut s = lock(&err);
-                    s.push_str(&line);
-                    s.push('\n');
-                }
-            });
-            let observer = Self {
-                child: Some(child),
-                output,
-                stderr,
-                readers: vec![out_reader, err_reader],
-            };
-            observer.wait_for("the start record", START_TIMEOUT, |records| {
-                match records.first() {
-                    None => Ok(None),
-                    Some(r) if r["type"] == "start" => Ok(Some(())),
-                    Some(r) => bail!("the first record is not `start`: {r}"),
-                }
-            })?;
-            Ok(observer)
-        }
-
-        pub fn stderr(&self) -> String {
-            lock(&self.stderr).clone()
-        }
-
-        /// Polls the records written so far (every 50 ms, at most `timeout`) until `f` returns
-        /// `Some`; fails early when the observer's output ended.
-        pub fn wait_for<T>(
-            &self,
-            what: &str,
-            timeout: Duration,
-            mut f: impl FnMut(&[Value]) -> Result<Option<T>>,
-        ) -> Result<T> {
-            poll_until(what, timeout, Duration::from_millis(50), || {
-                let o = lock(&self.output);
-                if let Some(found) = f(&o.records)? {
-                    return Ok(Some(found));
-                }
-                if o.eof {
-                    bail!(
-                        "observer output ended while waiting for {what}; stderr:\n{}",
-                        self.stderr()
-                    );
-                }
-                Ok(None)
-            })
-            .with_context(|| format!("observer stderr so far:\n{}", self.stderr()))
-        }
-
-        /// SIGINT, then everything up to the `stop` record and the end of the output; checks
-        /// that stdout held only JSON objects, `stop` came last and the exit code is 0.
-        pub fn stop(mut self) -> Result<Run> {
-            let mut child = self.child.take().context("observer already stopped")?;
-            let pid = libc::pid_t::try_from(child.id())?;
-            // SAFETY: plain kill(2) on our own child, not reaped yet (so the pid is still ours).
-            unsafe {
-                libc::kill(pid, libc::SIGINT);
-            }
-            let ended = poll_until(
-                "the observer's output to end after SIGINT",
-                STOP_TIMEOUT,
-                Duration::from_millis(20),
-                || Ok(lock(&self.output).eof.then_some(())),
-            );
-            let status = wait_child(&mut child, Duration::from_secs(10));
-            for reader in self.readers.drain(..) {
-                let _ = reader.join();
-            }
-            let stderr = self.stderr();
-            ended.with_context(|| format!("stderr:\n{stderr}"))?;
-            let status = status.with_context(|| format!("stderr:\n{stderr}"))?;
-            let output = std::mem::take(&mut *lock(&self.output));
-            ensure!(
-                output.bad_lines.is_empty(),
-                "non-JSON lines on stdout: {:?}",
-                output.bad_lines
-            );
-            let stops = output
-                .records
-                .iter()
-                .filter(|r| r["type"] == "stop")
-                .count();
-            ensure!(
-                stops == 1 && output.records.last().is_some_and(|r| r["type"] == "stop"),
-                "expected one `stop` record, last; got {stops}; stderr:\n{stderr}"
-            );
-            ensure!(
-                status.code() == Some(0),
-                "observer exited with {status}; stderr:\n{stderr}"
-            );
-            Ok(Run {
-                records: output.records,
-                stderr,
-            })
-        }
-    }
-
-    impl Drop for LiveObserver {
-        fn drop(&mut self) {
-            if let Some(mut child) = self.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
 }
 
 /// Under the default budgets most storm events are suppressed; the engine is fed the kernel's

@@ -15,7 +15,7 @@ use std::{
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, Ordering},
         mpsc,
     },
@@ -25,183 +25,17 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, ensure};
 use observer_tests::{
-    Netns, Sink, Topology, faults, kernel_test, nonblocking_connect, note, observer_bin,
-    poll_until, run_checked, unique_name, wait_child,
+    Netns, Sink, Topology, faults, kernel_test,
+    live::{LiveObserver, Received},
+    nonblocking_connect, note, run_checked, unique_name,
 };
 use serde_json::Value;
 
 /// Every event exported (no per-flow or per-CPU budget): the tests look at single flows.
 const NO_BUDGET: &[&str] = &["--export-per-flow", "0", "--export-per-cpu", "0"];
-const POLL_EVERY: Duration = Duration::from_millis(100);
 
 // ---------------------------------------------------------------------------------------------
-// The observer, read while it runs
-
-/// A record and when this test received it.
-#[derive(Clone)]
-struct Received {
-    at: Instant,
-    value: Value,
-}
-
-/// `observer run ...` whose records can be read while it runs. Killed and reaped on drop.
-struct LiveObserver {
-    child: Option<Child>,
-    records: Arc<Mutex<Vec<Received>>>,
-    bad_lines: Arc<Mutex<Vec<String>>>,
-    stderr: Arc<Mutex<String>>,
-    reader: Option<thread::JoinHandle<()>>,
-}
-
-impl LiveObserver {
-    fn start(args: &[&str]) -> Result<Self> {
-        let bin = observer_bin();
-        ensure!(
-            bin.exists(),
-            "{} does not exist: build it first (cargo build -p observer) or set OBSERVER_BIN",
-            bin.display()
-        );
-        let mut child = Command::new(&bin)
-            .arg("run")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("spawning {}", bin.display()))?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let stderr_pipe = child.stderr.take().context("stderr")?;
-        let records = Arc::new(Mutex::new(Vec::new()));
-        let bad_lines = Arc::new(Mutex::new(Vec::new()));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (r, b) = (Arc::clone(&records), Arc::clone(&bad_lines));
-        // Both readers end when the process exits (its pipes close).
-        let reader = thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                match serde_json::from_str::<Value>(&line) {
-                    Ok(value) if value.is_object() => lock(&r).push(Received {
-                        at: Instant::now(),
-                        value,
-                    }),
-                    _ => lock(&b).push(line),
-                }
-            }
-        });
-        let e = Arc::clone(&stderr);
-        thread::spawn(move || {
-            for line in BufReader::new(stderr_pipe).lines().map_while(Result::ok) {
-                let mut s = lock(&e);
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        let obs = Self {
-            child: Some(child),
-            records,
-            bad_lines,
-            stderr,
-            reader: Some(reader),
-        };
-        poll_until(
-            "the observer's `start` record",
-            Duration::from_secs(20),
-            Duration::from_millis(50),
-            || {
-                let recs = obs.records();
-                if let Some(first) = recs.first() {
-                    ensure!(
-                        first.value["type"] == "start",
-                        "first record is not `start`: {}",
-                        first.value
-                    );
-                    return Ok(Some(()));
-                }
-                obs.ensure_running()?;
-                Ok(None)
-            },
-        )?;
-        Ok(obs)
-    }
-
-    fn records(&self) -> Vec<Received> {
-        lock(&self.records).clone()
-    }
-
-    fn stderr(&self) -> String {
-        lock(&self.stderr).clone()
-    }
-
-    fn ensure_running(&self) -> Result<()> {
-        // try_wait needs &mut; the pid is ours and unreaped while `child` is Some.
-        let pid = self.child.as_ref().map(Child::id).context("stopped")?;
-        let path = format!("/proc/{pid}/stat");
-        let stat = std::fs::read_to_string(&path).unwrap_or_default();
-        ensure!(
-            !stat.is_empty() && !stat.contains(") Z "),
-            "observer exited early; stderr:\n{}",
-            self.stderr()
-        );
-        Ok(())
-    }
-
-    /// Polls the records until `f` finds what it looks for (or the deadline passes).
-    fn wait_for<T>(
-        &self,
-        what: &str,
-        timeout: Duration,
-        mut f: impl FnMut(&[Received]) -> Option<T>,
-    ) -> Result<T> {
-        poll_until(what, timeout, POLL_EVERY, || {
-            if let Some(v) = f(&self.records()) {
-                return Ok(Some(v));
-            }
-            self.ensure_running()?;
-            Ok(None)
-        })
-        .with_context(|| format!("observer stderr:\n{}", self.stderr()))
-    }
-
-    /// SIGINT, then every record up to `stop` and a clean exit (10 s at most).
-    fn stop(&mut self) -> Result<Vec<Received>> {
-        let mut child = self.child.take().context("already stopped")?;
-        // SAFETY: plain kill(2) on our own child, not yet reaped (its pid cannot be reused).
-        unsafe {
-            libc::kill(libc::pid_t::try_from(child.id())?, libc::SIGINT);
-        }
-        let status = wait_child(&mut child, Duration::from_secs(10));
-        if let Some(reader) = self.reader.take() {
-            // The process is gone (exited or killed): stdout is at EOF.
-            let _ = reader.join();
-        }
-        let status = status.with_context(|| format!("stderr:\n{}", self.stderr()))?;
-        ensure!(
-            status.code() == Some(0),
-            "observer exited with {status}; stderr:\n{}",
-            self.stderr()
-        );
-        let bad = lock(&self.bad_lines).clone();
-        ensure!(bad.is_empty(), "non-JSON lines on stdout: {bad:?}");
-        let records = self.records();
-        ensure!(
-            records.last().is_some_and(|r| r.value["type"] == "stop"),
-            "the last record is not `stop`"
-        );
-        Ok(records)
-    }
-}
-
-impl Drop for LiveObserver {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+// Reading the records
 
 fn of_type<'a>(records: &'a [Received], ty: &str) -> impl Iterator<Item = &'a Received> {
     records.iter().filter(move |r| r.value["type"] == ty)
@@ -423,7 +257,7 @@ fn unanswered_requests_are_reported_as_stale_by_client_process() -> Result<()> {
     let _responder = Responder::start(listen_in(&topo.server, answering_addr)?)?;
     let client_ns = topo.client.inode()?;
 
-    let mut obs = LiveObserver::start(&["--stale-after", "2"])?;
+    let obs = LiveObserver::start(&["--stale-after", "2"])?;
     let args = |addr: SocketAddr, expect: bool| {
         vec![
             addr.ip().to_string(),
@@ -451,13 +285,13 @@ fn unanswered_requests_are_reported_as_stale_by_client_process() -> Result<()> {
             .map(|r| r.value.clone())
             .collect()
     };
-    let record = obs.wait_for(
+    let record = obs.wait_for_received(
         "a stale_connections record for the waiting client",
         Duration::from_secs(20),
         |recs| for_pid(recs, waiting_pid).into_iter().next(),
     )?;
     note(&format!("{TEST}: after {:?}: {record}", ready_at.elapsed()));
-    let records = obs.stop()?;
+    let records = obs.stop_received()?;
     ensure!(
         record["netns"].as_u64() == Some(client_ns),
         "netns: expected {client_ns}: {record}"
@@ -591,7 +425,7 @@ fn synack_retransmits_over_an_asymmetric_route_are_explained() -> Result<()> {
     let _good_listener = listen_in(&good.s, good.server())?;
     let _bad_listener = listen_in(&bad.s, bad.server())?;
 
-    let mut obs = LiveObserver::start(NO_BUDGET)?;
+    let obs = LiveObserver::start(NO_BUDGET)?;
 
     // Symmetric first: the connect completes.
     let to = good.server();
@@ -608,7 +442,7 @@ fn synack_retransmits_over_an_asymmetric_route_are_explained() -> Result<()> {
         .run(move || TcpStream::connect_timeout(&to, Duration::from_secs(3)))?
         .context("connect with the handshake ACK dropped (succeeds client-side)")?;
     let good_peer = IpAddr::V4(good.c_addr);
-    obs.wait_for(
+    obs.wait_for_received(
         "a synack_retransmit event in the symmetric server namespace",
         Duration::from_secs(15),
         |recs| {
@@ -625,7 +459,7 @@ fn synack_retransmits_over_an_asymmetric_route_are_explained() -> Result<()> {
     let bad_to = bad.server();
     let _pending: OwnedFd = bad.c.run(move || nonblocking_connect(bad_to))??;
     let bad_peer = IpAddr::V4(bad.c_addr);
-    let record = obs.wait_for(
+    let record = obs.wait_for_received(
         "an asymmetric_route record for the asymmetric server namespace",
         Duration::from_secs(20),
         |recs| {
@@ -635,7 +469,7 @@ fn synack_retransmits_over_an_asymmetric_route_are_explained() -> Result<()> {
         },
     )?;
     note(&format!("{TEST}: {record}"));
-    let records = obs.stop()?;
+    let records = obs.stop_received()?;
     drop(half_open);
 
     ensure!(
@@ -699,7 +533,7 @@ fn retransmit_events_name_the_owning_process() -> Result<()> {
     let sink = Sink::start(&topo.server, server, 1, Duration::from_secs(40))?;
     let client_ns = topo.client.inode()?;
 
-    let mut obs = LiveObserver::start(&[
+    let obs = LiveObserver::start(&[
         "--export-per-flow",
         "0",
         "--export-per-cpu",
@@ -728,7 +562,7 @@ fn retransmit_events_name_the_owning_process() -> Result<()> {
     let done = client.next_line(Duration::from_secs(20))?;
     ensure!(done == "done", "client said {done:?}");
     // The stream lasted 6 s: retransmits after its first 2 s exist if the fault happened.
-    obs.wait_for(
+    obs.wait_for_received(
         "retransmit events of the stream after its first 2 s",
         Duration::from_secs(10),
         |recs| {
@@ -741,7 +575,7 @@ fn retransmit_events_name_the_owning_process() -> Result<()> {
                 .then_some(())
         },
     )?;
-    let records = obs.stop()?;
+    let records = obs.stop_received()?;
     drop(client);
     let received = sink.join()?;
 

@@ -15,8 +15,8 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use observer_tests::{
-    Netns, REQUIRE_ENV, START_TIMEOUT, STOP_TIMEOUT, connect_in, kernel_test, note, observer_bin,
-    poll_until, run_with_timeout, unique_name, wait_child,
+    ALL_EVENT_TYPES, Netns, START_TIMEOUT, STOP_TIMEOUT, TempDir, connect_in, kernel_test, note,
+    observer_bin, poll_until, require_tool, run_with_timeout, send_signal, unique_name, wait_child,
 };
 use serde_json::Value;
 
@@ -26,33 +26,6 @@ const UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/observer.s
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> Result<Self> {
-        let dir = std::env::temp_dir().join(unique_name(test));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Self(dir))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    fn write(&self, name: &str, text: &str) -> Result<PathBuf> {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-        Ok(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn observer() -> Result<Command> {
     let bin = observer_bin();
     ensure!(
@@ -61,26 +34,6 @@ fn observer() -> Result<Command> {
         bin.display()
     );
     Ok(Command::new(bin))
-}
-
-/// A tool the test needs: fails with REQUIRE_ENV=1, otherwise says SKIPPED. False: skip.
-fn require_tool(test: &str, tool: &str, package: &str) -> bool {
-    let found = Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if found {
-        return true;
-    }
-    if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
-        panic!(
-            "{test}: `{tool}` is missing (apt-get install {package}), and {REQUIRE_ENV}=1 forbids skipping"
-        );
-    }
-    eprintln!("SKIPPED {test}: `{tool}` is missing (apt-get install {package})");
-    false
 }
 
 /// One row of `observer check`'s table.
@@ -266,14 +219,6 @@ fn parse_records(text: &str, what: &str) -> Result<Vec<Value>> {
             Ok(v)
         })
         .collect()
-}
-
-fn send_signal(pid: u32, signal: i32) -> Result<()> {
-    let pid = libc::pid_t::try_from(pid)?;
-    // SAFETY: plain syscall on a child we spawned and have not reaped.
-    let rc = unsafe { libc::kill(pid, signal) };
-    ensure!(rc == 0, "kill: {}", std::io::Error::last_os_error());
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -768,22 +713,13 @@ fn file_output_rotates_at_record_boundaries() -> Result<()> {
     );
 
     // Every event the daemon received was written: nothing lost across rotations.
-    const EVENT_TYPES: [&str; 11] = [
-        "retransmit",
-        "retransmit_failed",
-        "syn_retransmit",
-        "synack_retransmit",
-        "drop",
-        "reset_sent",
-        "reset_received",
-        "connect",
-        "connect_failed",
-        "accept",
-        "close",
-    ];
     let written_events = records
         .iter()
-        .filter(|r| r["type"].as_str().is_some_and(|t| EVENT_TYPES.contains(&t)))
+        .filter(|r| {
+            r["type"]
+                .as_str()
+                .is_some_and(|t| ALL_EVENT_TYPES.contains(&t))
+        })
         .count() as u64;
     let totals = stop["totals"].as_object().context("stop.totals")?;
     let received: u64 = totals

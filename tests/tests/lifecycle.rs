@@ -15,12 +15,12 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use observer_tests::{Filter, Observer, Run, Topology, describe, kernel_test, note};
-use serde_json::Value;
-use support::{
+use observer_tests::support::{
     Outcome, accept_n, check_run, connect_parallel, one_each, rule_packets, u64_of,
     wait_until_closed,
 };
+use observer_tests::{Filter, Observer, Run, Topology, describe, kernel_test, note};
+use serde_json::Value;
 
 /// Exact per-event comparisons: every event exported, close events too.
 const ARGS: [&str; 6] = [
@@ -116,22 +116,14 @@ fn connect_timeouts_report_outcome_duration_and_syn_retransmits() -> Result<()> 
     let conns: Vec<(bool, u16)> =
         vec![(false, 43000), (false, 43001), (true, 43010), (true, 43011)];
     for &(v6, sport) in &conns {
-        topo.server.iptables(
+        topo.server.drop_inbound_tcp(
             v6,
             &[
-                "-w",
-                "5",
-                "-A",
-                "INPUT",
-                "-p",
-                "tcp",
                 "--dport",
                 &TIMEOUT_PORT.to_string(),
                 "--sport",
                 &sport.to_string(),
                 "--syn",
-                "-j",
-                "DROP",
             ],
         )?;
     }
@@ -275,15 +267,9 @@ fn connect_latency_counts_the_syn_timeout() -> Result<()> {
     };
     let topo = Topology::new(&t.name, 71)?;
     let (slow, fast) = (44000u16, 44001u16);
-    topo.server.iptables(
+    topo.server.drop_inbound_tcp(
         false,
         &[
-            "-w",
-            "5",
-            "-A",
-            "INPUT",
-            "-p",
-            "tcp",
             "--dport",
             &LATENCY_PORT.to_string(),
             "--sport",
@@ -297,8 +283,6 @@ fn connect_latency_counts_the_syn_timeout() -> Result<()> {
             "2",
             "--packet",
             "0",
-            "-j",
-            "DROP",
         ],
     )?;
     let to = SocketAddr::new(topo.server_ip(false), LATENCY_PORT);
@@ -438,7 +422,7 @@ fn accepts_and_close_lifetimes() -> Result<()> {
     let held = opened.elapsed();
     // Client closes first; the server closes after reading the EOF.
     drop(streams);
-    support::close_after_eof(accepted, Duration::from_secs(5))?;
+    observer_tests::support::close_after_eof(accepted, Duration::from_secs(5))?;
     wait_until_closed(&topo.client, &ports)?;
     wait_until_closed(&topo.server, &[ACCEPT_PORT])?;
     let (ca, sa) = (topo.client.counters()?, topo.server.counters()?);
@@ -535,487 +519,4 @@ fn accepts_and_close_lifetimes() -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Helpers this file needs beyond the shared harness.
-mod support {
-    use std::{
-        collections::BTreeMap,
-        io::{self, Read},
-        net::{SocketAddr, TcpListener, TcpStream},
-        os::fd::{AsRawFd, FromRawFd, OwnedFd},
-        thread,
-        time::{Duration, Instant},
-    };
-
-    use anyhow::{Context, Result, anyhow, bail, ensure};
-    use observer_tests::{Filter, Netns, Run, describe, note, poll_until};
-    use serde_json::Value;
-
-    pub fn u64_of(v: &Value, k: &str) -> Result<u64> {
-        v[k].as_u64()
-            .with_context(|| format!("`{k}` missing in {v}"))
-    }
-
-    /// How a connect ended.
-    #[derive(Debug)]
-    // The payloads are shown in failure messages (Debug), which the dead-code lint ignores.
-    #[allow(dead_code)]
-    pub enum Outcome {
-        Connected(TcpStream),
-        Refused,
-        TimedOut,
-        Failed(io::Error),
-    }
-
-    #[derive(Debug)]
-    pub struct Attempt {
-        pub local: SocketAddr,
-        pub outcome: Outcome,
-        /// From connect(2) until the outcome was known (for timeouts: until the socket closed).
-        pub elapsed: Duration,
-    }
-
-    fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-        // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid value.
-        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let len = match addr {
-            SocketAddr::V4(a) => {
-                let sin = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as libc::sa_family_t,
-                    sin_port: a.port().to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from_ne_bytes(a.ip().octets()),
-                    },
-                    sin_zero: [0; 8],
-                };
-                // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-                unsafe { std::ptr::write((&raw mut storage).cast::<libc::sockaddr_in>(), sin) };
-                size_of::<libc::sockaddr_in>()
-            }
-            SocketAddr::V6(a) => {
-                let sin6 = libc::sockaddr_in6 {
-                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                    sin6_port: a.port().to_be(),
-                    sin6_flowinfo: 0,
-                    sin6_addr: libc::in6_addr {
-                        s6_addr: a.ip().octets(),
-                    },
-                    sin6_scope_id: 0,
-                };
-                // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-                unsafe { std::ptr::write((&raw mut storage).cast::<libc::sockaddr_in6>(), sin6) };
-                size_of::<libc::sockaddr_in6>()
-            }
-        };
-        (storage, len as libc::socklen_t)
-    }
-
-    fn check(rc: libc::c_int, what: &str) -> Result<()> {
-        if rc < 0 {
-            Err(io::Error::last_os_error()).with_context(|| what.to_owned())
-        } else {
-            Ok(())
-        }
-    }
-
-    /// Connects from `local` (bound first: the test knows every flow's 4-tuple) to `to` in the
-    /// calling thread's network namespace, waiting at most `timeout`. On a timeout the socket is
-    /// closed (the kernel sees SYN_SENT -> CLOSE) before this returns.
-    pub fn connect_here(local: SocketAddr, to: SocketAddr, timeout: Duration) -> Result<Attempt> {
-        let domain = if to.is_ipv6() {
-            libc::AF_INET6
-        } else {
-            libc::AF_INET
-        };
-        // SAFETY: plain syscall; the fd is owned right below.
-        let fd = unsafe {
-            libc::socket(
-                domain,
-                libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                0,
-            )
-        };
-        check(fd, "socket")?;
-        // SAFETY: fd is a fresh socket owned by nobody else.
-        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-        let one: libc::c_int = 1;
-        // SAFETY: the pointer and length describe `one`.
-        check(
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_REUSEADDR,
-                    (&raw const one).cast(),
-                    size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            },
-            "SO_REUSEADDR",
-        )?;
-        let (addr, len) = sockaddr(local);
-        // SAFETY: addr/len describe a valid socket address.
-        check(
-            unsafe { libc::bind(fd, (&raw const addr).cast(), len) },
-            &format!("bind {local}"),
-        )?;
-        let (addr, len) = sockaddr(to);
-        let start = Instant::now();
-        let deadline = start + timeout;
-        // SAFETY: addr/len describe a valid socket address.
-        let rc = unsafe { libc::connect(fd, (&raw const addr).cast(), len) };
-        let mut err = 0;
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINPROGRESS) {
-                err = e.raw_os_error().unwrap_or(libc::EIO);
-            } else {
-                loop {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        drop(sock);
-                        return Ok(Attempt {
-                            local,
-                            outcome: Outcome::TimedOut,
-                            elapsed: start.elapsed(),
-                        });
-                    }
-                    let mut pfd = libc::pollfd {
-                        fd: sock.as_raw_fd(),
-                        events: libc::POLLOUT,
-                        revents: 0,
-                    };
-                    let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(1000);
-                    // SAFETY: pfd is one valid pollfd.
-                    let n = unsafe { libc::poll(&raw mut pfd, 1, ms) };
-                    if n < 0 {
-                        let e = io::Error::last_os_error();
-                        if e.kind() == io::ErrorKind::Interrupted {
-                            continue;
-                        }
-                        return Err(e).context("poll");
-                    }
-                    if n > 0 {
-                        let mut so_error: libc::c_int = 0;
-                        let mut l = size_of::<libc::c_int>() as libc::socklen_t;
-                        // SAFETY: the pointer and length describe `so_error`.
-                        check(
-                            unsafe {
-                                libc::getsockopt(
-                                    fd,
-                                    libc::SOL_SOCKET,
-                                    libc::SO_ERROR,
-                                    (&raw mut so_error).cast(),
-                                    &mut l,
-                                )
-                            },
-                            "SO_ERROR",
-                        )?;
-                        err = so_error;
-                        break;
-                    }
-                }
-            }
-        }
-        let elapsed = start.elapsed();
-        let outcome = match err {
-            0 => {
-                let stream = TcpStream::from(sock);
-                stream.set_nonblocking(false)?;
-                Outcome::Connected(stream)
-            }
-            libc::ECONNREFUSED => Outcome::Refused,
-            e => Outcome::Failed(io::Error::from_raw_os_error(e)),
-        };
-        Ok(Attempt {
-            local,
-            outcome,
-            elapsed,
-        })
-    }
-
-    /// Connects in parallel (one thread per connect, each in `ns`): `(local, to)` pairs.
-    pub fn connect_parallel(
-        ns: &Netns,
-        pairs: &[(SocketAddr, SocketAddr)],
-        timeout: Duration,
-    ) -> Result<Vec<Attempt>> {
-        thread::scope(|s| {
-            let handles: Vec<_> = pairs
-                .iter()
-                .map(|&(local, to)| s.spawn(move || ns.run(|| connect_here(local, to, timeout))?))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().map_err(|_| anyhow!("connect thread panicked"))?)
-                .collect()
-        })
-    }
-
-    /// Packet counter of the rule(s) of `chain` whose `-L -v -n` line has the token `needle`
-    /// (e.g. `dpt:5061`, `spt:41000`); fails if no rule has it.
-    pub fn rule_packets(ns: &Netns, v6: bool, chain: &str, needle: &str) -> Result<u64> {
-        let out = ns.exec(
-            if v6 { "ip6tables" } else { "iptables" },
-            &["-w", "5", "-L", chain, "-v", "-n", "-x"],
-        )?;
-        let mut found = false;
-        let mut total = 0;
-        for line in out.lines().skip(2) {
-            if line.split_whitespace().any(|t| t == needle) {
-                found = true;
-                total += line
-                    .split_whitespace()
-                    .next()
-                    .and_then(|p| p.parse::<u64>().ok())
-                    .with_context(|| format!("no packet count in {line:?}"))?;
-            }
-        }
-        ensure!(
-            found,
-            "no rule with {needle} in {chain} of {}:\n{out}",
-            ns.name
-        );
-        Ok(total)
-    }
-
-    /// Each of `ports` appears exactly once as `field` of `events` (and nothing else does).
-    pub fn one_each(events: &[&Value], field: &str, ports: &[u16], what: &str) -> Result<()> {
-        let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
-        for e in events {
-            *seen
-                .entry(e[field].as_u64().unwrap_or(u64::MAX))
-                .or_default() += 1;
-        }
-        let want: BTreeMap<u64, usize> = ports.iter().map(|&p| (u64::from(p), 1)).collect();
-        if seen != want {
-            let missing: Vec<u64> = want
-                .keys()
-                .filter(|p| !seen.contains_key(p))
-                .copied()
-                .collect();
-            let extra: Vec<(u64, usize)> = seen
-                .iter()
-                .filter(|(p, n)| want.get(p) != Some(n))
-                .map(|(p, n)| (*p, *n))
-                .collect();
-            bail!(
-                "{what} events: expected one per client port ({} ports); missing {missing:?}, \
-                 unexpected or repeated (port, count) {extra:?}",
-                ports.len()
-            );
-        }
-        Ok(())
-    }
-
-    /// Field checks of the event kinds these tests use (the harness's schema check predates
-    /// them). Only events matching one of `filters` are checked.
-    pub fn event_problems(run: &Run, filters: &[Filter]) -> Vec<String> {
-        let mut p = Vec::new();
-        for (i, r) in run.records.iter().enumerate() {
-            let ty = r["type"].as_str().unwrap_or("");
-            let required: &[&str] = match ty {
-                "drop" => &[
-                    "reason",
-                    "reason_code",
-                    "location",
-                    "ifindex",
-                    "tcp_flags",
-                    "direction",
-                ],
-                "reset_sent" => &["reason", "reason_code"],
-                "reset_received" => &[],
-                "connect" => &["duration_ms", "syn_retransmits"],
-                "connect_failed" => &["outcome", "duration_ms", "syn_retransmits"],
-                "accept" => &["handshake_rtt_us"],
-                "close" => &["duration_ms", "from_state", "active"],
-                _ => continue,
-            };
-            if !filters.iter().any(|f| f.matches(r)) {
-                continue;
-            }
-            for k in ["time", "family", "saddr", "daddr", "state"] {
-                if !r[k].is_string() {
-                    p.push(format!("record {i} ({ty}): `{k}` missing: {r}"));
-                }
-            }
-            for k in ["sport", "dport", "netns", "segs", "flow_count", "pid"] {
-                if !r[k].is_u64() {
-                    p.push(format!(
-                        "record {i} ({ty}): `{k}` not an unsigned integer: {r}"
-                    ));
-                }
-            }
-            for &k in required {
-                let ok = match k {
-                    "reason" | "location" | "tcp_flags" | "from_state" => {
-                        r[k].as_str().is_some_and(|s| !s.is_empty())
-                    }
-                    "direction" => matches!(r[k].as_str(), Some("inbound" | "outbound")),
-                    "outcome" => matches!(r[k].as_str(), Some("refused" | "timeout")),
-                    "duration_ms" => r[k].as_f64().is_some_and(|d| d >= 0.0),
-                    "active" => r[k].is_boolean(),
-                    _ => r[k].is_u64(),
-                };
-                if !ok {
-                    p.push(format!(
-                        "record {i} ({ty}): `{k}` missing or malformed: {r}"
-                    ));
-                }
-            }
-        }
-        p
-    }
-
-    /// Record types written per `stop.totals` kind.
-    const KINDS: [(&str, &[&str]); 10] = [
-        ("retransmit", &["retransmit", "retransmit_failed"]),
-        ("syn_retransmit", &["syn_retransmit"]),
-        ("synack_retransmit", &["synack_retransmit"]),
-        ("drop", &["drop"]),
-        ("reset_sent", &["reset_sent"]),
-        ("reset_received", &["reset_received"]),
-        ("connect", &["connect"]),
-        ("connect_failed", &["connect_failed"]),
-        ("accept", &["accept"]),
-        ("close", &["close"]),
-    ];
-
-    /// With every event exported (`--export-per-flow 0 --export-per-cpu 0 --export-kinds all`):
-    /// nothing lost, undelivered or suppressed, every received event written, and the test's
-    /// events well formed. Then per-event counts can be compared exactly.
-    ///
-    /// `exported = received + lost + undelivered + decode_errors` (docs/schema.md) is a global
-    /// identity over every namespace, so traffic of other tests running at the same time enters
-    /// it; a mismatch is printed (and shows in the test's own exact counts if it touches them)
-    /// rather than failing here.
-    pub fn check_run(run: &Run, filters: &[Filter]) -> Result<()> {
-        let stop = run.stop()?;
-        run.ensure_nothing_lost().with_context(|| describe(run))?;
-        for k in ["undelivered", "decode_errors"] {
-            ensure!(
-                stop[k] == 0,
-                "stop.{k} = {}: events were not written",
-                stop[k]
-            );
-        }
-        let mut unaccounted = Vec::new();
-        for (kind, types) in KINDS {
-            let t = &stop["totals"][kind];
-            let written = run
-                .records
-                .iter()
-                .filter(|r| r["type"].as_str().is_some_and(|ty| types.contains(&ty)))
-                .count() as u64;
-            let (exported, received, suppressed) = (
-                u64_of(t, "exported")?,
-                u64_of(t, "received")?,
-                u64_of(t, "suppressed")?,
-            );
-            ensure!(
-                received == written && suppressed == 0,
-                "stop.totals.{kind}: received {received}, suppressed {suppressed}, but {written} \
-                 {types:?} records written (expected equal, nothing suppressed)"
-            );
-            if exported != received {
-                unaccounted.push(format!("{kind}: exported {exported}, received {received}"));
-            }
-        }
-        if !unaccounted.is_empty() {
-            note(&format!(
-                "OBSERVER CONTRACT: exported != received + lost (0) + undelivered (0) + \
-                 decode_errors (0) for {}",
-                unaccounted.join("; ")
-            ));
-        }
-        let problems = event_problems(run, filters);
-        ensure!(
-            problems.is_empty(),
-            "event records do not match the schema:\n  {}",
-            problems.join("\n  ")
-        );
-        Ok(())
-    }
-
-    /// Accepts `n` connections within `timeout` (blocking streams).
-    pub fn accept_n(listener: &TcpListener, n: usize, timeout: Duration) -> Result<Vec<TcpStream>> {
-        listener.set_nonblocking(true)?;
-        let deadline = Instant::now() + timeout;
-        let mut out = Vec::with_capacity(n);
-        while out.len() < n {
-            match listener.accept() {
-                Ok((stream, _)) => {
-                    stream.set_nonblocking(false)?;
-                    out.push(stream);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ensure!(
-                        Instant::now() < deadline,
-                        "accepted {} of {n} connections within {timeout:?}",
-                        out.len()
-                    );
-                    thread::sleep(Duration::from_millis(5));
-                }
-                Err(e) => return Err(e).context("accept"),
-            }
-        }
-        Ok(out)
-    }
-
-    /// Reads each stream to EOF (the peer closed), then closes it; all within `timeout`.
-    pub fn close_after_eof(streams: Vec<TcpStream>, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        let mut buf = [0u8; 1024];
-        for mut s in streams {
-            s.set_read_timeout(Some(Duration::from_millis(200)))?;
-            loop {
-                ensure!(Instant::now() < deadline, "no EOF within {timeout:?}");
-                match s.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(_) => bail!("the peer sent data"),
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock
-                                | io::ErrorKind::TimedOut
-                                | io::ErrorKind::Interrupted
-                        ) => {}
-                    Err(e) => return Err(e).context("read"),
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Waits (10 s at most) until no socket of `ns` with one of `ports` as local port is in a
-    /// state before CLOSE other than LISTEN and TIME_WAIT (whose full socket already closed).
-    pub fn wait_until_closed(ns: &Netns, ports: &[u16]) -> Result<()> {
-        // /proc/net/tcp states: 01 ESTABLISHED .. 0B CLOSING; 06 TIME_WAIT and 0A LISTEN pass.
-        const OPEN: [&str; 9] = ["01", "02", "03", "04", "05", "07", "08", "09", "0B"];
-        let suffixes: Vec<String> = ports.iter().map(|p| format!(":{p:04X}")).collect();
-        poll_until(
-            &format!("sockets on ports {ports:?} in {} to close", ns.name),
-            Duration::from_secs(10),
-            Duration::from_millis(20),
-            || {
-                let files = ns.run(|| {
-                    ["tcp", "tcp6"]
-                        .iter()
-                        .map(|f| std::fs::read_to_string(format!("/proc/thread-self/net/{f}")))
-                        .collect::<io::Result<Vec<_>>>()
-                })??;
-                let open = files
-                    .iter()
-                    .flat_map(|t| t.lines().skip(1))
-                    .filter(|l| {
-                        let cols: Vec<&str> = l.split_whitespace().collect();
-                        cols.len() > 3
-                            && suffixes.iter().any(|s| cols[1].ends_with(s.as_str()))
-                            && OPEN.contains(&cols[3])
-                    })
-                    .count();
-                Ok((open == 0).then_some(()))
-            },
-        )
-    }
 }

@@ -8,7 +8,6 @@ use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
     process::{Child, ChildStdout, Command, ExitStatus, Stdio},
     sync::{
         Arc, Mutex,
@@ -21,63 +20,13 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use observer_tests::{
-    Netns, REQUIRE_ENV, START_TIMEOUT, STOP_TIMEOUT, kernel_test, nonblocking_connect, note,
-    observer_bin, poll_until, unique_name, wait_child,
+    ALL_EVENT_TYPES, Netns, START_TIMEOUT, STOP_TIMEOUT, TempDir, kernel_test, nonblocking_connect,
+    note, observer_bin, poll_until, require_tool, send_signal, unique_name, wait_child,
 };
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> Result<Self> {
-        let dir = std::env::temp_dir().join(unique_name(test));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Self(dir))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A tool the test needs: fails with REQUIRE_ENV=1, otherwise says SKIPPED. False: skip.
-fn require_tool(test: &str, tool: &str, package: &str) -> bool {
-    let found = Command::new(tool)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if found {
-        return true;
-    }
-    if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
-        panic!(
-            "{test}: `{tool}` is missing (apt-get install {package}; `cargo xtask setup` installs it), and {REQUIRE_ENV}=1 forbids skipping"
-        );
-    }
-    eprintln!("SKIPPED {test}: `{tool}` is missing (apt-get install {package})");
-    false
-}
-
-fn send_signal(pid: u32, signal: i32) -> Result<()> {
-    let pid = libc::pid_t::try_from(pid)?;
-    // SAFETY: plain syscall on a child we spawned and have not reaped.
-    let rc = unsafe { libc::kill(pid, signal) };
-    ensure!(rc == 0, "kill: {}", std::io::Error::last_os_error());
-    Ok(())
-}
 
 /// A child process with its stderr collected on a thread; killed and reaped on drop.
 struct Running {
@@ -178,21 +127,6 @@ fn line_type(line: &str) -> Option<&str> {
     line.strip_prefix(r#"{"type":""#)?.split('"').next()
 }
 
-/// Record types of kernel events (the rest are parsed and kept whole).
-const EVENT_TYPES: [&str; 11] = [
-    "retransmit",
-    "retransmit_failed",
-    "syn_retransmit",
-    "synack_retransmit",
-    "drop",
-    "reset_sent",
-    "reset_received",
-    "connect",
-    "connect_failed",
-    "accept",
-    "close",
-];
-
 /// What a [`LineReader`] has read so far.
 #[derive(Debug, Default)]
 struct Seen {
@@ -240,7 +174,7 @@ impl LineReader {
                 let text = line.trim_end();
                 let ty = line_type(text).map(str::to_owned);
                 match ty {
-                    Some(ty) if EVENT_TYPES.contains(&ty.as_str()) => {
+                    Some(ty) if ALL_EVENT_TYPES.contains(&ty.as_str()) => {
                         if !text.ends_with('}') {
                             seen.bad.push(text.to_owned());
                             continue;
@@ -753,7 +687,7 @@ fn a_slow_reader_costs_records_not_kernel_events() -> Result<()> {
         .filter(|r| r["type"] == "lost")
         .map(|r| r["count"].as_u64().unwrap_or(0))
         .sum();
-    let events_written: u64 = EVENT_TYPES
+    let events_written: u64 = ALL_EVENT_TYPES
         .iter()
         .map(|t| seen.counts.get(*t).copied().unwrap_or(0))
         .sum();
