@@ -137,6 +137,23 @@ fn netns_of_sock(sk: u64) -> u32 {
     netns_inum(kread::<u64>(sk + u64::from(config!(offsets.sock_net))).unwrap_or(0))
 }
 
+/// The flow of a tracepoint record whose addresses are `saddr_v6`/`daddr_v6` copies, from the
+/// offsets of `[saddr_v6, daddr_v6, sport, dport]`, in socket `sk`'s namespace.
+#[inline(always)]
+fn flow_key(
+    ctx: &TracePointContext,
+    [saddr, daddr, sport, dport]: [u16; 4],
+    sk: u64,
+) -> Result<FlowKey, i32> {
+    Ok(FlowKey {
+        saddr: field(ctx, saddr)?,
+        daddr: field(ctx, daddr)?,
+        sport: field(ctx, sport)?,
+        dport: field(ctx, dport)?,
+        netns: netns_of_sock(sk),
+    })
+}
+
 /// Network-namespace inode of the device a packet is on (0 when it has none).
 #[inline(always)]
 fn netns_of_skb_dev(skb: u64) -> u32 {
@@ -407,13 +424,11 @@ fn try_retransmit_skb(ctx: &TracePointContext) -> Result<(), i32> {
         }
         1
     };
-    let flow = FlowKey {
-        saddr: field(ctx, layout.saddr_v6)?,
-        daddr: field(ctx, layout.daddr_v6)?,
-        sport: field(ctx, layout.sport)?,
-        dport: field(ctx, layout.dport)?,
-        netns: netns_of_sock(sk),
-    };
+    let flow = flow_key(
+        ctx,
+        [layout.saddr_v6, layout.daddr_v6, layout.sport, layout.dport],
+        sk,
+    )?;
     let mut event = new_event(kind, flow, field(ctx, layout.family)?, state);
     event.segs = segs;
     event.err = err;
@@ -435,13 +450,11 @@ pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
 fn try_retransmit_synack(ctx: &TracePointContext) -> Result<(), i32> {
     let layout = config!(retransmit_synack);
     let sk: u64 = field(ctx, layout.skaddr)?;
-    let flow = FlowKey {
-        saddr: field(ctx, layout.saddr_v6)?,
-        daddr: field(ctx, layout.daddr_v6)?,
-        sport: field(ctx, layout.sport)?,
-        dport: field(ctx, layout.dport)?,
-        netns: netns_of_sock(sk),
-    };
+    let flow = flow_key(
+        ctx,
+        [layout.saddr_v6, layout.daddr_v6, layout.sport, layout.dport],
+        sk,
+    )?;
     let event = new_event(
         event_kind::SYNACK_RETRANSMIT,
         flow,
@@ -468,15 +481,12 @@ fn try_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
         // SAFETY: live map value; marks the connect as refused when it then closes.
         unsafe { (*s).reset_received = 1 };
     }
-    let flow = FlowKey {
-        saddr: field(ctx, layout.saddr_v6)?,
-        daddr: field(ctx, layout.daddr_v6)?,
-        sport: field(ctx, layout.sport)?,
-        dport: field(ctx, layout.dport)?,
-        netns: netns_of_sock(sk),
-    };
-    // The socket's state is not in the record: read it from `struct sock_common.skc_state`?
-    // That needs another offset; the state change that follows the RST is reported anyway.
+    let flow = flow_key(
+        ctx,
+        [layout.saddr_v6, layout.daddr_v6, layout.sport, layout.dport],
+        sk,
+    )?;
+    // The record has no socket state; the state change that follows the RST reports it.
     let event = new_event(
         event_kind::RESET_RECEIVED,
         flow,
@@ -726,13 +736,11 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         (_, TCP_CLOSE) => (event_kind::CLOSE, Counter::Closes),
         _ => return Ok(()),
     };
-    let flow = FlowKey {
-        saddr: field(ctx, layout.saddr_v6)?,
-        daddr: field(ctx, layout.daddr_v6)?,
-        sport: field(ctx, layout.sport)?,
-        dport: field(ctx, layout.dport)?,
-        netns: netns_of_sock(sk),
-    };
+    let flow = flow_key(
+        ctx,
+        [layout.saddr_v6, layout.daddr_v6, layout.sport, layout.dport],
+        sk,
+    )?;
     let mut event = new_event(kind, flow, field(ctx, layout.family)?, new as u8);
     event.old_state = old as u8;
     let mut counter = counter;
