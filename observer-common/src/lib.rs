@@ -72,6 +72,37 @@ pub struct FlowKey {
 }
 const _: () = assert!(size_of::<FlowKey>() == 40);
 
+/// Which port of a flow its kernel counters leave out.
+///
+/// Events of a handshake that has not completed (SYN and SYN-ACK retransmits, RSTs answering a
+/// SYN, failed connects, dropped SYNs) are counted per *handshake key*: the flow with the
+/// connecting side's ephemeral port set to 0, i.e. per (local address, peer address, service
+/// port). A storm of failed connects then adds to one counter instead of creating one map entry
+/// per attempt, which is what made such storms expensive; the exported events still carry the
+/// whole 4-tuple.
+pub mod key_wildcard {
+    /// Counted per flow (the whole 4-tuple).
+    pub const NONE: u8 = 0;
+    /// This host connected: its own (ephemeral) port is left out.
+    pub const LOCAL_PORT: u8 = 1;
+    /// The peer connected: the peer's (ephemeral) port is left out.
+    pub const REMOTE_PORT: u8 = 2;
+}
+
+impl FlowKey {
+    /// The key the kernel counts an event of this flow under (see [`key_wildcard`]).
+    #[inline(always)]
+    pub fn counting_key(&self, wildcard: u8) -> FlowKey {
+        let mut key = *self;
+        match wildcard {
+            key_wildcard::LOCAL_PORT => key.sport = 0,
+            key_wildcard::REMOTE_PORT => key.dport = 0,
+            _ => {}
+        }
+        key
+    }
+}
+
 /// Exact per-flow counters kept in the kernel's `FLOW_COUNTERS` map, whatever happens to the
 /// export path. The export budget fields are bookkeeping for exemplar sampling, not totals.
 #[repr(C)]
@@ -146,7 +177,9 @@ pub struct TcpEvent {
     pub tcp_flags: u8,
     /// [`connect_outcome`] of a failed connect, [`direction`] of a drop.
     pub aux8: u8,
-    pub _pad: u8,
+    /// Under which key the kernel counted this event: [`key_wildcard`] (see
+    /// [`FlowKey::counting_key`]).
+    pub key_wildcard: u8,
 }
 const _: () = assert!(size_of::<TcpEvent>() == 104);
 
@@ -184,7 +217,9 @@ pub struct RetransmitSkbLayout {
     pub daddr_v6: u16,
     /// Offset of `err`, or [`FIELD_ABSENT`] on kernels before it was added.
     pub err: u16,
-    pub _pad: [u16; 3],
+    /// Bytes of the record the program copies (one read): the end of its last field.
+    pub record_size: u16,
+    pub _pad: [u16; 2],
 }
 const _: () = assert!(size_of::<RetransmitSkbLayout>() == 24);
 
@@ -200,7 +235,9 @@ pub struct RetransmitSynackLayout {
     pub daddr_v6: u16,
     /// Offset of `skaddr` (the listener socket).
     pub skaddr: u16,
-    pub _pad: [u16; 2],
+    /// Bytes of the record the program copies (one read): the end of its last field.
+    pub record_size: u16,
+    pub _pad: u16,
 }
 const _: () = assert!(size_of::<RetransmitSynackLayout>() == 16);
 
@@ -217,7 +254,9 @@ pub struct KfreeSkbLayout {
     pub reason: u16,
     /// `rx_sk` ([`FIELD_ABSENT`] before 6.11).
     pub rx_sk: u16,
-    pub _pad: [u16; 3],
+    /// Bytes of the record the program copies (one read): the end of its last field.
+    pub record_size: u16,
+    pub _pad: [u16; 2],
 }
 const _: () = assert!(size_of::<KfreeSkbLayout>() == 16);
 
@@ -241,7 +280,9 @@ pub struct SendResetLayout {
     pub dport: u16,
     /// [`SEND_RESET_SOCKADDR`] or [`SEND_RESET_SPLIT`].
     pub style: u16,
-    pub _pad: [u16; 3],
+    /// Bytes of the record the program copies (one read): the end of its last field.
+    pub record_size: u16,
+    pub _pad: [u16; 2],
 }
 const _: () = assert!(size_of::<SendResetLayout>() == 24);
 
@@ -263,7 +304,9 @@ pub struct SetStateLayout {
     pub protocol: u16,
     pub saddr_v6: u16,
     pub daddr_v6: u16,
-    pub _pad: [u16; 3],
+    /// Bytes of the record the program copies (one read): the end of its last field.
+    pub record_size: u16,
+    pub _pad: [u16; 2],
 }
 const _: () = assert!(size_of::<SetStateLayout>() == 24);
 
@@ -285,9 +328,17 @@ pub struct PacketOffsets {
     pub dev_net: u16,
     /// `offsetof(struct tcp_sock, srtt_us)` (u32, RTT << 3).
     pub tcp_srtt_us: u16,
-    pub _pad: u16,
+    /// The part of `struct sk_buff` the drop program copies in one read: from this offset,
+    /// [`PacketOffsets::skb_window_len`] bytes, covering `head`, the header offsets, `dev` and
+    /// `skb_iif`.
+    pub skb_window_start: u16,
+    pub skb_window_len: u16,
+    pub _pad: [u16; 3],
 }
-const _: () = assert!(size_of::<PacketOffsets>() == 16);
+const _: () = assert!(size_of::<PacketOffsets>() == 24);
+
+/// Largest tracepoint record (and `sk_buff` window) the programs copy in one read.
+pub const RECORD_MAX: u16 = 256;
 
 /// Marks a field the running kernel does not have.
 pub const FIELD_ABSENT: u16 = u16::MAX;
@@ -305,7 +356,11 @@ pub struct StructOffsets {
     pub sock_net: u16,
     /// `offsetof(struct net, ns.inum)`.
     pub net_ns_inum: u16,
-    pub _pad: [u16; 4],
+    /// `offsetof(struct sock, sk_err)` (int): ECONNREFUSED when a connect was answered by a RST.
+    pub sock_err: u16,
+    /// `offsetof(struct sock, __sk_common.skc_state)` (u8).
+    pub sock_state: u16,
+    pub _pad: [u16; 2],
 }
 const _: () = assert!(size_of::<StructOffsets>() == 16);
 
@@ -392,7 +447,7 @@ pub struct KernelConfig {
     pub packet: PacketOffsets,
     pub budget: ExportBudget,
 }
-const _: () = assert!(size_of::<KernelConfig>() == 176);
+const _: () = assert!(size_of::<KernelConfig>() == 184);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -14,19 +14,25 @@
     reason = "atomic_xadd is the only atomic add available on BPF"
 )]
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use core::{
+    ffi::c_void,
+    intrinsics::{AtomicOrdering, atomic_xadd},
+};
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, generated::bpf_ktime_get_boot_ns},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        generated::{self, bpf_ktime_get_boot_ns},
+    },
     macros::{map, tracepoint},
     maps::{Array, LruHashMap, PerCpuArray, PerfEventArray},
     programs::TracePointContext,
 };
 use observer_common::{
     CpuBudget, FIELD_ABSENT, FlowCounters, FlowKey, KernelConfig, KindStats, MAX_DROP_REASONS,
-    NetnsReason, SEND_RESET_SOCKADDR, SocketState, TCP_SYN_SENT, TcpEvent, connect_outcome,
-    direction, event_kind,
+    NetnsReason, RECORD_MAX, SEND_RESET_SOCKADDR, SocketState, TCP_SYN_SENT, TcpEvent,
+    connect_outcome, direction, event_kind, key_wildcard,
 };
 
 /// Set by userspace at load time; all zeroes here only so that the object has the symbol.
@@ -85,10 +91,18 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const IPPROTO_TCP: u8 = 6;
 const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+/// The socket error of a connect answered by a RST (Linux errno ABI).
+const ECONNREFUSED: i32 = 111;
 /// TCP states (include/net/tcp_states.h, user-visible ABI).
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_RECV: i32 = 3;
 const TCP_CLOSE: i32 = 7;
+const TCP_LISTEN: i32 = 10;
+const TCP_NEW_SYN_RECV: i32 = 12;
+/// TCP header flag bits (byte 13).
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
 
 #[inline(always)]
 fn stats(kind: u8) -> Option<&'static mut KindStats> {
@@ -104,12 +118,82 @@ fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_boot_ns() }
 }
 
-/// Reads a value at `offset` of the tracepoint record.
+/// Offsets into a copied buffer are masked with this (the verifier must see them bounded);
+/// userspace guarantees they are below [`RECORD_MAX`] already.
+const OFFSET_MASK: usize = RECORD_MAX as usize - 1;
+/// A copy buffer: [`RECORD_MAX`] bytes of copy, plus room for the widest field read at the
+/// highest maskable offset (a 28-byte socket address).
+const COPY_LEN: usize = RECORD_MAX as usize + 32;
+/// Bytes copied from a dropped packet's network header: an option-less IPv4 or IPv6 header and
+/// the first 14 bytes of TCP.
+const PACKET_COPY: u16 = 64;
+
+/// Per-CPU copies of kernel memory. One `bpf_probe_read_kernel` per record (and per sk_buff
+/// window) instead of one per field: the helper call, not the bytes, is what costs.
+#[repr(C)]
+pub struct Scratch {
+    /// The event being built: kept off the 512-byte BPF stack.
+    event: TcpEvent,
+    record: [u8; COPY_LEN],
+    skb: [u8; COPY_LEN],
+    packet: [u8; COPY_LEN],
+}
+
+/// One slot per CPU. Tracepoint programs do not nest on a CPU (the kernel's `bpf_prog_active`
+/// guard), so a program owns its CPU's slot for its whole run.
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Bytes copied into a scratch buffer, read by offset.
+#[derive(Clone, Copy)]
+struct Copied {
+    base: *const u8,
+}
+
+impl Copied {
+    /// The value at `offset` of the copy (unaligned; offsets come from the kernel's own
+    /// layouts, checked in userspace to lie inside the copied length).
+    #[inline(always)]
+    fn get<T: Copy>(self, offset: u16) -> T {
+        const { assert!(size_of::<T>() <= COPY_LEN - RECORD_MAX as usize) };
+        // SAFETY: `base` points at a COPY_LEN-byte scratch buffer; the masked offset is below
+        // RECORD_MAX and T is at most COPY_LEN - RECORD_MAX bytes, so the read stays inside it.
+        unsafe {
+            core::ptr::read_unaligned(self.base.add(usize::from(offset) & OFFSET_MASK).cast::<T>())
+        }
+    }
+}
+
+/// Copies `len` bytes of kernel memory at `src` into `dst` (a COPY_LEN-byte scratch buffer).
 #[inline(always)]
-fn field<T>(ctx: &TracePointContext, offset: u16) -> Result<T, i32> {
-    // SAFETY: the offset comes from the tracepoint's own format file (checked in userspace to lie
-    // inside the record with the expected size); bpf_probe_read_kernel faults safely anyway.
-    unsafe { ctx.read_at::<T>(usize::from(offset)) }
+fn copy_kernel(dst: *mut u8, src: u64, len: u16) -> Result<Copied, i32> {
+    if len == 0 || len > RECORD_MAX {
+        return Err(-22);
+    }
+    // SAFETY: dst has COPY_LEN >= RECORD_MAX bytes; bpf_probe_read_kernel checks `src` and
+    // fails instead of faulting.
+    let rc = unsafe {
+        generated::bpf_probe_read_kernel(dst.cast::<c_void>(), u32::from(len), src as *const c_void)
+    };
+    if rc != 0 {
+        return Err(rc as i32);
+    }
+    Ok(Copied { base: dst })
+}
+
+/// This CPU's scratch buffers.
+#[inline(always)]
+fn scratch() -> Result<*mut Scratch, i32> {
+    SCRATCH.get_ptr_mut(0).ok_or(-1)
+}
+
+/// Copies the first `size` bytes of the tracepoint record.
+#[inline(always)]
+fn record_of(ctx: &TracePointContext, size: u16) -> Result<Copied, i32> {
+    let s = scratch()?;
+    // SAFETY: live per-CPU map value; only its address is taken.
+    let dst = unsafe { (&raw mut (*s).record).cast::<u8>() };
+    copy_kernel(dst, aya_ebpf::EbpfContext::as_ptr(ctx) as u64, size)
 }
 
 /// Reads kernel memory at `addr`.
@@ -140,27 +224,19 @@ fn netns_of_sock(sk: u64) -> u32 {
 /// The flow of a tracepoint record whose addresses are `saddr_v6`/`daddr_v6` copies, from the
 /// offsets of `[saddr_v6, daddr_v6, sport, dport]`, in socket `sk`'s namespace.
 #[inline(always)]
-fn flow_key(
-    ctx: &TracePointContext,
-    [saddr, daddr, sport, dport]: [u16; 4],
-    sk: u64,
-) -> Result<FlowKey, i32> {
-    Ok(FlowKey {
-        saddr: field(ctx, saddr)?,
-        daddr: field(ctx, daddr)?,
-        sport: field(ctx, sport)?,
-        dport: field(ctx, dport)?,
+fn flow_key(rec: Copied, [saddr, daddr, sport, dport]: [u16; 4], sk: u64) -> FlowKey {
+    FlowKey {
+        saddr: rec.get(saddr),
+        daddr: rec.get(daddr),
+        sport: rec.get(sport),
+        dport: rec.get(dport),
         netns: netns_of_sock(sk),
-    })
+    }
 }
 
-/// Network-namespace inode of the device a packet is on (0 when it has none).
+/// Network-namespace inode of a network device (0 when there is none).
 #[inline(always)]
-fn netns_of_skb_dev(skb: u64) -> u32 {
-    if skb == 0 {
-        return 0;
-    }
-    let dev: u64 = kread(skb + u64::from(config!(packet.skb_dev))).unwrap_or(0);
+fn netns_of_dev(dev: u64) -> u32 {
     if dev == 0 {
         return 0;
     }
@@ -308,7 +384,7 @@ fn cpu_budget_allows(now: u64) -> bool {
 /// Counts the event in the per-CPU statistics and the flow map, and exports it if the kind is
 /// exported and the budgets allow.
 #[inline(always)]
-fn record<C: aya_ebpf::EbpfContext>(ctx: &C, mut event: TcpEvent, counter: Counter) {
+fn record<C: aya_ebpf::EbpfContext>(ctx: &C, event: &mut TcpEvent, counter: Counter) {
     let Some(stats) = stats(event.kind) else {
         return;
     };
@@ -317,8 +393,9 @@ fn record<C: aya_ebpf::EbpfContext>(ctx: &C, mut event: TcpEvent, counter: Count
         Counter::RetransSegs => u64::from(event.segs),
         _ => 1,
     };
+    let key = event.flow.counting_key(event.key_wildcard);
     let Some((total, flow_allows, counters)) =
-        count_flow(&event.flow, counter, amount, event.timestamp_ns)
+        count_flow(&key, counter, amount, event.timestamp_ns)
     else {
         // Not counted per flow (the map update failed): still export it, so the event stream
         // stays complete, and say so in `map_full`.
@@ -327,7 +404,7 @@ fn record<C: aya_ebpf::EbpfContext>(ctx: &C, mut event: TcpEvent, counter: Count
             && cpu_budget_allows(event.timestamp_ns)
         {
             event.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-            EVENTS.output(ctx, event, 0);
+            EVENTS.output(ctx, &*event, 0);
             stats.exported += 1;
         } else {
             stats.suppressed += 1;
@@ -352,16 +429,26 @@ fn record<C: aya_ebpf::EbpfContext>(ctx: &C, mut event: TcpEvent, counter: Count
     }
     event.flow_count = total;
     event.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    EVENTS.output(ctx, event, 0);
+    EVENTS.output(ctx, &*event, 0);
     stats.exported += 1;
 }
 
-/// An event with the common fields set.
+/// The event in this CPU's scratch buffer, with the common fields set.
 #[inline(always)]
-fn new_event(kind: u8, flow: FlowKey, family: u16, state: u8) -> TcpEvent {
-    TcpEvent {
+fn new_event(
+    kind: u8,
+    flow: FlowKey,
+    family: u16,
+    state: u8,
+    now: u64,
+) -> Result<&'static mut TcpEvent, i32> {
+    let s = scratch()?;
+    // SAFETY: this CPU's scratch slot, owned by this program run (tracepoint programs do not
+    // nest on a CPU).
+    let event = unsafe { &mut (*s).event };
+    *event = TcpEvent {
         flow,
-        timestamp_ns: now_ns(),
+        timestamp_ns: now,
         flow_count: 0,
         segs: 1,
         err: 0,
@@ -377,8 +464,21 @@ fn new_event(kind: u8, flow: FlowKey, family: u16, state: u8) -> TcpEvent {
         old_state: 0,
         tcp_flags: 0,
         aux8: 0,
-        _pad: 0,
+        key_wildcard: key_wildcard::NONE,
+    };
+    Ok(event)
+}
+
+/// Runs a program body; a failure (a kernel read that did not succeed) is counted against `kind`
+/// in `read_errors`, so that it is reported instead of silently missing.
+#[inline(always)]
+fn run(kind: u8, body: impl FnOnce() -> Result<(), i32>) -> u32 {
+    if body().is_err()
+        && let Some(stats) = stats(kind)
+    {
+        stats.read_errors += 1;
     }
+    0
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -386,20 +486,19 @@ fn new_event(kind: u8, flow: FlowKey, family: u16, state: u8) -> TcpEvent {
 
 #[tracepoint]
 pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
-    let _ = try_retransmit_skb(&ctx);
-    0
+    run(event_kind::RETRANSMIT, || try_retransmit_skb(&ctx))
 }
 
 fn try_retransmit_skb(ctx: &TracePointContext) -> Result<(), i32> {
     let layout = config!(retransmit_skb);
-    let state: i32 = field(ctx, layout.state)?;
-    let state = state as u8;
+    let rec = record_of(ctx, layout.record_size)?;
+    let state = rec.get::<i32>(layout.state) as u8;
     let err: i32 = if layout.err == FIELD_ABSENT {
         0
     } else {
-        field(ctx, layout.err)?
+        rec.get(layout.err)
     };
-    let sk: u64 = field(ctx, layout.skaddr)?;
+    let sk: u64 = rec.get(layout.skaddr);
     let kind = if state == TCP_SYN_SENT {
         event_kind::SYN_RETRANSMIT
     } else {
@@ -407,7 +506,7 @@ fn try_retransmit_skb(ctx: &TracePointContext) -> Result<(), i32> {
     };
     let segs = if kind == event_kind::RETRANSMIT {
         // tcp_skb_pcount(skb): one retransmitted skb may carry several segments.
-        let skb: u64 = field(ctx, layout.skbaddr)?;
+        let skb: u64 = rec.get(layout.skbaddr);
         let cb = skb + u64::from(config!(offsets.skb_cb));
         u32::from(
             kread::<u16>(cb + u64::from(config!(offsets.tcp_skb_cb_gso_segs)))
@@ -425,13 +524,16 @@ fn try_retransmit_skb(ctx: &TracePointContext) -> Result<(), i32> {
         1
     };
     let flow = flow_key(
-        ctx,
+        rec,
         [layout.saddr_v6, layout.daddr_v6, layout.sport, layout.dport],
         sk,
-    )?;
-    let mut event = new_event(kind, flow, field(ctx, layout.family)?, state);
+    );
+    let event = new_event(kind, flow, rec.get(layout.family), state, now_ns())?;
     event.segs = segs;
     event.err = err;
+    if kind == event_kind::SYN_RETRANSMIT {
+        event.key_wildcard = key_wildcard::LOCAL_PORT;
+    }
     let counter = match (kind, err) {
         (_, e) if e != 0 => Counter::RetransFailed,
         (event_kind::SYN_RETRANSMIT, _) => Counter::SynRetrans,
@@ -443,24 +545,27 @@ fn try_retransmit_skb(ctx: &TracePointContext) -> Result<(), i32> {
 
 #[tracepoint]
 pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
-    let _ = try_retransmit_synack(&ctx);
-    0
+    run(event_kind::SYNACK_RETRANSMIT, || {
+        try_retransmit_synack(&ctx)
+    })
 }
 
 fn try_retransmit_synack(ctx: &TracePointContext) -> Result<(), i32> {
     let layout = config!(retransmit_synack);
-    let sk: u64 = field(ctx, layout.skaddr)?;
+    let rec = record_of(ctx, layout.record_size)?;
     let flow = flow_key(
-        ctx,
+        rec,
         [layout.saddr_v6, layout.daddr_v6, layout.sport, layout.dport],
-        sk,
-    )?;
+        rec.get(layout.skaddr),
+    );
     let event = new_event(
         event_kind::SYNACK_RETRANSMIT,
         flow,
-        field(ctx, layout.family)?,
+        rec.get(layout.family),
         TCP_SYN_RECV as u8,
-    );
+        now_ns(),
+    )?;
+    event.key_wildcard = key_wildcard::REMOTE_PORT;
     record(ctx, event, Counter::SynackRetrans);
     Ok(())
 }
@@ -470,72 +575,73 @@ fn try_retransmit_synack(ctx: &TracePointContext) -> Result<(), i32> {
 
 #[tracepoint]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
-    let _ = try_receive_reset(&ctx);
-    0
+    run(event_kind::RESET_RECEIVED, || try_receive_reset(&ctx))
 }
 
 fn try_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
     let layout = config!(receive_reset);
-    let sk: u64 = field(ctx, layout.skaddr)?;
-    if let Some(s) = SOCKETS.get_ptr_mut(sk) {
-        // SAFETY: live map value; marks the connect as refused when it then closes.
-        unsafe { (*s).reset_received = 1 };
-    }
+    let rec = record_of(ctx, layout.record_size)?;
+    // A connect's outcome is not remembered here: the state change that follows the RST reads
+    // it from the socket's error (ECONNREFUSED), which saves a map lookup per RST.
+    let sk: u64 = rec.get(layout.skaddr);
     let flow = flow_key(
-        ctx,
+        rec,
         [layout.saddr_v6, layout.daddr_v6, layout.sport, layout.dport],
         sk,
-    )?;
-    // The record has no socket state; the state change that follows the RST reports it.
+    );
+    // The record has no socket state: read it from the socket (a RST answering our SYN is a
+    // handshake event, counted per peer and service port).
+    let state: u8 = kread(sk + u64::from(config!(offsets.sock_state))).unwrap_or(0);
     let event = new_event(
         event_kind::RESET_RECEIVED,
         flow,
-        field(ctx, layout.family)?,
-        0,
-    );
+        rec.get(layout.family),
+        state,
+        now_ns(),
+    )?;
+    if state == TCP_SYN_SENT {
+        event.key_wildcard = key_wildcard::LOCAL_PORT;
+    }
     record(ctx, event, Counter::ResetsReceived);
     Ok(())
 }
 
-/// Address and port out of a `struct sockaddr_in`/`sockaddr_in6` copy: (family, port, address
-/// as IPv6 or IPv4-mapped).
+/// Address and port out of a `struct sockaddr_in`/`sockaddr_in6` copy at `offset` of the record:
+/// (family, port, address as IPv6 or IPv4-mapped).
 #[inline(always)]
-fn read_sockaddr(ctx: &TracePointContext, offset: u16) -> Result<(u16, u16, [u8; 16]), i32> {
-    let family: u16 = field(ctx, offset)?;
-    let port_be: u16 = field(ctx, offset + 2)?;
+fn read_sockaddr(rec: Copied, offset: u16) -> (u16, u16, [u8; 16]) {
+    let family: u16 = rec.get(offset);
+    let port_be: u16 = rec.get(offset + 2);
     let mut addr = [0u8; 16];
     if family == AF_INET {
-        let v4: [u8; 4] = field(ctx, offset + 4)?;
+        let v4: [u8; 4] = rec.get(offset + 4);
         addr[10] = 0xff;
         addr[11] = 0xff;
-        addr[12] = v4[0];
-        addr[13] = v4[1];
-        addr[14] = v4[2];
-        addr[15] = v4[3];
+        addr[12..16].copy_from_slice(&v4);
     } else {
-        addr = field(ctx, offset + 8)?;
+        addr = rec.get(offset + 8);
     }
-    Ok((family, u16::from_be(port_be), addr))
+    (family, u16::from_be(port_be), addr)
 }
 
 #[tracepoint]
 pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
-    let _ = try_send_reset(&ctx);
-    0
+    run(event_kind::RESET_SENT, || try_send_reset(&ctx))
 }
 
 fn try_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
     let layout = config!(send_reset);
-    let sk: u64 = field(ctx, layout.skaddr)?;
-    let state: i32 = field(ctx, layout.state)?;
+    let rec = record_of(ctx, layout.record_size)?;
+    let sk: u64 = rec.get(layout.skaddr);
+    let state: i32 = rec.get(layout.state);
     let reason: u32 = if layout.reason == FIELD_ABSENT {
         0
     } else {
-        field(ctx, layout.reason)?
+        rec.get(layout.reason)
     };
-    let (family, flow) = if layout.style == SEND_RESET_SOCKADDR {
-        let (family, sport, saddr) = read_sockaddr(ctx, layout.saddr)?;
-        let (_, dport, daddr) = read_sockaddr(ctx, layout.daddr)?;
+    let (family, mut flow) = if layout.style == SEND_RESET_SOCKADDR {
+        let (family, sport, saddr) = read_sockaddr(rec, layout.saddr);
+        let (_, dport, daddr) = read_sockaddr(rec, layout.daddr);
         (
             family,
             FlowKey {
@@ -550,25 +656,36 @@ fn try_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
         (
             0,
             FlowKey {
-                saddr: field(ctx, layout.saddr)?,
-                daddr: field(ctx, layout.daddr)?,
-                sport: field(ctx, layout.sport)?,
-                dport: field(ctx, layout.dport)?,
+                saddr: rec.get(layout.saddr),
+                daddr: rec.get(layout.daddr),
+                sport: rec.get(layout.sport),
+                dport: rec.get(layout.dport),
                 netns: 0,
             },
         )
     };
-    let mut flow = flow;
     flow.netns = if sk != 0 {
         netns_of_sock(sk)
     } else {
         // No socket (e.g. a SYN to a closed port): the answered packet's device names the
         // namespace.
-        let skb: u64 = field(ctx, layout.skbaddr)?;
-        netns_of_skb_dev(skb)
+        let skb: u64 = rec.get(layout.skbaddr);
+        if skb == 0 {
+            0
+        } else {
+            netns_of_dev(kread::<u64>(skb + u64::from(config!(packet.skb_dev))).unwrap_or(0))
+        }
     };
-    let mut event = new_event(event_kind::RESET_SENT, flow, family, state as u8);
+    let event = new_event(event_kind::RESET_SENT, flow, family, state as u8, now_ns())?;
     event.reason = reason;
+    // A RST without a socket, or from a listener or half-open socket, answers a handshake;
+    // one from a connecting socket answers its peer's SYN-ACK.
+    event.key_wildcard = match state {
+        _ if sk == 0 => key_wildcard::REMOTE_PORT,
+        TCP_LISTEN | TCP_SYN_RECV | TCP_NEW_SYN_RECV => key_wildcard::REMOTE_PORT,
+        s if s == i32::from(TCP_SYN_SENT) => key_wildcard::LOCAL_PORT,
+        _ => key_wildcard::NONE,
+    };
     record(ctx, event, Counter::ResetsSent);
     Ok(())
 }
@@ -578,105 +695,136 @@ fn try_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
 
 #[tracepoint]
 pub fn kfree_skb(ctx: TracePointContext) -> u32 {
-    let _ = try_kfree_skb(&ctx);
-    0
+    run(event_kind::DROP, || try_kfree_skb(&ctx))
 }
 
-fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i32> {
-    let layout = config!(kfree_skb);
-    // Cheapest checks first: this tracepoint fires for every freed packet with a reason.
-    let reason: u32 = field(ctx, layout.reason)?;
-    match DROP_REASON_FILTER.get(reason) {
-        Some(&wanted) if wanted != 0 => {}
-        _ => return Ok(()),
-    }
-    let protocol: u16 = field(ctx, layout.protocol)?;
-    if protocol != ETH_P_IP && protocol != ETH_P_IPV6 {
-        return Ok(());
-    }
-    let skb: u64 = field(ctx, layout.skbaddr)?;
+/// Fills `event` (flow addresses and ports oriented local-first, family, flags, interface,
+/// direction) from the TCP/IP headers of `skb`, read from one copy of its `sk_buff` window and
+/// one copy of its headers. Returns the packet's device, or None when it is not TCP over
+/// IPv4/IPv6.
+#[inline(always)]
+fn read_packet(skb: u64, event: &mut TcpEvent) -> Result<Option<u64>, i32> {
     let packet = config!(packet);
-    let head: u64 = kread(skb + u64::from(packet.skb_head))?;
-    let network: u16 = kread(skb + u64::from(packet.skb_network_header))?;
-    let transport: u16 = kread(skb + u64::from(packet.skb_transport_header))?;
+    let s = scratch()?;
+    // SAFETY: live per-CPU map value; only field addresses are taken.
+    let (skb_buf, packet_buf) = unsafe {
+        (
+            (&raw mut (*s).skb).cast::<u8>(),
+            (&raw mut (*s).packet).cast::<u8>(),
+        )
+    };
+    let window = copy_kernel(
+        skb_buf,
+        skb + u64::from(packet.skb_window_start),
+        packet.skb_window_len,
+    )?;
+    let at = |offset: u16| offset.wrapping_sub(packet.skb_window_start);
+    let head: u64 = window.get(at(packet.skb_head));
+    let network: u16 = window.get(at(packet.skb_network_header));
+    let transport: u16 = window.get(at(packet.skb_transport_header));
+    let ifindex: i32 = window.get(at(packet.skb_iif));
+    let dev: u64 = window.get(at(packet.skb_dev));
     let ip = head + u64::from(network);
-    let first: u8 = kread(ip)?;
-    let (src, dst, l4) = if first >> 4 == 4 {
-        let hdr: [u8; 20] = kread(ip)?;
-        if hdr[9] != IPPROTO_TCP {
-            return Ok(());
-        }
-        let mut src = [0u8; 16];
-        let mut dst = [0u8; 16];
-        src[10] = 0xff;
-        src[11] = 0xff;
-        dst[10] = 0xff;
-        dst[11] = 0xff;
-        src[12..16].copy_from_slice(&hdr[12..16]);
-        dst[12..16].copy_from_slice(&hdr[16..20]);
-        let ihl = u64::from(hdr[0] & 0x0f) * 4;
-        (src, dst, ip + ihl)
-    } else if first >> 4 == 6 {
-        let hdr: [u8; 40] = kread(ip)?;
-        // Extension headers are not followed: TCP directly after the fixed header only.
-        if hdr[6] != IPPROTO_TCP {
-            return Ok(());
-        }
-        let mut src = [0u8; 16];
-        let mut dst = [0u8; 16];
-        src.copy_from_slice(&hdr[8..24]);
-        dst.copy_from_slice(&hdr[24..40]);
-        (src, dst, ip + 40)
-    } else {
-        return Ok(());
-    };
-    // Prefer the kernel's transport header when it has been set past the network header.
-    let l4 = if transport != u16::MAX && transport > network {
-        head + u64::from(transport)
-    } else {
-        l4
-    };
-    let tcp: [u8; 14] = kread(l4)?;
-    let src_port = u16::from_be_bytes([tcp[0], tcp[1]]);
-    let dst_port = u16::from_be_bytes([tcp[2], tcp[3]]);
-    let flags = tcp[13];
-    let ifindex: i32 = kread(skb + u64::from(packet.skb_iif)).unwrap_or(0);
-    let mut netns = netns_of_skb_dev(skb);
-    if netns == 0 && layout.rx_sk != FIELD_ABSENT {
-        let rx_sk: u64 = field(ctx, layout.rx_sk).unwrap_or(0);
-        netns = netns_of_sock(rx_sk);
-    }
+    let hdr = copy_kernel(packet_buf, ip, PACKET_COPY)?;
+    let first: u8 = hdr.get(0);
     // A received packet's destination is this host: orient the flow as the kernel names
     // sockets (s = local).
     let inbound = ifindex > 0;
-    let flow = if inbound {
-        FlowKey {
-            saddr: dst,
-            daddr: src,
-            sport: dst_port,
-            dport: src_port,
-            netns,
-        }
+    let (local, remote) = if inbound {
+        (&mut event.flow.daddr, &mut event.flow.saddr)
     } else {
-        FlowKey {
-            saddr: src,
-            daddr: dst,
-            sport: src_port,
-            dport: dst_port,
-            netns,
-        }
+        (&mut event.flow.saddr, &mut event.flow.daddr)
     };
-    let family = if first >> 4 == 4 { AF_INET } else { 10 };
-    let mut event = new_event(event_kind::DROP, flow, family, 0);
-    event.reason = reason;
-    event.location = field(ctx, layout.location).unwrap_or(0);
+    let header_len = match first >> 4 {
+        4 => {
+            if hdr.get::<u8>(9) != IPPROTO_TCP {
+                return Ok(None);
+            }
+            local[10] = 0xff;
+            local[11] = 0xff;
+            remote[10] = 0xff;
+            remote[11] = 0xff;
+            local[12..16].copy_from_slice(&hdr.get::<[u8; 4]>(12));
+            remote[12..16].copy_from_slice(&hdr.get::<[u8; 4]>(16));
+            event.family = AF_INET;
+            u16::from(first & 0x0f) * 4
+        }
+        6 => {
+            // Extension headers are not followed: TCP directly after the fixed header only.
+            if hdr.get::<u8>(6) != IPPROTO_TCP {
+                return Ok(None);
+            }
+            *local = hdr.get(8);
+            *remote = hdr.get(24);
+            event.family = AF_INET6;
+            40
+        }
+        _ => return Ok(None),
+    };
+    // Prefer the kernel's transport header when it has been set past the network header.
+    let l4 = if transport != u16::MAX && transport > network {
+        transport - network
+    } else {
+        header_len
+    };
+    let tcp: [u8; 14] = if l4 + 14 <= PACKET_COPY {
+        hdr.get(l4)
+    } else {
+        // IP options push TCP beyond the copy.
+        kread(ip + u64::from(l4))?
+    };
+    let (src_port, dst_port) = (
+        u16::from_be_bytes([tcp[0], tcp[1]]),
+        u16::from_be_bytes([tcp[2], tcp[3]]),
+    );
+    (event.flow.sport, event.flow.dport) = if inbound {
+        (dst_port, src_port)
+    } else {
+        (src_port, dst_port)
+    };
+    event.tcp_flags = tcp[13];
     event.ifindex = ifindex as u32;
-    event.tcp_flags = flags;
+    // A dropped SYN or SYN-ACK belongs to a handshake: counted without the connecting side's
+    // port (a SYN is sent by the connecting side, a SYN-ACK to it).
+    event.key_wildcard = match (tcp[13] & (TCP_FLAG_SYN | TCP_FLAG_ACK), inbound) {
+        (TCP_FLAG_SYN, true) => key_wildcard::REMOTE_PORT,
+        (TCP_FLAG_SYN, false) => key_wildcard::LOCAL_PORT,
+        (f, true) if f == TCP_FLAG_SYN | TCP_FLAG_ACK => key_wildcard::LOCAL_PORT,
+        (f, false) if f == TCP_FLAG_SYN | TCP_FLAG_ACK => key_wildcard::REMOTE_PORT,
+        _ => key_wildcard::NONE,
+    };
     event.aux8 = if inbound {
         direction::INBOUND
     } else {
         direction::OUTBOUND
     };
+    Ok(Some(dev))
+}
+
+fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i32> {
+    let layout = config!(kfree_skb);
+    let rec = record_of(ctx, layout.record_size)?;
+    // Cheapest checks first: this tracepoint fires for every freed packet with a reason.
+    let reason: u32 = rec.get(layout.reason);
+    match DROP_REASON_FILTER.get(reason) {
+        Some(&wanted) if wanted != 0 => {}
+        _ => return Ok(()),
+    }
+    let protocol: u16 = rec.get(layout.protocol);
+    if protocol != ETH_P_IP && protocol != ETH_P_IPV6 {
+        return Ok(());
+    }
+    let event = new_event(event_kind::DROP, FlowKey::default(), 0, 0, now_ns())?;
+    let Some(dev) = read_packet(rec.get(layout.skbaddr), event)? else {
+        return Ok(());
+    };
+    let mut netns = netns_of_dev(dev);
+    if netns == 0 && layout.rx_sk != FIELD_ABSENT {
+        netns = netns_of_sock(rec.get(layout.rx_sk));
+    }
+    event.flow.netns = netns;
+    event.reason = reason;
+    event.location = rec.get(layout.location);
     if let Some(count) = DROP_REASON_COUNTS.get_ptr_mut(reason) {
         // SAFETY: this CPU's slot of the per-CPU array.
         unsafe { *count += 1 };
@@ -698,24 +846,22 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i32> {
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    let _ = try_set_state(&ctx);
-    0
+    run(event_kind::CLOSE, || try_set_state(&ctx))
 }
 
 fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     let layout = config!(set_state);
-    let protocol: u16 = field(ctx, layout.protocol)?;
-    if protocol != u16::from(IPPROTO_TCP) {
+    let rec = record_of(ctx, layout.record_size)?;
+    if rec.get::<u16>(layout.protocol) != u16::from(IPPROTO_TCP) {
         return Ok(());
     }
-    let sk: u64 = field(ctx, layout.skaddr)?;
-    let old: i32 = field(ctx, layout.oldstate)?;
-    let new: i32 = field(ctx, layout.newstate)?;
-    let now = now_ns();
+    let sk: u64 = rec.get(layout.skaddr);
+    let old: i32 = rec.get(layout.oldstate);
+    let new: i32 = rec.get(layout.newstate);
 
     if new == i32::from(TCP_SYN_SENT) {
         let state = SocketState {
-            opened_ns: now,
+            opened_ns: now_ns(),
             established_ns: 0,
             syn_retransmits: 0,
             reset_received: 0,
@@ -736,15 +882,20 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         (_, TCP_CLOSE) => (event_kind::CLOSE, Counter::Closes),
         _ => return Ok(()),
     };
+    let known = SOCKETS.get_ptr_mut(sk);
+    if kind == event_kind::CLOSE && known.is_none() {
+        // Close: report only sockets seen opening, with their lifetime.
+        return Ok(());
+    }
+    let now = now_ns();
     let flow = flow_key(
-        ctx,
+        rec,
         [layout.saddr_v6, layout.daddr_v6, layout.sport, layout.dport],
         sk,
-    )?;
-    let mut event = new_event(kind, flow, field(ctx, layout.family)?, new as u8);
+    );
+    let event = new_event(kind, flow, rec.get(layout.family), new as u8, now)?;
     event.old_state = old as u8;
     let mut counter = counter;
-    let known = SOCKETS.get_ptr_mut(sk);
     match kind {
         event_kind::CONNECT => {
             if let Some(s) = known {
@@ -757,19 +908,25 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             }
         }
         event_kind::CONNECT_FAILED => {
-            event.aux8 = connect_outcome::TIMEOUT;
+            event.key_wildcard = key_wildcard::LOCAL_PORT;
+            // tcp_reset() sets the socket's error before it closes it: ECONNREFUSED is a RST
+            // answering the SYN (an ICMP port unreachable reads the same); anything else
+            // (ETIMEDOUT, or none when the application gave up) is a timeout.
+            let sk_err: i32 = kread(sk + u64::from(config!(offsets.sock_err))).unwrap_or(0);
+            if sk_err == ECONNREFUSED {
+                event.aux8 = connect_outcome::REFUSED;
+                counter = Counter::ConnectsRefused;
+            } else {
+                event.aux8 = connect_outcome::TIMEOUT;
+            }
             if let Some(s) = known {
                 // SAFETY: live map value of this socket.
                 unsafe {
                     event.duration_ns = now.wrapping_sub((*s).opened_ns);
                     event.aux32 = (*s).syn_retransmits;
-                    if (*s).reset_received != 0 {
-                        event.aux8 = connect_outcome::REFUSED;
-                        counter = Counter::ConnectsRefused;
-                    }
                 }
+                let _ = SOCKETS.remove(sk);
             }
-            let _ = SOCKETS.remove(sk);
         }
         event_kind::ACCEPT => {
             // The handshake's duration as the server measured it: the first RTT sample of the
@@ -788,19 +945,17 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             let _ = SOCKETS.insert(sk, state, 0);
         }
         _ => {
-            // Close: report only sockets seen opening, with their lifetime.
-            let Some(s) = known else {
-                return Ok(());
-            };
-            // SAFETY: live map value of this socket.
-            unsafe {
-                let since = if (*s).established_ns != 0 {
-                    (*s).established_ns
-                } else {
-                    (*s).opened_ns
-                };
-                event.duration_ns = now.wrapping_sub(since);
-                event.aux8 = (*s).active;
+            if let Some(s) = known {
+                // SAFETY: live map value of this socket.
+                unsafe {
+                    let since = if (*s).established_ns != 0 {
+                        (*s).established_ns
+                    } else {
+                        (*s).opened_ns
+                    };
+                    event.duration_ns = now.wrapping_sub(since);
+                    event.aux8 = (*s).active;
+                }
             }
             let _ = SOCKETS.remove(sk);
         }

@@ -248,7 +248,9 @@ impl KernelBtf {
                 Some(size_u32(size_of::<usize>())),
             )?,
             net_ns_inum: self.u16_offset("net", "ns.inum", Some(4))?,
-            _pad: [0; 4],
+            sock_err: self.u16_offset("sock", "sk_err", Some(4))?,
+            sock_state: self.u16_offset("sock", "__sk_common.skc_state", Some(1))?,
+            _pad: [0; 2],
         })
     }
 
@@ -550,7 +552,9 @@ mod tests {
                     tcp_skb_cb_gso_segs: 8,
                     sock_net: 48,
                     net_ns_inum: 176,
-                    _pad: [0; 4],
+                    sock_err: offsets.sock_err,
+                    sock_state: 18,
+                    _pad: [0; 2],
                 }
             );
         }

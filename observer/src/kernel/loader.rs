@@ -7,7 +7,7 @@ use aya::{
 };
 use observer_common::{
     ExportBudget, FlowCounters, FlowKey, KernelConfig, KindStats, MAX_DROP_REASONS, NetnsReason,
-    PacketOffsets, event_kind,
+    PacketOffsets, RECORD_MAX, event_kind,
 };
 
 use super::{
@@ -165,7 +165,7 @@ fn packet_offsets(btf: &KernelBtf) -> anyhow::Result<PacketOffsets> {
         u16::try_from(off)
             .with_context(|| format!("offset of {s}.{path} ({off}) does not fit 16 bits"))
     };
-    Ok(PacketOffsets {
+    let mut offsets = PacketOffsets {
         skb_head: offset("sk_buff", "head")?,
         skb_network_header: offset("sk_buff", "network_header")?,
         skb_transport_header: offset("sk_buff", "transport_header")?,
@@ -173,8 +173,33 @@ fn packet_offsets(btf: &KernelBtf) -> anyhow::Result<PacketOffsets> {
         skb_iif: offset("sk_buff", "skb_iif")?,
         dev_net: offset("net_device", "nd_net.net")?,
         tcp_srtt_us: offset("tcp_sock", "srtt_us")?,
-        _pad: 0,
-    })
+        skb_window_start: 0,
+        skb_window_len: 0,
+        _pad: [0; 3],
+    };
+    let (start, len) = skb_window(&offsets).with_context(|| {
+        format!("the sk_buff members observer reads span more than {RECORD_MAX} bytes: {offsets:?}")
+    })?;
+    offsets.skb_window_start = start;
+    offsets.skb_window_len = len;
+    Ok(offsets)
+}
+
+/// The smallest part of `struct sk_buff` that holds every member the drop program reads
+/// (`head` and `dev` pointers, the two u16 header offsets, the int `skb_iif`), so that one copy
+/// reads them all; None when it is larger than the programs' buffer.
+fn skb_window(o: &PacketOffsets) -> Option<(u16, u16)> {
+    let members = [
+        (o.skb_head, 8),
+        (o.skb_dev, 8),
+        (o.skb_network_header, 2),
+        (o.skb_transport_header, 2),
+        (o.skb_iif, 4),
+    ];
+    let start = members.iter().map(|&(off, _)| off).min()?;
+    let end = members.iter().map(|&(off, size)| off + size).max()?;
+    let len = end - start;
+    (len <= RECORD_MAX).then_some((start, len))
 }
 
 /// Loads the programs into the kernel (verified, not yet attached) with the running kernel's
@@ -371,5 +396,37 @@ impl Loaded {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offsets(head: u16, network: u16, transport: u16, dev: u16, iif: u16) -> PacketOffsets {
+        PacketOffsets {
+            skb_head: head,
+            skb_network_header: network,
+            skb_transport_header: transport,
+            skb_dev: dev,
+            skb_iif: iif,
+            ..PacketOffsets::default()
+        }
+    }
+
+    #[test]
+    fn the_skb_window_covers_every_member_read() {
+        // This kernel's layout (6.18): dev 16, skb_iif 144, headers 182/184, head 192.
+        assert_eq!(
+            skb_window(&offsets(192, 184, 182, 16, 144)),
+            Some((16, 184))
+        );
+        // Whatever the order, from the lowest member to the end of the highest.
+        assert_eq!(skb_window(&offsets(8, 100, 102, 0, 96)), Some((0, 104)));
+    }
+
+    #[test]
+    fn an_skb_window_beyond_the_buffer_is_refused() {
+        assert_eq!(skb_window(&offsets(400, 184, 182, 16, 144)), None);
     }
 }

@@ -16,8 +16,8 @@ use std::{
 };
 
 use observer_common::{
-    FIELD_ABSENT, KfreeSkbLayout, RetransmitSkbLayout, RetransmitSynackLayout, SEND_RESET_SOCKADDR,
-    SEND_RESET_SPLIT, SendResetLayout, SetStateLayout, SockTupleLayout,
+    FIELD_ABSENT, KfreeSkbLayout, RECORD_MAX, RetransmitSkbLayout, RetransmitSynackLayout,
+    SEND_RESET_SOCKADDR, SEND_RESET_SPLIT, SendResetLayout, SetStateLayout, SockTupleLayout,
 };
 
 /// Where tracefs is mounted on current kernels (and where we mount it if nobody has).
@@ -93,6 +93,11 @@ pub enum FormatError {
         field: String,
         offset: usize,
     },
+    /// The fields observer reads end beyond the buffer its programs copy the record into.
+    #[error(
+        "tracepoint `{event}`: the fields observer reads end at byte {end}, beyond the {max}-byte record buffer of its programs"
+    )]
+    RecordTooLarge { event: String, end: usize, max: u16 },
 }
 
 /// A mounted tracefs. Only reads format files; never enables or configures tracing.
@@ -349,6 +354,26 @@ impl EventFormat {
             })
     }
 
+    /// How many bytes of the record the programs copy to read the fields `names` (those the
+    /// event has): the end of the last one. Checked against [`RECORD_MAX`], the size of the
+    /// programs' record buffer.
+    pub fn read_span(&self, names: &[&str]) -> Result<u16, FormatError> {
+        let end = names
+            .iter()
+            .filter_map(|name| self.field(name))
+            .map(|f| f.offset + f.size)
+            .max()
+            .unwrap_or(0);
+        u16::try_from(end)
+            .ok()
+            .filter(|&end| end <= RECORD_MAX)
+            .ok_or_else(|| FormatError::RecordTooLarge {
+                event: self.name.clone(),
+                end,
+                max: RECORD_MAX,
+            })
+    }
+
     /// Same as [`EventFormat::offset_of`] but `Ok(None)` when the field is absent (optional
     /// fields like `err` that older kernels lack).
     pub fn optional_offset_of(&self, name: &str, size: usize) -> Result<Option<u16>, FormatError> {
@@ -570,7 +595,10 @@ pub fn retransmit_skb_layout(f: &EventFormat) -> Result<RetransmitSkbLayout, For
         saddr_v6: f.offset_of("saddr_v6", 16)?,
         daddr_v6: f.offset_of("daddr_v6", 16)?,
         err: f.optional_offset_of("err", 4)?.unwrap_or(FIELD_ABSENT),
-        _pad: [0; 3],
+        record_size: f.read_span(&[
+            "skbaddr", "skaddr", "state", "sport", "dport", "family", "saddr_v6", "daddr_v6", "err",
+        ])?,
+        _pad: [0; 2],
     })
 }
 
@@ -583,7 +611,9 @@ pub fn retransmit_synack_layout(f: &EventFormat) -> Result<RetransmitSynackLayou
         saddr_v6: f.offset_of("saddr_v6", 16)?,
         daddr_v6: f.offset_of("daddr_v6", 16)?,
         skaddr: f.offset_of("skaddr", POINTER_SIZE)?,
-        _pad: [0; 2],
+        record_size: f
+            .read_span(&["sport", "dport", "family", "saddr_v6", "daddr_v6", "skaddr"])?,
+        _pad: 0,
     })
 }
 
@@ -607,7 +637,11 @@ pub fn send_reset_layout(f: &EventFormat) -> Result<SendResetLayout, FormatError
             sport,
             dport,
             style,
-            _pad: [0; 3],
+            record_size: f.read_span(&[
+                "skaddr", "skbaddr", "state", "reason", "saddr", "daddr", "saddr_v6", "daddr_v6",
+                "sport", "dport",
+            ])?,
+            _pad: [0; 2],
         })
     };
     match f.field("saddr") {
@@ -641,7 +675,8 @@ pub fn kfree_skb_layout(f: &EventFormat) -> Result<KfreeSkbLayout, FormatError> 
         rx_sk: f
             .optional_offset_of("rx_sk", POINTER_SIZE)?
             .unwrap_or(FIELD_ABSENT),
-        _pad: [0; 3],
+        record_size: f.read_span(&["skbaddr", "location", "protocol", "reason", "rx_sk"])?,
+        _pad: [0; 2],
     })
 }
 
@@ -657,7 +692,11 @@ pub fn set_state_layout(f: &EventFormat) -> Result<SetStateLayout, FormatError> 
         protocol: f.offset_of("protocol", 2)?,
         saddr_v6: f.offset_of("saddr_v6", 16)?,
         daddr_v6: f.offset_of("daddr_v6", 16)?,
-        _pad: [0; 3],
+        record_size: f.read_span(&[
+            "skaddr", "oldstate", "newstate", "sport", "dport", "family", "protocol", "saddr_v6",
+            "daddr_v6",
+        ])?,
+        _pad: [0; 2],
     })
 }
 
@@ -755,7 +794,8 @@ mod tests {
                 saddr_v6: 42,
                 daddr_v6: 58,
                 err: 76,
-                _pad: [0; 3],
+                record_size: 80,
+                _pad: [0; 2],
             })
         );
     }
@@ -778,7 +818,8 @@ mod tests {
                 saddr_v6: 50,
                 daddr_v6: 66,
                 err: 84,
-                _pad: [0; 3],
+                record_size: 88,
+                _pad: [0; 2],
             })
         );
     }
@@ -805,7 +846,8 @@ mod tests {
                 saddr_v6: 38,
                 daddr_v6: 54,
                 skaddr: 8,
-                _pad: [0; 2],
+                record_size: 70,
+                _pad: 0,
             })
         );
     }
@@ -1024,6 +1066,27 @@ print fmt: "fake __print_symbolic(REC->code, { 99, \"NO\" }) {(\"", (REC->flags 
         assert!(matches!(
             f.offset_of("far", 4),
             Err(FormatError::OffsetTooLarge { offset: 70000, .. })
+        ));
+    }
+
+    #[test]
+    fn the_read_span_ends_at_the_last_field_read_and_fits_the_buffer() {
+        let f = parse(RETRANSMIT_SKB);
+        // `err` (offset 76, 4 bytes) is the last field read; absent names are ignored.
+        assert_eq!(
+            f.read_span(&["skaddr", "err", "no_such_field"]).ok(),
+            Some(80)
+        );
+        assert_eq!(f.read_span(&["skaddr"]).ok(), Some(24));
+        let big =
+            parse("name: big\nID: 1\n\tfield:char blob[64];\toffset:240;\tsize:64;\tsigned:0;\n");
+        assert!(matches!(
+            big.read_span(&["blob"]),
+            Err(FormatError::RecordTooLarge {
+                end: 304,
+                max: RECORD_MAX,
+                ..
+            })
         ));
     }
 
