@@ -276,6 +276,7 @@ mod tests {
             boot_ns: 0,
             segs: 3,
             flow_count: 1,
+            key_wildcard: 0,
             err: 0,
             pid: 0,
             state: 1,

@@ -882,6 +882,12 @@ fn stop_record(
                 netns,
             } = Flow::from_key(&key);
             FlowRecord {
+                // Port 0 is not a TCP port: it marks the key's wildcard side.
+                key: if sport == 0 || dport == 0 {
+                    "handshake"
+                } else {
+                    "flow"
+                },
                 family,
                 saddr,
                 sport,

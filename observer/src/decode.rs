@@ -3,7 +3,9 @@
 //! Pure: takes bytes, returns values; no kernel needed to test it.
 use std::net::{IpAddr, Ipv6Addr};
 
-use observer_common::{AF_INET6, FlowKey, TcpEvent, connect_outcome, direction, event_kind};
+use observer_common::{
+    AF_INET6, FlowKey, TcpEvent, connect_outcome, direction, event_kind, key_wildcard,
+};
 
 /// Address family as operators name it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -237,13 +239,32 @@ pub struct Event {
     /// CLOCK_BOOTTIME nanoseconds.
     pub boot_ns: u64,
     pub segs: u32,
+    /// The kernel's running count of this kind for the key the event is counted under (see
+    /// [`Event::counting_flow`]).
     pub flow_count: u64,
+    /// Which port the kernel's counting key leaves out (`observer_common::key_wildcard`).
+    pub key_wildcard: u8,
     pub err: i32,
     pub pid: u32,
     pub state: u8,
     /// The socket's own family (AF_INET6 for a dual-stack socket even when the flow is IPv4).
     pub socket_family: u16,
     pub detail: Detail,
+}
+
+impl Event {
+    /// The key the kernel counted this event under: the flow, or for events of a handshake
+    /// that did not complete, the flow without the connecting side's (ephemeral) port, which
+    /// is then 0. The stop record's `flows` and reconciliation use this key.
+    pub fn counting_flow(&self) -> Flow {
+        let mut flow = self.flow;
+        match self.key_wildcard {
+            key_wildcard::LOCAL_PORT => flow.sport = 0,
+            key_wildcard::REMOTE_PORT => flow.dport = 0,
+            _ => {}
+        }
+        flow
+    }
 }
 
 /// Why a sample could not be decoded.
@@ -335,6 +356,7 @@ pub fn decode_event(raw: &TcpEvent) -> Result<Event, DecodeError> {
         boot_ns: raw.timestamp_ns,
         segs: raw.segs,
         flow_count: raw.flow_count,
+        key_wildcard: raw.key_wildcard,
         err: raw.err,
         pid: raw.pid,
         state: raw.state,

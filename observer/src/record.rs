@@ -132,6 +132,7 @@ impl EventRecord {
             boot_ns,
             segs,
             flow_count,
+            key_wildcard: _,
             err,
             pid,
             state,
@@ -249,6 +250,10 @@ pub struct KindTotals {
 /// Exact per-flow totals from the kernel's flow map.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct FlowRecord {
+    /// `flow` (the whole 4-tuple) or `handshake`: the events of handshakes that did not
+    /// complete, counted per local address, peer address and service port, with the
+    /// connecting side's port shown as 0.
+    pub key: &'static str,
     pub family: Family,
     pub saddr: IpAddr,
     pub sport: u16,
@@ -333,6 +338,7 @@ mod tests {
             boot_ns: 1_500_000_000,
             segs: 1,
             flow_count: 3,
+            key_wildcard: 0,
             err: 0,
             pid: 9,
             state: 2,

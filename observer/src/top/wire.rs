@@ -712,6 +712,7 @@ mod tests {
             boot_ns: 5_000_000_000,
             segs: 3,
             flow_count: 9,
+            key_wildcard: 0,
             err: 0,
             pid: 0,
             state: 1,
