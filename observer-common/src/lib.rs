@@ -74,8 +74,8 @@ const _: () = assert!(size_of::<FlowKey>() == 40);
 
 /// Which port of a flow its kernel counters leave out.
 ///
-/// Events of a handshake that has not completed (SYN and SYN-ACK retransmits, RSTs answering a
-/// SYN, failed connects, dropped SYNs) are counted per *handshake key*: the flow with the
+/// Packet-driven events of a handshake that did not complete (RSTs answering a SYN or sent
+/// without a socket, failed connects, dropped SYNs and SYN-ACKs) are counted per *handshake key*: the flow with the
 /// connecting side's ephemeral port set to 0, i.e. per (local address, peer address, service
 /// port). A storm of failed connects then adds to one counter instead of creating one map entry
 /// per attempt, which is what made such storms expensive; the exported events still carry the

@@ -531,9 +531,6 @@ fn try_retransmit_skb(ctx: &TracePointContext) -> Result<(), i32> {
     let event = new_event(kind, flow, rec.get(layout.family), state, now_ns())?;
     event.segs = segs;
     event.err = err;
-    if kind == event_kind::SYN_RETRANSMIT {
-        event.key_wildcard = key_wildcard::LOCAL_PORT;
-    }
     let counter = match (kind, err) {
         (_, e) if e != 0 => Counter::RetransFailed,
         (event_kind::SYN_RETRANSMIT, _) => Counter::SynRetrans,
@@ -565,7 +562,6 @@ fn try_retransmit_synack(ctx: &TracePointContext) -> Result<(), i32> {
         TCP_SYN_RECV as u8,
         now_ns(),
     )?;
-    event.key_wildcard = key_wildcard::REMOTE_PORT;
     record(ctx, event, Counter::SynackRetrans);
     Ok(())
 }

@@ -285,10 +285,21 @@ fn check_refused(
             "stop.flows counts drops of an unselected reason: {server_flows:?}"
         );
     }
+    // The RSTs answer SYNs that have no socket: counted per handshake key (server address and
+    // port, client address; the client's ephemeral port left out), one row for the whole storm.
+    ensure!(
+        server_flows.len() == 1,
+        "expected one (handshake) server row in stop.flows, got {}: {server_flows:?}",
+        server_flows.len()
+    );
     for f in &server_flows {
         ensure!(
-            f["resets_sent"] == 1 && f["family"] == family,
-            "server flow: expected one reset sent: {f}"
+            f["key"] == "handshake"
+                && f["dport"] == 0
+                && f["sport"] == REFUSED_PORT
+                && f["resets_sent"].as_u64() == Some(n)
+                && f["family"] == family,
+            "server row: expected the handshake key with {n} resets sent: {f}"
         );
     }
 
@@ -332,15 +343,20 @@ fn check_refused(
         connected.is_empty(),
         "connect events for refused connects: {connected:?}"
     );
+    // Failed handshakes again: one row without the client's ephemeral port.
     ensure!(
-        client_flows.len() as u64 == n,
-        "expected {n} client flows in stop.flows, got {}",
+        client_flows.len() == 1,
+        "expected one (handshake) client row in stop.flows, got {}: {client_flows:?}",
         client_flows.len()
     );
     for f in &client_flows {
+        ensure!(
+            f["key"] == "handshake" && f["sport"] == 0 && f["dport"] == REFUSED_PORT,
+            "client row: expected the handshake key: {f}"
+        );
         for (k, want) in [
-            ("resets_received", 1),
-            ("connects_refused", 1),
+            ("resets_received", n),
+            ("connects_refused", n),
             ("connects", 0),
             ("connects_timed_out", 0),
             ("syn_retransmits", 0),

@@ -220,10 +220,12 @@ fn connect_timeouts_report_outcome_duration_and_syn_retransmits() -> Result<()> 
             "port {sport}: {} syn_retransmit events != {k}",
             retrans.len()
         );
+        // SYN retransmits are counted per flow; the failed connect itself per handshake key
+        // (below).
         let f = the_flow(&run, &client, Some(sport), None)?;
         for (key, want) in [
-            ("connects_timed_out", 1),
             ("syn_retransmits", k),
+            ("connects_timed_out", 0),
             ("connects", 0),
             ("connects_refused", 0),
             ("resets_received", 0),
@@ -233,14 +235,28 @@ fn connect_timeouts_report_outcome_duration_and_syn_retransmits() -> Result<()> 
                 "port {sport}: stop.flows {key} expected {want}: {f}"
             );
         }
-        // The server's side of the flow: every SYN was dropped by the rule.
-        let server = server_side(&topo, v6, TIMEOUT_PORT)?;
-        let sf = the_flow(&run, &server, None, Some(sport))?;
+    }
+    // Failed handshakes are counted without the connecting side's port: the client's timed-out
+    // connects in one row per family (sport 0), the server's dropped SYNs in one (dport 0).
+    for v6 in [false, true] {
+        let (connects, syns) = truth
+            .values()
+            .filter(|(is_v6, ..)| *is_v6 == v6)
+            .fold((0, 0), |(c, s), (_, k, _)| (c + 1, s + k + 1));
+        let client = client_side(&topo, v6, TIMEOUT_PORT)?;
+        let cf = the_flow(&run, &client, Some(0), None)?;
         ensure!(
-            u64_of(sf, "drops")? == k + 1,
-            "port {sport}: server stop.flows drops {} != {} SYNs dropped by the rule",
-            sf["drops"],
-            k + 1
+            cf["key"] == "handshake" && u64_of(cf, "connects_timed_out")? == connects,
+            "{}: client handshake row: connects_timed_out expected {connects}: {cf}",
+            family(v6)
+        );
+        let server = server_side(&topo, v6, TIMEOUT_PORT)?;
+        let sf = the_flow(&run, &server, None, Some(0))?;
+        ensure!(
+            sf["key"] == "handshake" && u64_of(sf, "drops")? == syns,
+            "{}: server handshake row: drops {} != {syns} SYNs dropped by the rule",
+            family(v6),
+            sf["drops"]
         );
     }
     ensure!(observed_sum == syn_retrans, "sum of syn_retransmits");
