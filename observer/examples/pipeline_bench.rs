@@ -136,7 +136,7 @@ fn run(cli: &Cli) -> Result<serde_json::Value, String> {
         if index == n {
             index = 0;
         }
-        let event = match decode_sample(&samples[offset..offset + size], &[]) {
+        let event = match decode_sample(&samples[offset..offset + size]) {
             Ok(ev) => ev,
             Err(_) => {
                 errors += 1;

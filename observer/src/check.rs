@@ -15,7 +15,7 @@ use std::{
 
 use crate::{
     config::{self, Config, ConfigError, OutputTarget, Settings},
-    kernel::{btf::KernelBtf, loader, tracefs},
+    kernel::{btf::KernelBtf, loader, perf_ring, tracefs},
     privileges,
 };
 
@@ -621,14 +621,9 @@ fn map_kind(map: &aya::maps::Map) -> String {
 }
 
 /// Opens a one-page perf buffer on every online CPU, as `observer run` does with more pages.
-fn perf_buffers(
-    loaded: &mut loader::Loaded,
-) -> (
-    CheckLine,
-    Vec<aya::maps::perf::PerfEventArrayBuffer<aya::maps::MapData>>,
-) {
+fn perf_buffers(loaded: &mut loader::Loaded) -> (CheckLine, Vec<perf_ring::PerfRing>) {
     const NAME: &str = "perf-buffers";
-    let mut events = match loaded.take_events() {
+    let events = match loaded.take_events() {
         Ok(events) => events,
         Err(e) => return (CheckLine::fail(NAME, format!("{e:#}")), Vec::new()),
     };
@@ -641,18 +636,13 @@ fn perf_buffers(
             );
         }
     };
-    let mut buffers = Vec::new();
-    for &cpu in &cpus {
-        match events.open(cpu, Some(1)) {
-            Ok(buffer) => buffers.push(buffer),
-            Err(e) => {
-                let why = format!("opening the perf buffer of CPU {cpu}: {}", error_chain(&e));
-                return (CheckLine::fail(NAME, why), buffers);
-            }
+    match perf_ring::open_all(events, &cpus, 1, 1) {
+        Ok(rings) => {
+            let line = CheckLine::ok(NAME, format!("opened on {} online CPUs", rings.len()));
+            (line, rings)
         }
+        Err(e) => (CheckLine::fail(NAME, format!("{e:#}")), Vec::new()),
     }
-    let line = CheckLine::ok(NAME, format!("opened on {} online CPUs", buffers.len()));
-    (line, buffers)
 }
 
 /// /proc/sys/kernel/bpf_stats_enabled: only for measuring observer's own kernel-side cost.

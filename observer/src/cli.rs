@@ -96,6 +96,12 @@ pub struct RunArgs {
     /// Pages per CPU for the perf buffers (a power of two).
     #[arg(long, value_name = "PAGES", default_value_t = config::DEFAULT_PERF_PAGES, value_parser = parse_pages)]
     pub perf_pages: usize,
+    /// The kernel wakes the reader of a perf buffer once per N exported events (the buffers
+    /// are also drained every 100 ms, so fewer events are not held back longer). 1 wakes it
+    /// for every event, the costly way. At most what `--perf-pages` hold (34 events per page)
+    /// [default: 64].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub wakeup_events: Option<u32>,
     /// Report ESTABLISHED connections stuck for this long (sent data and no reply, or data
     /// not acknowledged, or sends blocked), grouped by owning process and peer.
     #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = parse_stale_after)]
@@ -139,6 +145,7 @@ pub fn explicit_flags(args: &RunArgs, matches: &ArgMatches) -> Config {
         export_kinds,
         drop_reasons,
         perf_pages,
+        wakeup_events,
         output,
         output_max_bytes,
         output_keep,
@@ -151,6 +158,7 @@ pub fn explicit_flags(args: &RunArgs, matches: &ArgMatches) -> Config {
         export_kinds: given("export_kinds").then(|| export_kinds.clone()),
         drop_reasons: given("drop_reasons").then(|| drop_reasons.clone()),
         perf_pages: given("perf_pages").then_some(*perf_pages),
+        wakeup_events: *wakeup_events,
         output: OutputConfig {
             target: given("output").then(|| output.clone()),
             max_bytes: given("output_max_bytes").then_some(*output_max_bytes),
@@ -332,6 +340,8 @@ fn run(args: RunArgs, flags: Config) -> ExitCode {
         duration,
         load: settings.load_options(),
         perf_pages: settings.perf_pages,
+        wakeup_events: settings.wakeup_events,
+        flush_interval: config::FLUSH_INTERVAL,
         queue_capacity: 65_536,
         context_interval: Duration::from_secs(1),
         stale_after: Duration::from_secs_f64(args.stale_after),
@@ -455,6 +465,8 @@ mod tests {
             "all",
             "--perf-pages",
             "8",
+            "--wakeup-events",
+            "16",
             "--output",
             "file:/tmp/o.ndjson",
             "--output-max-bytes",
@@ -474,6 +486,7 @@ mod tests {
                 export_kinds: Some("all".to_owned()),
                 drop_reasons: Some("all".to_owned()),
                 perf_pages: Some(8),
+                wakeup_events: Some(16),
                 output: OutputConfig {
                     target: Some(OutputTarget::File("/tmp/o.ndjson".into())),
                     max_bytes: Some(1000),
@@ -513,6 +526,8 @@ export_per_cpu = 9
         assert_eq!(args.export_kinds, settings.export_kinds);
         assert_eq!(args.drop_reasons, settings.drop_reasons);
         assert_eq!(args.perf_pages, settings.perf_pages);
+        assert_eq!(args.wakeup_events, None);
+        assert_eq!(settings.wakeup_events, config::DEFAULT_WAKEUP_EVENTS);
         assert_eq!(args.output, settings.output.target);
         assert_eq!(args.output_max_bytes, settings.output.max_bytes);
         assert_eq!(args.output_keep, settings.output.keep);
@@ -527,6 +542,7 @@ export_per_cpu = 9
             &["observer", "run", "--output-keep", "1001"],
             &["observer", "run", "--max-flows", "4"],
             &["observer", "run", "--metrics", "localhost"],
+            &["observer", "run", "--wakeup-events", "0"],
         ] {
             assert!(
                 Cli::command().try_get_matches_from(argv).is_err(),

@@ -24,7 +24,7 @@ use toml::Spanned;
 
 use crate::{
     decode::EventKind,
-    kernel::loader::LoadOptions,
+    kernel::{loader::LoadOptions, perf_ring},
     sink::file::{DEFAULT_KEEP, DEFAULT_MAX_BYTES, MAX_KEEP},
 };
 
@@ -38,6 +38,13 @@ pub const DEFAULT_MAX_FLOWS: u32 = 65_536;
 pub const DEFAULT_EXPORT_KINDS: &str = "default";
 pub const DEFAULT_DROP_REASONS: &str = "default";
 pub const DEFAULT_PERF_PAGES: usize = 64;
+/// The kernel wakes a perf buffer's reader once per this many samples.
+pub const DEFAULT_WAKEUP_EVENTS: u32 = 64;
+/// How often the daemon drains every perf buffer besides the kernel's wakeups (not a key): the
+/// longest a sample short of a wakeup waits.
+pub const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+/// Largest `perf_pages`.
+pub const MAX_PERF_PAGES: usize = 4096;
 /// Bounds of `max_flows`: the kernel's LRU map needs a few entries per CPU, and beyond a few
 /// million the map alone takes gigabytes.
 pub const MAX_FLOWS_RANGE: std::ops::RangeInclusive<u32> = 16..=4_194_304;
@@ -143,6 +150,7 @@ pub struct Config {
     pub export_kinds: Option<String>,
     pub drop_reasons: Option<String>,
     pub perf_pages: Option<usize>,
+    pub wakeup_events: Option<u32>,
     pub output: OutputConfig,
     /// The `[thresholds]` table, passed through uninterpreted to the anomaly engine.
     pub thresholds: Option<toml::Table>,
@@ -170,6 +178,8 @@ pub struct Settings {
     pub export_kinds_mask: u32,
     pub drop_reasons: String,
     pub perf_pages: usize,
+    /// Samples per reader wakeup (1: a wakeup per sample).
+    pub wakeup_events: u32,
     pub output: OutputSettings,
     pub thresholds: toml::Table,
     /// Where the Prometheus metrics endpoint listens (none: no endpoint).
@@ -196,6 +206,7 @@ struct RawConfig {
     export_kinds: Option<Spanned<String>>,
     drop_reasons: Option<Spanned<String>>,
     perf_pages: Option<Spanned<u64>>,
+    wakeup_events: Option<Spanned<u32>>,
     output: Option<RawOutput>,
     thresholds: Option<toml::Table>,
     metrics: Option<Spanned<String>>,
@@ -238,6 +249,7 @@ impl Config {
             export_kinds,
             drop_reasons,
             perf_pages,
+            wakeup_events,
             output,
             thresholds,
             metrics,
@@ -254,6 +266,14 @@ impl Config {
                     .map_err(|e| e.to_string())
                     .and_then(check_perf_pages)
                     .map_err(|m| at(v.span(), "perf_pages", m))
+            })
+            .transpose()?;
+        // Checked against this file's perf_pages, or the largest possible when the file has
+        // none (a --perf-pages flag may still apply); `Settings::resolve` checks the result.
+        let wakeup_events = wakeup_events
+            .map(|v| {
+                check_wakeup_events(*v.get_ref(), perf_pages.unwrap_or(MAX_PERF_PAGES))
+                    .map_err(|m| at(v.span(), "wakeup_events", m))
             })
             .transpose()?;
         let export_kinds = export_kinds
@@ -304,6 +324,7 @@ impl Config {
             export_kinds,
             drop_reasons,
             perf_pages,
+            wakeup_events,
             output: OutputConfig {
                 target,
                 max_bytes: max_bytes.map(Spanned::into_inner),
@@ -323,6 +344,7 @@ impl Config {
             export_kinds,
             drop_reasons,
             perf_pages,
+            wakeup_events,
             output,
             thresholds,
             metrics,
@@ -339,6 +361,7 @@ impl Config {
             export_kinds: export_kinds.clone().or_else(|| self.export_kinds.clone()),
             drop_reasons: drop_reasons.clone().or_else(|| self.drop_reasons.clone()),
             perf_pages: perf_pages.or(self.perf_pages),
+            wakeup_events: wakeup_events.or(self.wakeup_events),
             output: OutputConfig {
                 target: target.clone().or_else(|| self.output.target.clone()),
                 max_bytes: max_bytes.or(self.output.max_bytes),
@@ -362,6 +385,7 @@ impl Settings {
             export_kinds,
             drop_reasons,
             perf_pages,
+            wakeup_events,
             output,
             thresholds,
             metrics,
@@ -370,6 +394,11 @@ impl Settings {
         check_max_flows(max_flows).map_err(|m| value("max_flows", m))?;
         let perf_pages = perf_pages.unwrap_or(DEFAULT_PERF_PAGES);
         check_perf_pages(perf_pages).map_err(|m| value("perf_pages", m))?;
+        let wakeup_events = wakeup_events.unwrap_or(
+            DEFAULT_WAKEUP_EVENTS
+                .min(u32::try_from(perf_ring::max_wakeup_events(perf_pages)).unwrap_or(u32::MAX)),
+        );
+        check_wakeup_events(wakeup_events, perf_pages).map_err(|m| value("wakeup_events", m))?;
         let export_kinds = export_kinds
             .clone()
             .unwrap_or_else(|| DEFAULT_EXPORT_KINDS.to_owned());
@@ -387,6 +416,7 @@ impl Settings {
                 .clone()
                 .unwrap_or_else(|| DEFAULT_DROP_REASONS.to_owned()),
             perf_pages,
+            wakeup_events,
             output: OutputSettings {
                 target: output.target.clone().unwrap_or(OutputTarget::Stdout),
                 max_bytes: output.max_bytes.unwrap_or(DEFAULT_MAX_BYTES),
@@ -419,6 +449,7 @@ impl Settings {
             export_kinds_mask,
             drop_reasons,
             perf_pages,
+            wakeup_events,
             output,
             thresholds,
             metrics,
@@ -438,6 +469,7 @@ impl Settings {
         );
         note(*drop_reasons != new.drop_reasons, "drop_reasons");
         note(*perf_pages != new.perf_pages, "perf_pages");
+        note(*wakeup_events != new.wakeup_events, "wakeup_events");
         note(output.target != new.output.target, "output.target");
         note(output.max_bytes != new.output.max_bytes, "output.max_bytes");
         note(output.keep != new.output.keep, "output.keep");
@@ -505,11 +537,26 @@ pub fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
 
 /// Perf buffer pages per CPU: the kernel wants a power of two.
 pub fn check_perf_pages(n: usize) -> Result<usize, String> {
-    if n.is_power_of_two() && (1..=4096).contains(&n) {
+    if n.is_power_of_two() && (1..=MAX_PERF_PAGES).contains(&n) {
         Ok(n)
     } else {
         Err(format!(
             "must be a power of two between 1 and 4096, not {n}"
+        ))
+    }
+}
+
+/// Samples per reader wakeup: at least 1, at most what a buffer of `perf_pages` holds (beyond
+/// that the buffer would fill, and drop samples, before the kernel wakes the reader).
+pub fn check_wakeup_events(n: u32, perf_pages: usize) -> Result<u32, String> {
+    let max = perf_ring::max_wakeup_events(perf_pages);
+    if n >= 1 && usize::try_from(n).is_ok_and(|n| n <= max) {
+        Ok(n)
+    } else {
+        Err(format!(
+            "must be between 1 and {max} (a perf buffer of {perf_pages} pages holds {max} events \
+             of {} bytes), not {n}",
+            perf_ring::SAMPLE_RECORD_BYTES
         ))
     }
 }
@@ -657,6 +704,7 @@ max_flows = 1024
 export_kinds = "all,-close"
 drop_reasons = "default,-NO_SOCKET"
 perf_pages = 16
+wakeup_events = 100
 metrics = "127.0.0.1:9464"
 
 [output]
@@ -677,6 +725,7 @@ per_second = 10
         assert_eq!(config.export_kinds.as_deref(), Some("all,-close"));
         assert_eq!(config.drop_reasons.as_deref(), Some("default,-NO_SOCKET"));
         assert_eq!(config.perf_pages, Some(16));
+        assert_eq!(config.wakeup_events, Some(100));
         assert_eq!(
             config.metrics,
             Some(SocketAddr::from(([127, 0, 0, 1], 9464)))
@@ -746,6 +795,58 @@ per_second = 10
         let (line, key, message) = invalid_at("\nmetrics = \"localhost\"\n");
         assert_eq!((line, key.as_deref()), (2, Some("metrics")));
         assert!(message.contains("127.0.0.1:9464"), "{message}");
+        let (line, key, message) = invalid_at("perf_pages = 1\nwakeup_events = 35\n");
+        assert_eq!((line, key.as_deref()), (2, Some("wakeup_events")));
+        assert!(message.contains("between 1 and 34"), "{message}");
+        let (_, key, _) = invalid_at("wakeup_events = 0\n");
+        assert_eq!(key.as_deref(), Some("wakeup_events"));
+        let (_, key, _) = invalid_at("wakeup_events = 1000000\n");
+        assert_eq!(key.as_deref(), Some("wakeup_events"));
+    }
+
+    #[test]
+    fn wakeup_events_fit_the_perf_buffer() {
+        let settings = Settings::resolve(&Config::default()).expect("defaults");
+        assert_eq!(
+            (settings.perf_pages, settings.wakeup_events),
+            (DEFAULT_PERF_PAGES, DEFAULT_WAKEUP_EVENTS)
+        );
+        // A one-page buffer holds 34 events: the default shrinks to fit; a set value must fit.
+        let small = Config {
+            perf_pages: Some(1),
+            ..Config::default()
+        };
+        assert_eq!(
+            Settings::resolve(&small).map(|s| s.wakeup_events).ok(),
+            Some(34)
+        );
+        let too_many = Config {
+            perf_pages: Some(1),
+            wakeup_events: Some(64),
+            ..Config::default()
+        };
+        assert!(matches!(
+            Settings::resolve(&too_many),
+            Err(ConfigError::Value {
+                key: "wakeup_events",
+                ..
+            })
+        ));
+        // The file's value holds when a flag gives the pages: checked on the result.
+        let file = parse("wakeup_events = 5000\n").expect("valid without perf_pages");
+        let flags = Config {
+            perf_pages: Some(512),
+            ..Config::default()
+        };
+        assert_eq!(
+            Settings::resolve(&file.overlay(&flags))
+                .map(|s| s.wakeup_events)
+                .ok(),
+            Some(5000)
+        );
+        assert!(Settings::resolve(&file).is_err());
+        assert_eq!(check_wakeup_events(1, 1), Ok(1));
+        assert!(check_wakeup_events(0, 64).is_err());
     }
 
     #[test]

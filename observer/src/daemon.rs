@@ -15,10 +15,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{
-    MapData,
-    perf::{PerfEvent, PerfEventArrayBuffer},
-};
+use aya::maps::MapData;
 use observer_common::event_kind;
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -43,7 +40,10 @@ use crate::{
     decode::{Event, EventKind, Flow, decode_sample},
     enrich::symbols::KernelSymbols,
     enrich::sysctl,
-    kernel::loader::{self, LoadOptions, Loaded},
+    kernel::{
+        loader::{self, LoadOptions, Loaded},
+        perf_ring::{self, PerfRing, Record},
+    },
     reconcile::Reconciler,
     record::{
         EventRecord, FlowRecord, KindTotals, LostRecord, Names, ReasonCount, SCHEMA_VERSION,
@@ -75,6 +75,11 @@ pub struct RunOptions {
     pub load: LoadOptions,
     /// Pages per CPU for each perf buffer (a power of two).
     pub perf_pages: usize,
+    /// The kernel wakes a perf buffer's reader once per this many samples (1: every sample).
+    pub wakeup_events: u32,
+    /// Each perf buffer is also drained this often, so that samples short of a wakeup (a slow
+    /// trickle with `wakeup_events` > 1) wait at most this long.
+    pub flush_interval: Duration,
     /// Decoded records the queue between readers and the output holds.
     pub queue_capacity: usize,
     /// How often the context worker reads counters, listeners, sysctls and rules.
@@ -184,17 +189,21 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
     let counters = Arc::new(ReaderCounters::default());
     let (tx, mut rx) = mpsc::channel(options.queue_capacity);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut events = loaded.take_events()?;
     let cpus = aya::util::online_cpus()
         .map_err(|(path, e)| anyhow::anyhow!("reading the online CPUs from {path}: {e}"))?;
+    // The rings keep the EVENTS map open (the programs are loaded with its fd, and the kernel
+    // clears the entries when it closes): they live until the end of `run`.
+    let rings = perf_ring::open_all(
+        loaded.take_events()?,
+        &cpus,
+        options.perf_pages,
+        options.wakeup_events,
+    )?;
     let mut readers = Vec::new();
-    for cpu in cpus {
-        let buffer = events
-            .open(cpu, Some(options.perf_pages))
-            .with_context(|| format!("opening the perf buffer of CPU {cpu}"))?;
+    for ring in rings {
         readers.push(tokio::spawn(read_cpu(
-            cpu,
-            buffer,
+            ring,
+            options.flush_interval,
             tx.clone(),
             stop_rx.clone(),
             Arc::clone(&counters),
@@ -247,6 +256,9 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
         sysctls: sysctl::host_snapshot(),
         export_per_flow: options.load.export_per_flow,
         export_per_cpu: options.load.export_per_cpu,
+        perf_pages: options.perf_pages,
+        wakeup_events: options.wakeup_events,
+        flush_interval_ms: u64::try_from(options.flush_interval.as_millis()).unwrap_or(u64::MAX),
         drop_reasons: loaded
             .selected_drop_reasons
             .iter()
@@ -323,8 +335,8 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
     for round in 0..50 {
         let exported_before = total_exported(&loaded);
         let (final_tx, mut final_rx) = mpsc::channel(options.queue_capacity);
-        for (cpu, buffer) in &mut buffers {
-            drain(*cpu, buffer, &final_tx, &counters);
+        for ring in &mut buffers {
+            drain(ring, &final_tx, &counters);
         }
         drop(final_tx);
         while let Ok(msg) = rx.try_recv().or_else(|_| final_rx.try_recv()) {
@@ -759,30 +771,40 @@ impl<W: Write> Output<'_, W> {
 }
 
 /// Reads one CPU's perf buffer until told to stop, then hands the buffer back for the final
-/// drains.
+/// drains. It drains when the kernel wakes it (every `wakeup_events` samples) and every
+/// `flush_interval`, so a trickle of samples short of a wakeup is not held back.
 async fn read_cpu(
-    cpu: u32,
-    buffer: PerfEventArrayBuffer<MapData>,
+    ring: PerfRing,
+    flush_interval: Duration,
     tx: mpsc::Sender<Incoming>,
     mut stop: watch::Receiver<bool>,
     counters: Arc<ReaderCounters>,
-) -> anyhow::Result<(u32, PerfEventArrayBuffer<MapData>)> {
-    // SAFETY: the perf buffer owns its file descriptor, keeps it open until it is dropped, and
-    // always returns the same one; the AsyncFd owns the buffer for its whole life.
-    let registered = unsafe { AsyncFd::register_with_interest(buffer, Interest::READABLE) };
+) -> anyhow::Result<PerfRing> {
+    let cpu = ring.cpu();
+    // SAFETY: the ring owns its perf event fd, keeps it open until it is dropped, and always
+    // returns the same one; the AsyncFd owns the ring for its whole life (`drain` through
+    // `get_mut` reads the ring, never replaces it).
+    let registered = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) };
     let mut fd = registered.map_err(|e| {
         anyhow::anyhow!("polling the perf buffer of CPU {cpu}: {}", e.into_parts().1)
     })?;
+    let mut flush = tokio::time::interval(flush_interval);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
-                drain(cpu, guard.get_inner_mut(), &tx, &counters);
+                drain(guard.get_inner_mut(), &tx, &counters);
                 guard.clear_ready();
+            }
+            _ = flush.tick() => {
+                if fd.get_ref().readable() {
+                    drain(fd.get_mut(), &tx, &counters);
+                }
             }
             _ = stop.changed() => {
                 // The final drains happen in `run`, after the programs are detached.
-                return Ok((cpu, fd.into_inner()));
+                return Ok(fd.into_inner());
             }
         }
     }
@@ -796,22 +818,18 @@ fn total_exported(loaded: &Loaded) -> u64 {
         .unwrap_or(0)
 }
 
-fn drain(
-    cpu: u32,
-    buffer: &mut PerfEventArrayBuffer<MapData>,
-    tx: &mpsc::Sender<Incoming>,
-    counters: &ReaderCounters,
-) {
-    buffer.for_each(|sample| {
-        let msg = match sample {
-            PerfEvent::Sample { head, tail } => match decode_sample(head, tail) {
+fn drain(ring: &mut PerfRing, tx: &mpsc::Sender<Incoming>, counters: &ReaderCounters) {
+    let cpu = ring.cpu();
+    let read = ring.read(|record| {
+        let msg = match record {
+            Record::Sample(bytes) => match decode_sample(bytes) {
                 Ok(event) => Incoming::Event(event),
                 Err(_) => {
                     counters.decode_errors.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
             },
-            PerfEvent::Lost { count } => {
+            Record::Lost { count } => {
                 counters.lost.fetch_add(count, Ordering::Relaxed);
                 Incoming::Lost { cpu, count }
             }
@@ -823,6 +841,12 @@ fn drain(
             counters.undelivered.fetch_add(1, Ordering::Relaxed);
         }
     });
+    // Malformed ring records: samples that never became events.
+    if read.errors > 0 {
+        counters
+            .decode_errors
+            .fetch_add(read.errors, Ordering::Relaxed);
+    }
 }
 
 /// The kernel kinds in the stop record's totals, by record name.

@@ -276,21 +276,16 @@ pub enum DecodeError {
     UnknownKind(u8),
 }
 
-/// Decodes one perf sample. The sample may be split in two when it straddles the end of the
-/// ring (`head` then `tail`), and may carry trailing alignment padding.
-pub fn decode_sample(head: &[u8], tail: &[u8]) -> Result<Event, DecodeError> {
+/// Decodes one perf sample (its raw bytes, whole: `kernel::perf_ring` reassembles samples that
+/// wrap around the ring). Bytes past the event (alignment padding) are ignored.
+pub fn decode_sample(sample: &[u8]) -> Result<Event, DecodeError> {
     const SIZE: usize = size_of::<TcpEvent>();
-    let mut bytes = [0u8; SIZE];
-    let found = head.len() + tail.len();
-    if found < SIZE {
+    let Some(bytes) = sample.first_chunk::<SIZE>() else {
         return Err(DecodeError::TooShort {
             expected: SIZE,
-            found,
+            found: sample.len(),
         });
-    }
-    let from_head = head.len().min(SIZE);
-    bytes[..from_head].copy_from_slice(&head[..from_head]);
-    bytes[from_head..].copy_from_slice(&tail[..SIZE - from_head]);
+    };
     // SAFETY: TcpEvent is #[repr(C)] plain integers (every bit pattern valid) and `bytes` holds
     // exactly size_of::<TcpEvent>() bytes; read_unaligned copes with the array's alignment.
     let raw: TcpEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
@@ -440,23 +435,28 @@ mod tests {
     }
 
     #[test]
-    fn split_and_padded_samples_decode() {
+    fn exact_and_padded_samples_decode() {
         let ev = raw(event_kind::SYNACK_RETRANSMIT);
         let mut bytes = bytes_of(&ev);
+        let exact = bytes.len();
         bytes.extend_from_slice(&[0, 0, 0, 0]); // kernel alignment padding
-        for split in [0, 1, 39, 103, bytes.len()] {
-            let (head, tail) = bytes.split_at(split);
-            let got = decode_sample(head, tail).expect("decodes");
+        for len in [exact, bytes.len()] {
+            let got = decode_sample(&bytes[..len]).expect("decodes");
             assert_eq!(got.kind, EventKind::SynackRetransmit);
             assert_eq!(got.flow_count, 7);
             assert_eq!(got.pid, 42);
         }
+        // Unaligned in memory (a sample right after the ring's 4-byte raw size) decodes too.
+        let mut shifted = vec![0u8; 4];
+        shifted.extend_from_slice(&bytes);
+        let got = decode_sample(&shifted[4..]).expect("decodes");
+        assert_eq!(got.flow_count, 7);
     }
 
     #[test]
     fn short_and_unknown_samples_are_errors() {
         assert_eq!(
-            decode_sample(&[0; 10], &[]),
+            decode_sample(&[0; 10]),
             Err(DecodeError::TooShort {
                 expected: 104,
                 found: 10

@@ -52,6 +52,13 @@ pub struct StartRecord {
     pub export_per_flow: u32,
     /// Events exported per CPU per second (0: no limit).
     pub export_per_cpu: u32,
+    /// Pages per CPU of each perf buffer.
+    pub perf_pages: usize,
+    /// The kernel wakes the reader once per this many exported events (1: every event).
+    pub wakeup_events: u32,
+    /// The perf buffers are also drained this often (milliseconds): the longest an event short
+    /// of a wakeup waits.
+    pub flush_interval_ms: u64,
     /// Drop reasons reported.
     pub drop_reasons: Vec<String>,
 }

@@ -508,6 +508,11 @@ fn an_invalid_config_is_refused_naming_line_and_key() -> Result<()> {
         ),
         ("\nperf_pages = 3\n", "line 2", "perf_pages"),
         (
+            "perf_pages = 1\nwakeup_events = 64\n",
+            "line 2",
+            "wakeup_events",
+        ),
+        (
             "export_kinds = \"retransmit,bogus\"\n",
             "line 1",
             "export_kinds",

@@ -92,6 +92,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 const TOOL_START_TIMEOUT: Duration = Duration::from_secs(10);
 const CMD_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// One-by-one export: every event exported (no budgets, every kind) and the reader woken for
+/// each (`--wakeup-events 1`, as aya's own perf buffers do).
 const ONE_BY_ONE_ARGS: &[&str] = &[
     "--export-per-flow",
     "0",
@@ -99,6 +101,8 @@ const ONE_BY_ONE_ARGS: &[&str] = &[
     "0",
     "--export-kinds",
     "all",
+    "--wakeup-events",
+    "1",
 ];
 
 fn say(message: &str) {
@@ -2346,7 +2350,7 @@ impl Report {
         let _ = writeln!(
             s,
             "- observer runs on the host (it sees every namespace) with default options, or with \
-             one-by-one export (`{}`): every event through aya's perf buffers, each waking the \
+             one-by-one export (`{}`): every event through the perf buffers, each waking the \
              reader (../shared/NOTES.md measured ~6,950 ns per event for that on this kind of \
              machine, with a single program on kfree_skb). Its stdout is read and discarded by \
              the bench.",

@@ -2,7 +2,7 @@
 use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, perf::PerfEventArray},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
     programs::TracePoint,
 };
 use observer_common::{
@@ -300,13 +300,19 @@ impl Loaded {
         }
     }
 
-    /// Takes the perf event array (once).
-    pub fn take_events(&mut self) -> anyhow::Result<PerfEventArray<MapData>> {
+    /// Takes the perf event array (once), for `perf_ring::open_all`. Keep it (or the rings)
+    /// alive until the programs are loaded and for as long as events are read: the programs'
+    /// instructions name its fd until they are loaded, and the kernel clears the entries set
+    /// through an fd when that fd is closed.
+    pub fn take_events(&mut self) -> anyhow::Result<MapData> {
         let map = self
             .ebpf
             .take_map("EVENTS")
             .context("map EVENTS is missing from the object")?;
-        PerfEventArray::try_from(map).context("map EVENTS is not a perf event array")
+        match map {
+            aya::maps::Map::PerfEventArray(data) => Ok(data),
+            _ => anyhow::bail!("map EVENTS is not a perf event array"),
+        }
     }
 
     /// Per-kind statistics summed over CPUs, indexed by `event_kind`.

@@ -2,6 +2,7 @@
 //! loading/attaching the programs. Discovered once at start-up and handed on as plain data.
 pub mod btf;
 pub mod loader;
+pub mod perf_ring;
 pub mod reasons;
 pub mod tracefs;
 

@@ -71,6 +71,10 @@ pub struct TopArgs {
     /// In-process only: flows tracked in the kernel's counter map.
     #[arg(long, value_name = "N", value_parser = parse_max_flows)]
     pub max_flows: Option<u32>,
+    /// In-process only: exported events per wakeup of the reader, as for `observer run` (1:
+    /// a wakeup per event).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub wakeup_events: Option<u32>,
 }
 
 fn parse_interval(s: &str) -> Result<f64, String> {
@@ -110,6 +114,7 @@ impl TopArgs {
             max_flows: self.max_flows,
             export_kinds: self.export_kinds.clone(),
             drop_reasons: self.drop_reasons.clone(),
+            wakeup_events: self.wakeup_events,
             ..Config::default()
         };
         let file = match config::choose_path(self.config.as_deref()) {
@@ -131,6 +136,8 @@ impl TopArgs {
             duration: None,
             load: settings.load_options(),
             perf_pages: settings.perf_pages,
+            wakeup_events: settings.wakeup_events,
+            flush_interval: config::FLUSH_INTERVAL,
             queue_capacity: 65_536,
             context_interval: Duration::from_secs(1),
             stale_after: Duration::from_secs(30),
@@ -346,6 +353,10 @@ mod tests {
         assert_eq!(options.load.export_per_flow, 0);
         assert_eq!(options.load.export_per_cpu, config::DEFAULT_EXPORT_PER_CPU);
         assert_eq!(options.duration, None);
+        assert_eq!(options.wakeup_events, config::DEFAULT_WAKEUP_EVENTS);
+        let args = parse(&["--config", "/dev/null", "--wakeup-events", "1"]).expect("valid");
+        assert_eq!(args.run_options().expect("resolves").wakeup_events, 1);
+        assert!(parse(&["--wakeup-events", "0"]).is_err());
         let missing = parse(&["--config", "/nonexistent/observer.toml"]).expect("valid");
         assert!(missing.run_options().is_err());
     }
