@@ -435,6 +435,27 @@ mod tests {
     }
 
     #[test]
+    fn handshake_events_are_counted_without_the_connecting_port() {
+        let mut raw = raw(event_kind::CONNECT_FAILED);
+        let counted = |raw: &TcpEvent| decode_event(raw).ok().map(|e| e.counting_flow());
+        let full = decode_event(&raw).ok().map(|e| e.flow);
+        assert_eq!(counted(&raw), full, "key_wildcard NONE: the whole flow");
+        raw.key_wildcard = key_wildcard::LOCAL_PORT;
+        assert_eq!(
+            counted(&raw).map(|f| (f.sport, f.dport)),
+            full.map(|f| (0, f.dport))
+        );
+        raw.key_wildcard = key_wildcard::REMOTE_PORT;
+        assert_eq!(
+            counted(&raw).map(|f| (f.sport, f.dport)),
+            full.map(|f| (f.sport, 0))
+        );
+        // The same rule as the kernel's.
+        let key = raw.flow.counting_key(key_wildcard::REMOTE_PORT);
+        assert_eq!(counted(&raw), Some(Flow::from_key(&key)));
+    }
+
+    #[test]
     fn exact_and_padded_samples_decode() {
         let ev = raw(event_kind::SYNACK_RETRANSMIT);
         let mut bytes = bytes_of(&ev);
