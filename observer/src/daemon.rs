@@ -95,7 +95,7 @@ pub struct RunOptions {
 }
 
 /// What the kernel counted beyond the exported events, per flow and signal, as fed to the
-/// engine (so that readers of the stream can count the same).
+/// engine (so that readers of the stream can count the same: see `Reconciler::for_stream`).
 #[derive(Debug, serde::Serialize)]
 struct ReconciledRecord {
     #[serde(rename = "type")]
@@ -110,6 +110,9 @@ struct ReconciledFlow {
     flow: Flow,
     signal: &'static str,
     amount: u64,
+    /// The kernel's total for the flow and signal as of the pass: events of theirs whose
+    /// `flow_count` is at most this are in `amount` (they were on their way during the pass).
+    through: u64,
 }
 
 /// Records the daemon could not queue for the output (it fell behind), since the last such
@@ -276,7 +279,7 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
         shared: Arc::clone(&shared_context),
         pending_effects: Vec::new(),
         anomaly_records: 0,
-        reconciler: Reconciler::default(),
+        reconciler: Reconciler::new(options.load.export_kinds),
         last_reconcile_ns: 0,
         requests: request_tx,
         owners: owner_cache,
@@ -360,6 +363,9 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
         }
     }
 
+    // The final reconciliation pass (in `finish`) reads the kernel's maps after the detach, so
+    // it sees final totals, and before `loaded` is dropped. Events drained above were fed
+    // before it, and it feeds only the rest (`reconcile.rs`).
     if output_open {
         output_open = out.finish().is_ok();
     }
@@ -484,10 +490,11 @@ impl<W: Write> Output<'_, W> {
         match msg {
             Incoming::Event(event) => {
                 *self.received.entry(event.kind).or_default() += 1;
+                // Written either way; fed to the engine unless a pass already counted it.
                 if let Some(obs) =
                     analysis::observation(&event, &self.names.drop_reasons, &mut self.reasons)
+                    && let Some(obs) = self.reconciler.admit(obs, event.flow_count)
                 {
-                    self.reconciler.fed(&obs);
                     self.engine.observe(event.boot_ns, obs);
                 }
                 self.ask_for_causes(&event);
@@ -698,12 +705,14 @@ impl<W: Write> Output<'_, W> {
             time: self.clock.now_rfc3339(),
             flows: Vec::new(),
         };
-        for obs in self.reconciler.pass(suppressed, flows) {
+        for reconciled in self.reconciler.pass(suppressed, flows) {
+            let obs = reconciled.observation;
             if let Some(flow) = obs.flow {
                 record.flows.push(ReconciledFlow {
                     flow,
                     signal: obs.signal.name(),
                     amount: obs.amount,
+                    through: reconciled.through,
                 });
             }
             self.engine.observe(now, obs);

@@ -19,6 +19,7 @@ use crate::{
         SignalView, SortKey, TableId, Window,
     },
     decode::{EventKind, Flow},
+    reconcile::Reconciler,
 };
 
 /// Rows fetched from the engine per refresh (then sorted and filtered here).
@@ -344,6 +345,8 @@ struct KindCount {
 /// Everything known from the record stream.
 pub struct Model {
     engine: Engine,
+    /// Skips events the daemon's `reconciled` records already counted.
+    reconciler: Reconciler,
     reasons: ReasonInterner,
     extras: HashMap<RowKey, Extras>,
     pub start: Option<Start>,
@@ -385,6 +388,7 @@ impl Model {
     ) -> Result<Self, ConfigError> {
         Ok(Self {
             engine: Engine::new(engine, now_ns)?,
+            reconciler: Reconciler::for_stream(),
             reasons: ReasonInterner::default(),
             extras: HashMap::new(),
             start: None,
@@ -461,11 +465,15 @@ impl Model {
                 }
                 self.observe_context(&record, at);
             }
-            Record::Reconciled(observations) => {
+            Record::Reconciled(entries) => {
                 let at = arrival_ns;
                 self.latest_ns = self.latest_ns.max(at);
-                for obs in observations {
-                    self.observe_flow(obs, at);
+                for entry in entries {
+                    if let Some(flow) = entry.observation.flow {
+                        self.reconciler
+                            .reconciled(flow, entry.observation.signal, entry.through);
+                    }
+                    self.observe_flow(entry.observation, at);
                 }
             }
             Record::StaleConnections(ref r) => {
@@ -623,7 +631,10 @@ impl Model {
                 latencies.pop_front();
             }
         }
-        let Some(obs) = wire::observation(event, &mut self.reasons) else {
+        // As the daemon's engine: not an event a `reconciled` record already counted.
+        let Some(obs) = wire::observation(event, &mut self.reasons)
+            .and_then(|obs| self.reconciler.admit(obs, event.flow_count))
+        else {
             return;
         };
         self.observe_flow(obs, at);
@@ -1205,7 +1216,7 @@ impl App {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::top::wire::{AnomalyIn, SysctlChangeIn};
+    use crate::top::wire::{AnomalyIn, ReconciledIn, SysctlChangeIn};
 
     pub(crate) const T0: u64 = 1_763_782_000_000_000_000;
 
@@ -1245,6 +1256,7 @@ pub(crate) mod tests {
             outcome: (kind == EventKind::ConnectFailed).then(|| "refused".to_owned()),
             duration_ms: (kind == EventKind::Connect).then_some(2.5),
             owner: None,
+            flow_count: 0,
         })
     }
 
@@ -1464,15 +1476,42 @@ pub(crate) mod tests {
         app.model
             .apply(event(EventKind::Retransmit, flow(0, false), at), at);
         app.model.apply(
-            Record::Reconciled(vec![
-                Observation::new(Signal::Retransmit, 99).with_flow(flow(0, false)),
-            ]),
+            Record::Reconciled(vec![ReconciledIn {
+                observation: Observation::new(Signal::Retransmit, 99).with_flow(flow(0, false)),
+                through: 0,
+            }]),
             at,
         );
         app.handle(Event::Tick, T0 + 2 * NANOS_PER_SEC);
         assert_eq!(app.view.rows.len(), 1);
         assert_eq!(app.view.rows[0].retransmits_per_sec, 10.0);
         assert_eq!(app.view.rows[0].sparkline.last(), Some(&100));
+    }
+
+    #[test]
+    fn events_a_reconciled_record_counted_are_not_counted_again() {
+        let mut app = App::new(T0, None, "test", EngineConfig::default()).expect("app");
+        let at = T0 + NANOS_PER_SEC;
+        let counted = |flow_count| {
+            let Record::Event(mut e) = event(EventKind::Retransmit, flow(0, false), at) else {
+                unreachable!("an event");
+            };
+            e.flow_count = flow_count;
+            Record::Event(e)
+        };
+        app.model.apply(
+            Record::Reconciled(vec![ReconciledIn {
+                observation: Observation::new(Signal::Retransmit, 10).with_flow(flow(0, false)),
+                through: 10,
+            }]),
+            at,
+        );
+        // On its way while the daemon's pass read the kernel's total: in the 10 already.
+        app.model.apply(counted(10), at);
+        // Counted after the pass.
+        app.model.apply(counted(11), at);
+        app.handle(Event::Tick, T0 + 2 * NANOS_PER_SEC);
+        assert_eq!(app.view.rows[0].sparkline.last(), Some(&11));
     }
 
     #[test]

@@ -51,8 +51,8 @@ pub enum Record {
     ListenerDrops(ListenerDropsIn),
     StaleConnections(StaleConnectionsIn),
     /// What the daemon fed its engine from the kernel's exact counters for events the export
-    /// budgets suppressed (proposed record, see docs/top.md).
-    Reconciled(Vec<Observation>),
+    /// budgets suppressed (see docs/schema.md).
+    Reconciled(Vec<ReconciledIn>),
     NetfilterDrop(NetfilterDropIn),
     SysctlChange(SysctlChangeIn),
     Anomaly(AnomalyIn),
@@ -109,6 +109,17 @@ pub struct EventIn {
     pub duration_ms: Option<f64>,
     /// The process holding the socket (`owner`), once the daemon resolved it.
     pub owner: Option<Owner>,
+    /// The flow's running kernel total of this kind (0 when absent).
+    pub flow_count: u64,
+}
+
+/// One entry of a `reconciled` record.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReconciledIn {
+    pub observation: Observation,
+    /// Events of the flow and signal with a `flow_count` up to this are in the amount (0 when
+    /// absent).
+    pub through: u64,
 }
 
 /// A socket's owner: `comm` and pid.
@@ -135,6 +146,8 @@ struct EventJson {
     outcome: Option<String>,
     duration_ms: Option<f64>,
     owner: Option<Owner>,
+    #[serde(default)]
+    flow_count: u64,
 }
 
 fn one() -> u32 {
@@ -363,6 +376,7 @@ pub fn parse_line(line: &str) -> Result<Record, WireError> {
             outcome: e.outcome,
             duration_ms: e.duration_ms,
             owner: e.owner,
+            flow_count: e.flow_count,
         }));
     }
     Ok(match kind {
@@ -433,10 +447,12 @@ struct ReconciledFlowJson {
     netns: u32,
     signal: String,
     amount: u64,
+    #[serde(default)]
+    through: u64,
 }
 
-/// The observations of a `reconciled` record (entries with unknown signals are skipped).
-fn reconciled(record: &ReconciledJson) -> Vec<Observation> {
+/// The entries of a `reconciled` record (entries with unknown signals are skipped).
+fn reconciled(record: &ReconciledJson) -> Vec<ReconciledIn> {
     record
         .flows
         .iter()
@@ -450,7 +466,10 @@ fn reconciled(record: &ReconciledJson) -> Vec<Observation> {
                 dport: f.dport,
                 netns: f.netns,
             };
-            Some(Observation::new(signal, f.amount).with_flow(flow))
+            Some(ReconciledIn {
+                observation: Observation::new(signal, f.amount).with_flow(flow),
+                through: f.through,
+            })
         })
         .collect()
 }
@@ -926,12 +945,19 @@ mod tests {
             Ok(Record::Lost { count: 3 })
         ));
         let Ok(Record::Reconciled(obs)) = parse_line(
-            r#"{"type":"reconciled","time":"x","flows":[{"family":"ipv4","saddr":"10.0.0.1","sport":1,"daddr":"10.0.0.2","dport":80,"netns":5,"signal":"retransmit","amount":12},{"saddr":"10.0.0.1","sport":1,"daddr":"10.0.0.2","dport":80,"signal":"bogus","amount":1}]}"#,
+            r#"{"type":"reconciled","time":"x","flows":[{"family":"ipv4","saddr":"10.0.0.1","sport":1,"daddr":"10.0.0.2","dport":80,"netns":5,"signal":"retransmit","amount":12,"through":40},{"saddr":"10.0.0.1","sport":1,"daddr":"10.0.0.2","dport":80,"signal":"bogus","amount":1}]}"#,
         ) else {
             panic!("reconciled record");
         };
         assert_eq!(obs.len(), 1);
-        assert_eq!((obs[0].signal, obs[0].amount), (Signal::Retransmit, 12));
+        assert_eq!(
+            (
+                obs[0].observation.signal,
+                obs[0].observation.amount,
+                obs[0].through
+            ),
+            (Signal::Retransmit, 12, 40)
+        );
         assert!(parse_line("not json").is_err());
         assert!(parse_line(r#"{"no":"type"}"#).is_err());
         assert!(parse_line(r#"{"type":"retransmit","saddr":"x"}"#).is_err());
