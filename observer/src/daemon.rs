@@ -493,7 +493,9 @@ impl<W: Write> Output<'_, W> {
                 // Written either way; fed to the engine unless a pass already counted it.
                 if let Some(obs) =
                     analysis::observation(&event, &self.names.drop_reasons, &mut self.reasons)
-                    && let Some(obs) = self.reconciler.admit(obs, event.flow_count)
+                    && let Some(obs) =
+                        self.reconciler
+                            .admit(obs, event.counting_flow(), event.flow_count)
                 {
                     self.engine.observe(event.boot_ns, obs);
                 }

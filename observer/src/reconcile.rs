@@ -142,12 +142,19 @@ impl Reconciler {
         }
     }
 
-    /// What an exported event adds, given its `flow_count`: the observation, or none when a
+    /// What an exported event adds, given the key the kernel counted it under (`counted`: its
+    /// flow, or its handshake key) and its `flow_count` there: the observation, or none when a
     /// pass already counted the event (it was on its way when the pass read the kernel's map).
-    pub fn admit(&mut self, mut obs: Observation, flow_count: u64) -> Option<Observation> {
-        let (Some(flow), Some(slot)) = (obs.flow, slot(obs.signal)) else {
+    pub fn admit(
+        &mut self,
+        mut obs: Observation,
+        counted: Flow,
+        flow_count: u64,
+    ) -> Option<Observation> {
+        let (Some(_), Some(slot)) = (obs.flow, slot(obs.signal)) else {
             return Some(obs);
         };
+        let flow = counted;
         if flow_count == 0 {
             // Not counted in the flow map (it was full): no pass will ever count it either.
             return Some(obs);
@@ -274,6 +281,40 @@ mod tests {
         Flow::from_key(&key(port))
     }
 
+    /// Admits an event counted under its own flow.
+    trait AdmitOwn {
+        fn admit_own(&mut self, obs: Observation, flow_count: u64) -> Option<Observation>;
+    }
+
+    impl AdmitOwn for Reconciler {
+        fn admit_own(&mut self, obs: Observation, flow_count: u64) -> Option<Observation> {
+            let counted = obs.flow.unwrap_or_else(|| flow(0));
+            self.admit(obs, counted, flow_count)
+        }
+    }
+
+    #[test]
+    fn events_counted_under_a_handshake_key_meet_the_pass_of_that_key() {
+        // A refused connect from port 1000 is counted under the handshake key (port 0): the
+        // pass reads that key, and the event arriving afterwards is recognised by it.
+        let mut r = Reconciler::default();
+        let handshake = key(0);
+        let counters = FlowCounters {
+            connects_refused: 3,
+            suppressed: 2,
+            ..FlowCounters::default()
+        };
+        let passed = r.pass(2, [(handshake, counters)]);
+        assert_eq!(passed.iter().map(|p| p.observation.amount).sum::<u64>(), 3);
+        let event = obs(Signal::ConnectRefused, 1);
+        assert_eq!(
+            r.admit(event.clone(), flow(0), 3),
+            None,
+            "counted by the pass"
+        );
+        assert_eq!(fed(r.admit(event, flow(0), 4)), 1, "beyond the pass");
+    }
+
     fn obs(signal: Signal, amount: u64) -> Observation {
         Observation::new(signal, amount).with_flow(flow(1000))
     }
@@ -302,7 +343,7 @@ mod tests {
         let out = r.pass(3, [(key(1000), counters)]);
         assert_eq!(amounts(&out), [(Signal::Retransmit, 10, 10)]);
         // Next interval: 4 segments arrive as events (counted 11..=14), the kernel counts 5 more.
-        assert_eq!(fed(r.admit(obs(Signal::Retransmit, 4), 14)), 4);
+        assert_eq!(fed(r.admit_own(obs(Signal::Retransmit, 4), 14)), 4);
         assert!(r.needed(5));
         let counters = FlowCounters {
             retrans_segs: 19,
@@ -319,7 +360,7 @@ mod tests {
         let mut r = Reconciler::default();
         // Two refused connects exported and received, then eight suppressed.
         for n in 1..=2 {
-            assert_eq!(fed(r.admit(obs(Signal::ConnectRefused, 1), n)), 1);
+            assert_eq!(fed(r.admit_own(obs(Signal::ConnectRefused, 1), n)), 1);
         }
         let counters = FlowCounters {
             connects_refused: 10,
@@ -335,7 +376,7 @@ mod tests {
         let mut r = Reconciler::default();
         // Counted 1..=10; events 1 and 10 exported, 1 received; 10 still in a perf buffer when
         // the pass reads the map.
-        assert_eq!(fed(r.admit(obs(Signal::ResetSent, 1), 1)), 1);
+        assert_eq!(fed(r.admit_own(obs(Signal::ResetSent, 1), 1)), 1);
         let counters = FlowCounters {
             resets_sent: 10,
             suppressed: 8,
@@ -344,10 +385,10 @@ mod tests {
         let out = r.pass(8, [(key(1000), counters)]);
         assert_eq!(amounts(&out), [(Signal::ResetSent, 9, 10)]);
         // It arrives: already counted.
-        assert_eq!(r.admit(obs(Signal::ResetSent, 1), 10), None);
+        assert_eq!(r.admit_own(obs(Signal::ResetSent, 1), 10), None);
         // Later events are fed, whatever the order they arrive in (one buffer per CPU).
-        assert_eq!(fed(r.admit(obs(Signal::ResetSent, 1), 12)), 1);
-        assert_eq!(fed(r.admit(obs(Signal::ResetSent, 1), 11)), 1);
+        assert_eq!(fed(r.admit_own(obs(Signal::ResetSent, 1), 12)), 1);
+        assert_eq!(fed(r.admit_own(obs(Signal::ResetSent, 1), 11)), 1);
         let counters = FlowCounters {
             resets_sent: 15,
             suppressed: 11,
@@ -362,7 +403,7 @@ mod tests {
         let mut r = Reconciler::default();
         // Skbs of 2, 3 and 4 segments: running totals 2, 5, 9; the first received, the second
         // in flight at the pass, the third suppressed.
-        assert_eq!(fed(r.admit(obs(Signal::Retransmit, 2), 2)), 2);
+        assert_eq!(fed(r.admit_own(obs(Signal::Retransmit, 2), 2)), 2);
         let counters = FlowCounters {
             retrans_segs: 9,
             retrans_skbs: 3,
@@ -371,20 +412,20 @@ mod tests {
         };
         let out = r.pass(1, [(key(1000), counters)]);
         assert_eq!(amounts(&out), [(Signal::Retransmit, 7, 9)]);
-        assert_eq!(r.admit(obs(Signal::Retransmit, 3), 5), None);
+        assert_eq!(r.admit_own(obs(Signal::Retransmit, 3), 5), None);
         // An skb of 3 counted after the pass (total 12) is fed whole.
-        assert_eq!(fed(r.admit(obs(Signal::Retransmit, 3), 12)), 3);
+        assert_eq!(fed(r.admit_own(obs(Signal::Retransmit, 3), 12)), 3);
         // One whose read-back total came out only 1 beyond the mark (another CPU added between
         // the pass's read and it): only the part beyond the mark is new.
         let mut r2 = Reconciler::default();
         r2.pass(1, [(key(1000), counters)]);
-        assert_eq!(fed(r2.admit(obs(Signal::Retransmit, 3), 10)), 1);
+        assert_eq!(fed(r2.admit_own(obs(Signal::Retransmit, 3), 10)), 1);
     }
 
     #[test]
     fn events_the_flow_map_could_not_count_are_fed_and_not_remembered() {
         let mut r = Reconciler::default();
-        assert_eq!(fed(r.admit(obs(Signal::PacketDrop, 1), 0)), 1);
+        assert_eq!(fed(r.admit_own(obs(Signal::PacketDrop, 1), 0)), 1);
         assert!(r.flows.is_empty());
     }
 
@@ -422,8 +463,8 @@ mod tests {
         r.pass(8, [(key(1000), counters)]);
         // Evicted, then created anew: its first two events (totals 1 and 2) are below the old
         // mark; both the pass and a reader of the stream then get them from the next pass.
-        assert_eq!(r.admit(obs(Signal::ResetSent, 1), 1), None);
-        assert_eq!(r.admit(obs(Signal::ResetSent, 1), 2), None);
+        assert_eq!(r.admit_own(obs(Signal::ResetSent, 1), 1), None);
+        assert_eq!(r.admit_own(obs(Signal::ResetSent, 1), 2), None);
         let counters = FlowCounters {
             resets_sent: 3,
             ..FlowCounters::default()
@@ -448,14 +489,14 @@ mod tests {
             for netns in 0..5 {
                 let mut f = flow(port);
                 f.netns = netns;
-                r.admit(Observation::new(Signal::ResetSent, 1).with_flow(f), 1);
+                r.admit_own(Observation::new(Signal::ResetSent, 1).with_flow(f), 1);
             }
         }
         assert!(r.flows.len() <= MAX_REMEMBERED);
         // Flows with a mark are kept first: the in-flight event of the first flow is not fed.
         assert!(r.flows.contains_key(&flow(1)));
         assert_eq!(
-            r.admit(Observation::new(Signal::ResetSent, 1).with_flow(flow(1)), 2),
+            r.admit_own(Observation::new(Signal::ResetSent, 1).with_flow(flow(1)), 2),
             None
         );
     }
@@ -551,7 +592,7 @@ mod tests {
         cpu: usize,
     ) {
         if let Some((o, flow_count)) = kernel.buffers[cpu].pop_front() {
-            if let Some(fed) = daemon.admit(o.clone(), flow_count) {
+            if let Some(fed) = daemon.admit_own(o.clone(), flow_count) {
                 add(engine, &fed);
             }
             stream.push(Written::Event(o, flow_count));
@@ -609,7 +650,7 @@ mod tests {
             for written in stream {
                 match written {
                     Written::Event(o, flow_count) => {
-                        if let Some(fed) = reader.admit(o, flow_count) {
+                        if let Some(fed) = reader.admit_own(o, flow_count) {
                             add(&mut counted, &fed);
                         }
                     }
@@ -641,16 +682,16 @@ mod tests {
         for drain_first in [true, false] {
             let mut r = Reconciler::default();
             let mut engine = 0;
-            engine += fed(r.admit(obs(Signal::ConnectRefused, 1), 1));
+            engine += fed(r.admit_own(obs(Signal::ConnectRefused, 1), 1));
             let in_flight = (obs(Signal::ConnectRefused, 1), 100);
             if drain_first {
-                engine += fed(r.admit(in_flight.0.clone(), in_flight.1));
+                engine += fed(r.admit_own(in_flight.0.clone(), in_flight.1));
             }
             for out in r.pass(98, [(key(1000), counters(100))]) {
                 engine += out.observation.amount;
             }
             if !drain_first {
-                engine += fed(r.admit(in_flight.0, in_flight.1));
+                engine += fed(r.admit_own(in_flight.0, in_flight.1));
             }
             assert_eq!(engine, 100, "drain first: {drain_first}");
         }

@@ -77,6 +77,11 @@ pub struct EventRecord {
     pub state: &'static str,
     pub segs: u32,
     pub flow_count: u64,
+    /// For the events of a handshake that did not complete: the ports of the key the kernel
+    /// counted the event under (the connecting side's port is 0), as in `stop.flows` and
+    /// `reconciled` records. Absent when the event is counted per flow.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub counted_as: Option<CountedPorts>,
     pub netns: u32,
     pub err: i32,
     pub pid: u32,
@@ -123,6 +128,13 @@ fn ms(ns: u64) -> f64 {
     (ns as f64 / 1_000.0).round() / 1_000.0
 }
 
+/// The ports of the key an event was counted under (`counted_as`).
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub struct CountedPorts {
+    pub sport: u16,
+    pub dport: u16,
+}
+
 impl EventRecord {
     pub fn new(event: &Event, clock: &BootClock, names: &Names) -> Self {
         let Event {
@@ -139,7 +151,7 @@ impl EventRecord {
             boot_ns,
             segs,
             flow_count,
-            key_wildcard: _,
+            key_wildcard,
             err,
             pid,
             state,
@@ -157,6 +169,13 @@ impl EventRecord {
             state: tcp_state_name(state),
             segs,
             flow_count,
+            counted_as: (key_wildcard != 0).then(|| {
+                let counted = event.counting_flow();
+                CountedPorts {
+                    sport: counted.sport,
+                    dport: counted.dport,
+                }
+            }),
             netns,
             err,
             pid,

@@ -632,9 +632,10 @@ impl Model {
             }
         }
         // As the daemon's engine: not an event a `reconciled` record already counted.
-        let Some(obs) = wire::observation(event, &mut self.reasons)
-            .and_then(|obs| self.reconciler.admit(obs, event.flow_count))
-        else {
+        let Some(obs) = wire::observation(event, &mut self.reasons).and_then(|obs| {
+            self.reconciler
+                .admit(obs, event.counted_flow, event.flow_count)
+        }) else {
             return;
         };
         self.observe_flow(obs, at);
@@ -1251,6 +1252,7 @@ pub(crate) mod tests {
             kind,
             time_ns: Some(at),
             flow,
+            counted_flow: flow,
             segs: 1,
             reason: (kind == EventKind::Drop).then(|| "NO_SOCKET".to_owned()),
             outcome: (kind == EventKind::ConnectFailed).then(|| "refused".to_owned()),

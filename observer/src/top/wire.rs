@@ -111,6 +111,8 @@ pub struct EventIn {
     pub owner: Option<Owner>,
     /// The flow's running kernel total of this kind (0 when absent).
     pub flow_count: u64,
+    /// The key the kernel counted the event under (`counted_as`; else the flow).
+    pub counted_flow: Flow,
 }
 
 /// One entry of a `reconciled` record.
@@ -148,6 +150,14 @@ struct EventJson {
     owner: Option<Owner>,
     #[serde(default)]
     flow_count: u64,
+    counted_as: Option<CountedPortsJson>,
+}
+
+/// `counted_as` of an event: the ports of its counting key.
+#[derive(Clone, Copy, Debug, Deserialize)]
+struct CountedPortsJson {
+    sport: u16,
+    dport: u16,
 }
 
 fn one() -> u32 {
@@ -360,17 +370,23 @@ pub fn parse_line(line: &str) -> Result<Record, WireError> {
         .ok_or(WireError::NoType)?;
     if let Some(event_kind) = EventKind::from_name(kind) {
         let e: EventJson = fields(kind, &value)?;
+        let flow = Flow {
+            family: family_of(e.family.as_deref(), e.saddr, e.daddr),
+            saddr: e.saddr,
+            sport: e.sport,
+            daddr: e.daddr,
+            dport: e.dport,
+            netns: e.netns,
+        };
         return Ok(Record::Event(EventIn {
             kind: event_kind,
             time_ns: e.time.as_deref().and_then(parse_time),
-            flow: Flow {
-                family: family_of(e.family.as_deref(), e.saddr, e.daddr),
-                saddr: e.saddr,
-                sport: e.sport,
-                daddr: e.daddr,
-                dport: e.dport,
-                netns: e.netns,
-            },
+            flow,
+            counted_flow: e.counted_as.map_or(flow, |p| Flow {
+                sport: p.sport,
+                dport: p.dport,
+                ..flow
+            }),
             segs: e.segs,
             reason: e.reason,
             outcome: e.outcome,
