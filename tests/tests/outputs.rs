@@ -419,9 +419,16 @@ fn metrics_match_the_stream() -> Result<()> {
     let ns = Netns::create(&unique_name(&t.name))?;
     let netns_id = ns.inode()?;
     let netns = netns_id.to_string();
-    // No per-CPU export budget: every connect_failed is exported (and counted) whatever else
+    // No export budgets: every connect_failed is exported (and counted) whatever else
     // the machine does.
-    let (mut obs, out) = Running::observer(&["--metrics", "127.0.0.1:0", "--export-per-cpu", "0"])?;
+    let (mut obs, out) = Running::observer(&[
+        "--metrics",
+        "127.0.0.1:0",
+        "--export-per-cpu",
+        "0",
+        "--export-per-flow",
+        "0",
+    ])?;
     let reader = LineReader::start(out, |v| {
         v["type"] == "listener_drops" || v["type"] == "connect_failed"
     });
@@ -616,7 +623,14 @@ fn a_slow_reader_costs_records_not_kernel_events() -> Result<()> {
         return Ok(());
     };
     let ns = Netns::create(&unique_name(&t.name))?;
-    let (mut obs, out) = Running::observer(&["--export-per-cpu", "0", "--export-kinds", "all"])?;
+    let (mut obs, out) = Running::observer(&[
+        "--export-per-cpu",
+        "0",
+        "--export-per-flow",
+        "0",
+        "--export-kinds",
+        "all",
+    ])?;
     let reader = LineReader::start(out, keep_none);
     reader.wait_for("start", START_TIMEOUT)?;
 
@@ -923,7 +937,15 @@ log {{ source(s_observer); parser(p_observer); filter(f_observer); destination(d
     let netns = ns.inode()?.to_string();
     let target = format!("file:{}", input.display());
     let (mut obs, _) = Running::spawn(
-        Command::new(observer_bin()).args(["run", "--export-per-cpu", "0", "--output", &target]),
+        Command::new(observer_bin()).args([
+            "run",
+            "--export-per-cpu",
+            "0",
+            "--export-per-flow",
+            "0",
+            "--output",
+            &target,
+        ]),
         Stdio::null(),
     )?;
     // The start record went through syslog-ng: it follows the file.
