@@ -429,6 +429,15 @@ pub struct NetnsReason {
 }
 const _: () = assert!(size_of::<NetnsReason>() == 8);
 
+/// Values of the drop-reason filter (`DROP_REASON_FILTER`), bits.
+pub mod drop_filter {
+    /// Report drops of this reason (count and export them).
+    pub const REPORT: u8 = 1;
+    /// Also count them per network namespace (`NETNS_DROPS`): only for the reasons userspace
+    /// attributes per namespace (netfilter rules), since the extra map update costs every drop.
+    pub const PER_NAMESPACE: u8 = 2;
+}
+
 /// Size of the drop-reason tables (filter and counters); reasons at or above are ignored.
 pub const MAX_DROP_REASONS: u32 = 512;
 

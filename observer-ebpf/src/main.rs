@@ -32,7 +32,7 @@ use aya_ebpf::{
 use observer_common::{
     CpuBudget, FIELD_ABSENT, FlowCounters, FlowKey, KernelConfig, KindStats, MAX_DROP_REASONS,
     NetnsReason, RECORD_MAX, SEND_RESET_SOCKADDR, SocketState, TCP_SYN_SENT, TcpEvent,
-    connect_outcome, direction, event_kind, key_wildcard,
+    connect_outcome, direction, drop_filter, event_kind, key_wildcard,
 };
 
 /// Set by userspace at load time; all zeroes here only so that the object has the symbol.
@@ -802,10 +802,10 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i32> {
     let rec = record_of(ctx, layout.record_size)?;
     // Cheapest checks first: this tracepoint fires for every freed packet with a reason.
     let reason: u32 = rec.get(layout.reason);
-    match DROP_REASON_FILTER.get(reason) {
-        Some(&wanted) if wanted != 0 => {}
+    let filter = match DROP_REASON_FILTER.get(reason) {
+        Some(&filter) if filter & drop_filter::REPORT != 0 => filter,
         _ => return Ok(()),
-    }
+    };
     let protocol: u16 = rec.get(layout.protocol);
     if protocol != ETH_P_IP && protocol != ETH_P_IPV6 {
         return Ok(());
@@ -825,13 +825,15 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i32> {
         // SAFETY: this CPU's slot of the per-CPU array.
         unsafe { *count += 1 };
     }
-    let key = NetnsReason { netns, reason };
-    if NETNS_DROPS.get_ptr_mut(key).is_none() {
-        let _ = NETNS_DROPS.insert(key, 0, u64::from(BPF_NOEXIST));
-    }
-    if let Some(count) = NETNS_DROPS.get_ptr_mut(key) {
-        // SAFETY: live map value, shared between CPUs: atomic add.
-        unsafe { atomic_add(count, 1) };
+    if filter & drop_filter::PER_NAMESPACE != 0 {
+        let key = NetnsReason { netns, reason };
+        if NETNS_DROPS.get_ptr_mut(key).is_none() {
+            let _ = NETNS_DROPS.insert(key, 0, u64::from(BPF_NOEXIST));
+        }
+        if let Some(count) = NETNS_DROPS.get_ptr_mut(key) {
+            // SAFETY: live map value, shared between CPUs: atomic add.
+            unsafe { atomic_add(count, 1) };
+        }
     }
     record(ctx, event, Counter::Drops);
     Ok(())

@@ -1262,6 +1262,19 @@ const TOOLS: &[ToolSpec] = &[
         installs: "/usr/sbin/tcplife",
         argv: &["tcplife"],
     },
+    // The floor for any tool on classic tracepoints: empty programs on the tracepoints a refused
+    // connect hits (what the kernel spends building records and calling BPF, nothing more).
+    ToolSpec {
+        label: "floor: bpftrace, empty programs on the same 4 tracepoints",
+        package: "bpftrace",
+        installs: "/usr/bin/bpftrace",
+        argv: &[
+            "bpftrace",
+            "-e",
+            "tracepoint:sock:inet_sock_set_state {} tracepoint:skb:kfree_skb {} \
+             tracepoint:tcp:tcp_send_reset {} tracepoint:tcp:tcp_receive_reset {}",
+        ],
+    },
     ToolSpec {
         label: "bpftrace one-liner: `tracepoint:skb:kfree_skb { @[args->reason] = count(); }`",
         package: "bpftrace",

@@ -7,7 +7,7 @@ use aya::{
 };
 use observer_common::{
     ExportBudget, FlowCounters, FlowKey, KernelConfig, KindStats, MAX_DROP_REASONS, NetnsReason,
-    PacketOffsets, RECORD_MAX, event_kind,
+    PacketOffsets, RECORD_MAX, drop_filter, event_kind,
 };
 
 use super::{
@@ -223,9 +223,16 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Loaded> {
             .map_mut("DROP_REASON_FILTER")
             .context("map DROP_REASON_FILTER is missing")?;
         let mut filter: Array<&mut MapData, u8> = Array::try_from(map)?;
+        // Per-namespace counts feed the netfilter rule attribution only (context.rs).
+        let per_namespace = drop_reasons.code("NETFILTER_DROP");
         for &code in &selected_drop_reasons {
+            let value = if Some(code) == per_namespace {
+                drop_filter::REPORT | drop_filter::PER_NAMESPACE
+            } else {
+                drop_filter::REPORT
+            };
             filter
-                .set(code, 1, 0)
+                .set(code, value, 0)
                 .with_context(|| format!("enabling drop reason {code}"))?;
         }
     }
