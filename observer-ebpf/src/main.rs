@@ -357,6 +357,13 @@ fn count_flow(
     Some((total, export, counters))
 }
 
+/// Hands `event` to the perf buffer by reference: it lives in the scratch map, and a copy
+/// would put its 104 bytes back on the 512-byte stack.
+#[inline(always)]
+fn output<C: aya_ebpf::EbpfContext>(ctx: &C, event: &TcpEvent) {
+    EVENTS.output(ctx, event, 0);
+}
+
 /// The per-CPU budget: at most `per_cpu` exports per window on this CPU.
 #[inline(always)]
 fn cpu_budget_allows(now: u64) -> bool {
@@ -404,7 +411,7 @@ fn record<C: aya_ebpf::EbpfContext>(ctx: &C, event: &mut TcpEvent, counter: Coun
             && cpu_budget_allows(event.timestamp_ns)
         {
             event.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-            EVENTS.output(ctx, &*event, 0);
+            output(ctx, event);
             stats.exported += 1;
         } else {
             stats.suppressed += 1;
@@ -429,7 +436,7 @@ fn record<C: aya_ebpf::EbpfContext>(ctx: &C, event: &mut TcpEvent, counter: Coun
     }
     event.flow_count = total;
     event.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    EVENTS.output(ctx, &*event, 0);
+    output(ctx, event);
     stats.exported += 1;
 }
 
