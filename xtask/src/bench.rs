@@ -2387,6 +2387,20 @@ impl Report {
              SYN_SENT→CLOSE), `tcp_send_reset` and `tcp_receive_reset` once, `kfree_skb` for \
              the refused SYN (NO_SOCKET) and other frees."
         );
+        let _ = writeln!(
+            s,
+            "- `run_time_ns` counts only the programs' own time. A classic tracepoint also costs \
+             the kernel building its record before the program runs, which no program can \
+             avoid: the `floor` row (empty programs on the same tracepoints) is what any \
+             classic-tracepoint tool pays on this storm before doing anything."
+        );
+        let _ = writeln!(
+            s,
+            "- The retransmit storm runs at a few thousand events per second: each program run \
+             then finds its maps and per-CPU data out of the CPU caches, so ns/event is higher \
+             than in the refused storm, which runs the same code hundreds of thousands of \
+             times per second."
+        );
         let _ = writeln!(s);
     }
 }
