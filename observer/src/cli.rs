@@ -72,8 +72,9 @@ pub struct RunArgs {
     /// Stop by itself after this many seconds (for scripts and tests).
     #[arg(long, value_name = "SECS")]
     pub duration: Option<f64>,
-    /// Events exported per flow per second; further events of the flow are counted in the
-    /// kernel but not exported. 0 exports every event.
+    /// Events exported per flow (for failed handshakes: per local address, peer and service
+    /// port) per second; further events are counted in the kernel but not exported. 0 exports
+    /// every event.
     #[arg(long, value_name = "N", default_value_t = config::DEFAULT_EXPORT_PER_FLOW)]
     pub export_per_flow: u32,
     /// Flows tracked in the kernel's counter map (least recently used are evicted).
