@@ -345,6 +345,23 @@ pub fn parse_time(text: &str) -> Option<u64> {
     u64::try_from(t.unix_timestamp_nanos()).ok()
 }
 
+/// A flow as records spell it: `family` (when present), both ends, the namespace.
+fn flow_of(
+    family: Option<&str>,
+    (saddr, sport): (IpAddr, u16),
+    (daddr, dport): (IpAddr, u16),
+    netns: u32,
+) -> Flow {
+    Flow {
+        family: family_of(family, saddr, daddr),
+        saddr,
+        sport,
+        daddr,
+        dport,
+        netns,
+    }
+}
+
 fn family_of(name: Option<&str>, a: IpAddr, b: IpAddr) -> Family {
     match name {
         Some("ipv4") => Family::Ipv4,
@@ -370,14 +387,12 @@ pub fn parse_line(line: &str) -> Result<Record, WireError> {
         .ok_or(WireError::NoType)?;
     if let Some(event_kind) = EventKind::from_name(kind) {
         let e: EventJson = fields(kind, &value)?;
-        let flow = Flow {
-            family: family_of(e.family.as_deref(), e.saddr, e.daddr),
-            saddr: e.saddr,
-            sport: e.sport,
-            daddr: e.daddr,
-            dport: e.dport,
-            netns: e.netns,
-        };
+        let flow = flow_of(
+            e.family.as_deref(),
+            (e.saddr, e.sport),
+            (e.daddr, e.dport),
+            e.netns,
+        );
         return Ok(Record::Event(EventIn {
             kind: event_kind,
             time_ns: e.time.as_deref().and_then(parse_time),
@@ -474,14 +489,12 @@ fn reconciled(record: &ReconciledJson) -> Vec<ReconciledIn> {
         .iter()
         .filter_map(|f| {
             let signal = Signal::ALL.into_iter().find(|s| s.name() == f.signal)?;
-            let flow = Flow {
-                family: family_of(f.family.as_deref(), f.saddr, f.daddr),
-                saddr: f.saddr,
-                sport: f.sport,
-                daddr: f.daddr,
-                dport: f.dport,
-                netns: f.netns,
-            };
+            let flow = flow_of(
+                f.family.as_deref(),
+                (f.saddr, f.sport),
+                (f.daddr, f.dport),
+                f.netns,
+            );
             Some(ReconciledIn {
                 observation: Observation::new(signal, f.amount).with_flow(flow),
                 through: f.through,
