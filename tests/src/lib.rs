@@ -781,14 +781,28 @@ impl Observer {
             "{} does not exist: build it first (cargo build -p observer) or set OBSERVER_BIN",
             bin.display()
         );
-        let mut child = Command::new(bin)
-            .arg("run")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("spawning {}", bin.display()))?;
+        let spawn = || {
+            Command::new(bin)
+                .arg("run")
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+        };
+        // A file just written (the harness tests' fake) can be briefly held open for writing by
+        // a child another test thread forked before its exec closed the descriptor: exec then
+        // fails with ETXTBSY until that child has exec'd. Bounded retries, only for that error.
+        let mut attempt = 0;
+        let mut child = loop {
+            match spawn() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && attempt < 100 => {
+                    attempt += 1;
+                    thread::sleep(Duration::from_millis(10));
+                }
+                other => break other.with_context(|| format!("spawning {}", bin.display()))?,
+            }
+        };
         let stdout = child.stdout.take().context("stdout")?;
         let stderr_pipe = child.stderr.take().context("stderr")?;
         let (tx, rx) = mpsc::channel();
