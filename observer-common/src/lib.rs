@@ -87,6 +87,16 @@ pub mod key_wildcard {
     pub const LOCAL_PORT: u8 = 1;
     /// The peer connected: the peer's (ephemeral) port is left out.
     pub const REMOTE_PORT: u8 = 2;
+
+    /// The (local, remote) ports of the counting key of a flow with these ports.
+    #[inline(always)]
+    pub fn ports(sport: u16, dport: u16, wildcard: u8) -> (u16, u16) {
+        match wildcard {
+            LOCAL_PORT => (0, dport),
+            REMOTE_PORT => (sport, 0),
+            _ => (sport, dport),
+        }
+    }
 }
 
 impl FlowKey {
@@ -94,11 +104,7 @@ impl FlowKey {
     #[inline(always)]
     pub fn counting_key(&self, wildcard: u8) -> FlowKey {
         let mut key = *self;
-        match wildcard {
-            key_wildcard::LOCAL_PORT => key.sport = 0,
-            key_wildcard::REMOTE_PORT => key.dport = 0,
-            _ => {}
-        }
+        (key.sport, key.dport) = key_wildcard::ports(self.sport, self.dport, wildcard);
         key
     }
 }

@@ -253,6 +253,18 @@ unsafe fn atomic_add(slot: *mut u64, amount: u64) {
     let _ = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, amount) };
 }
 
+/// The value of `key` in `map`, created as `init` when missing; and whether this call created
+/// it. Several CPUs may race to create an entry: NOEXIST keeps the first, the others simply
+/// look it up again.
+#[inline(always)]
+fn entry<K, V>(map: &LruHashMap<K, V>, key: &K, init: V) -> Option<(*mut V, bool)> {
+    if let Some(value) = map.get_ptr_mut(key) {
+        return Some((value, false));
+    }
+    let created = map.insert(key, init, u64::from(BPF_NOEXIST)).is_ok();
+    map.get_ptr_mut(key).map(|value| (value, created))
+}
+
 /// Which counter of [`FlowCounters`] an event adds to.
 #[derive(Clone, Copy)]
 enum Counter {
@@ -305,22 +317,12 @@ fn count_flow(
     amount: u64,
     now: u64,
 ) -> Option<(u64, bool, *mut FlowCounters)> {
-    let mut ptr = FLOW_COUNTERS.get_ptr_mut(flow);
-    if ptr.is_none() {
-        // Several CPUs may race to create the entry: NOEXIST keeps the first and the others
-        // simply look it up again.
-        if FLOW_COUNTERS
-            .insert(flow, FlowCounters::default(), u64::from(BPF_NOEXIST))
-            .is_ok()
-            && let Some(created) = stats(0)
-        {
-            // Slot 0 of KIND_STATS counts flow entries created: userspace derives LRU
-            // evictions from it (created - live entries).
-            created.counted += 1;
-        }
-        ptr = FLOW_COUNTERS.get_ptr_mut(flow);
+    let (counters, created) = entry(&FLOW_COUNTERS, flow, FlowCounters::default())?;
+    if created && let Some(created) = stats(0) {
+        // Slot 0 of KIND_STATS counts flow entries created: userspace derives LRU evictions
+        // from it (created - live entries).
+        created.counted += 1;
     }
-    let counters = ptr?;
     // SAFETY: `counters` points at a live map value for the duration of this program run;
     // counters shared between CPUs are only changed through atomic adds.
     let total = unsafe {
@@ -832,15 +834,11 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i32> {
         // SAFETY: this CPU's slot of the per-CPU array.
         unsafe { *count += 1 };
     }
-    if filter & drop_filter::PER_NAMESPACE != 0 {
-        let key = NetnsReason { netns, reason };
-        if NETNS_DROPS.get_ptr_mut(key).is_none() {
-            let _ = NETNS_DROPS.insert(key, 0, u64::from(BPF_NOEXIST));
-        }
-        if let Some(count) = NETNS_DROPS.get_ptr_mut(key) {
-            // SAFETY: live map value, shared between CPUs: atomic add.
-            unsafe { atomic_add(count, 1) };
-        }
+    if filter & drop_filter::PER_NAMESPACE != 0
+        && let Some((count, _)) = entry(&NETNS_DROPS, &NetnsReason { netns, reason }, 0)
+    {
+        // SAFETY: live map value, shared between CPUs: atomic add.
+        unsafe { atomic_add(count, 1) };
     }
     record(ctx, event, Counter::Drops);
     Ok(())

@@ -258,11 +258,7 @@ impl Event {
     /// is then 0. The stop record's `flows` and reconciliation use this key.
     pub fn counting_flow(&self) -> Flow {
         let mut flow = self.flow;
-        match self.key_wildcard {
-            key_wildcard::LOCAL_PORT => flow.sport = 0,
-            key_wildcard::REMOTE_PORT => flow.dport = 0,
-            _ => {}
-        }
+        (flow.sport, flow.dport) = key_wildcard::ports(flow.sport, flow.dport, self.key_wildcard);
         flow
     }
 }

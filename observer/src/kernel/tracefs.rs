@@ -9,6 +9,7 @@
 //! The parsing ([`parse_format`], [`EventFormat`]) is pure so it can be tested on saved format
 //! files; [`TraceFs`] is the thin I/O layer around it.
 use std::{
+    cell::RefCell,
     ffi::CString,
     io,
     os::unix::ffi::OsStrExt as _,
@@ -582,9 +583,47 @@ fn parse_c_string(text: &str) -> Option<String> {
 /// kernels.
 const POINTER_SIZE: usize = 8;
 
+/// The fields one layout reads, looked up in a tracepoint's format: remembers every field it
+/// hands out, so that the layout's `record_size` (how much of the record the program copies)
+/// covers exactly the fields the layout names, never a list kept beside it.
+struct LayoutFields<'a> {
+    format: &'a EventFormat,
+    read: RefCell<Vec<&'static str>>,
+}
+
+impl<'a> LayoutFields<'a> {
+    fn new(format: &'a EventFormat) -> Self {
+        Self {
+            format,
+            read: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// [`EventFormat::offset_of`], remembered.
+    fn offset_of(&self, name: &'static str, size: usize) -> Result<u16, FormatError> {
+        self.read.borrow_mut().push(name);
+        self.format.offset_of(name, size)
+    }
+
+    /// [`EventFormat::optional_offset_of`], remembered; [`FIELD_ABSENT`] when absent.
+    fn optional_offset_of(&self, name: &'static str, size: usize) -> Result<u16, FormatError> {
+        self.read.borrow_mut().push(name);
+        Ok(self
+            .format
+            .optional_offset_of(name, size)?
+            .unwrap_or(FIELD_ABSENT))
+    }
+
+    /// How many bytes of the record cover every field handed out so far.
+    fn record_size(&self) -> Result<u16, FormatError> {
+        self.format.read_span(&self.read.borrow())
+    }
+}
+
 /// Where `tcp:tcp_retransmit_skb` keeps the fields observer reads; `err` (added in Linux 6.x)
 /// is [`FIELD_ABSENT`] on kernels without it.
 pub fn retransmit_skb_layout(f: &EventFormat) -> Result<RetransmitSkbLayout, FormatError> {
+    let f = LayoutFields::new(f);
     Ok(RetransmitSkbLayout {
         skbaddr: f.offset_of("skbaddr", POINTER_SIZE)?,
         skaddr: f.offset_of("skaddr", POINTER_SIZE)?,
@@ -594,16 +633,15 @@ pub fn retransmit_skb_layout(f: &EventFormat) -> Result<RetransmitSkbLayout, For
         family: f.offset_of("family", 2)?,
         saddr_v6: f.offset_of("saddr_v6", 16)?,
         daddr_v6: f.offset_of("daddr_v6", 16)?,
-        err: f.optional_offset_of("err", 4)?.unwrap_or(FIELD_ABSENT),
-        record_size: f.read_span(&[
-            "skbaddr", "skaddr", "state", "sport", "dport", "family", "saddr_v6", "daddr_v6", "err",
-        ])?,
+        err: f.optional_offset_of("err", 4)?,
+        record_size: f.record_size()?,
         _pad: [0; 2],
     })
 }
 
 /// Where `tcp:tcp_retransmit_synack` keeps the fields observer reads.
 pub fn retransmit_synack_layout(f: &EventFormat) -> Result<RetransmitSynackLayout, FormatError> {
+    let f = LayoutFields::new(f);
     Ok(RetransmitSynackLayout {
         sport: f.offset_of("sport", 2)?,
         dport: f.offset_of("dport", 2)?,
@@ -611,8 +649,7 @@ pub fn retransmit_synack_layout(f: &EventFormat) -> Result<RetransmitSynackLayou
         saddr_v6: f.offset_of("saddr_v6", 16)?,
         daddr_v6: f.offset_of("daddr_v6", 16)?,
         skaddr: f.offset_of("skaddr", POINTER_SIZE)?,
-        record_size: f
-            .read_span(&["sport", "dport", "family", "saddr_v6", "daddr_v6", "skaddr"])?,
+        record_size: f.record_size()?,
         _pad: 0,
     })
 }
@@ -625,26 +662,24 @@ pub fn receive_reset_layout(f: &EventFormat) -> Result<SockTupleLayout, FormatEr
 
 /// Where `tcp:tcp_send_reset` keeps the fields observer reads: since 6.10 `saddr`/`daddr` are
 /// 28-byte socket-address copies with family and port inside; before, split fields.
-pub fn send_reset_layout(f: &EventFormat) -> Result<SendResetLayout, FormatError> {
+pub fn send_reset_layout(format: &EventFormat) -> Result<SendResetLayout, FormatError> {
+    let f = LayoutFields::new(format);
     let common = |style, saddr, daddr, sport, dport| -> Result<SendResetLayout, FormatError> {
         Ok(SendResetLayout {
             skaddr: f.offset_of("skaddr", POINTER_SIZE)?,
             skbaddr: f.offset_of("skbaddr", POINTER_SIZE)?,
             state: f.offset_of("state", 4)?,
-            reason: f.optional_offset_of("reason", 4)?.unwrap_or(FIELD_ABSENT),
+            reason: f.optional_offset_of("reason", 4)?,
             saddr,
             daddr,
             sport,
             dport,
             style,
-            record_size: f.read_span(&[
-                "skaddr", "skbaddr", "state", "reason", "saddr", "daddr", "saddr_v6", "daddr_v6",
-                "sport", "dport",
-            ])?,
+            record_size: f.record_size()?,
             _pad: [0; 2],
         })
     };
-    match f.field("saddr") {
+    match format.field("saddr") {
         Some(field) if field.size == SOCKADDR_IN6_SIZE => common(
             SEND_RESET_SOCKADDR,
             f.offset_of("saddr", SOCKADDR_IN6_SIZE)?,
@@ -667,21 +702,21 @@ const SOCKADDR_IN6_SIZE: usize = 28;
 
 /// Where `skb:kfree_skb` keeps the fields observer reads; `rx_sk` (6.11+) is optional.
 pub fn kfree_skb_layout(f: &EventFormat) -> Result<KfreeSkbLayout, FormatError> {
+    let f = LayoutFields::new(f);
     Ok(KfreeSkbLayout {
         skbaddr: f.offset_of("skbaddr", POINTER_SIZE)?,
         location: f.offset_of("location", POINTER_SIZE)?,
         protocol: f.offset_of("protocol", 2)?,
         reason: f.offset_of("reason", 4)?,
-        rx_sk: f
-            .optional_offset_of("rx_sk", POINTER_SIZE)?
-            .unwrap_or(FIELD_ABSENT),
-        record_size: f.read_span(&["skbaddr", "location", "protocol", "reason", "rx_sk"])?,
+        rx_sk: f.optional_offset_of("rx_sk", POINTER_SIZE)?,
+        record_size: f.record_size()?,
         _pad: [0; 2],
     })
 }
 
 /// Where `sock:inet_sock_set_state` keeps the fields observer reads.
 pub fn set_state_layout(f: &EventFormat) -> Result<SetStateLayout, FormatError> {
+    let f = LayoutFields::new(f);
     Ok(SetStateLayout {
         skaddr: f.offset_of("skaddr", POINTER_SIZE)?,
         oldstate: f.offset_of("oldstate", 4)?,
@@ -692,10 +727,7 @@ pub fn set_state_layout(f: &EventFormat) -> Result<SetStateLayout, FormatError> 
         protocol: f.offset_of("protocol", 2)?,
         saddr_v6: f.offset_of("saddr_v6", 16)?,
         daddr_v6: f.offset_of("daddr_v6", 16)?,
-        record_size: f.read_span(&[
-            "skaddr", "oldstate", "newstate", "sport", "dport", "family", "protocol", "saddr_v6",
-            "daddr_v6",
-        ])?,
+        record_size: f.record_size()?,
         _pad: [0; 2],
     })
 }
