@@ -339,7 +339,9 @@ pub struct PacketOffsets {
     /// `skb_iif`.
     pub skb_window_start: u16,
     pub skb_window_len: u16,
-    pub _pad: [u16; 3],
+    /// `sk_buff.protocol` (big-endian EtherType), read by the raw drop program from the window.
+    pub skb_protocol: u16,
+    pub _pad: [u16; 2],
 }
 const _: () = assert!(size_of::<PacketOffsets>() == 24);
 
@@ -447,6 +449,81 @@ pub mod drop_filter {
 /// Size of the drop-reason tables (filter and counters); reasons at or above are ignored.
 pub const MAX_DROP_REASONS: u32 = 512;
 
+/// An argument position that a raw tracepoint does not have.
+pub const ARG_ABSENT: u8 = u8::MAX;
+
+/// Positions of a raw tracepoint's arguments (its `TP_PROTO` order, found by name in the
+/// kernel's BTF), [`ARG_ABSENT`] when the running kernel's tracepoint lacks one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawArgs {
+    /// `struct sock *`: the socket (the listener for a SYN-ACK retransmit).
+    pub sk: u8,
+    /// `struct sk_buff *`.
+    pub skb: u8,
+    /// `int err` (retransmit), `enum sk_rst_reason` (RST sent), `enum skb_drop_reason` (drop).
+    pub reason: u8,
+    /// `struct request_sock *` (SYN-ACK retransmit), `void *location` (drop), `int oldstate`.
+    pub extra: u8,
+    /// `struct sock *rx_sk` (drop), `int newstate` (state change).
+    pub extra2: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<RawArgs>() == 8);
+
+impl Default for RawArgs {
+    fn default() -> Self {
+        Self {
+            sk: ARG_ABSENT,
+            skb: ARG_ABSENT,
+            reason: ARG_ABSENT,
+            extra: ARG_ABSENT,
+            extra2: ARG_ABSENT,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Where the raw tracepoint programs find a socket's addresses: `struct sock_common` offsets
+/// from BTF. `request_sock` and `inet_timewait_sock` begin with the same struct, so these serve
+/// for them too. Everything lies in one window starting at offset 0, copied with one read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockOffsets {
+    pub daddr: u16,
+    pub rcv_saddr: u16,
+    /// Remote port, big-endian.
+    pub dport: u16,
+    /// Local port, host order.
+    pub num: u16,
+    pub family: u16,
+    pub state: u16,
+    /// `possible_net_t` (a `struct net *`).
+    pub net: u16,
+    pub v6_daddr: u16,
+    pub v6_rcv_saddr: u16,
+    /// Bytes from offset 0 that hold every member above.
+    pub window_len: u16,
+    /// `sock.sk_protocol` (u16), outside the window: read only by the state-change program.
+    pub protocol: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<SockOffsets>() == 24);
+
+/// Inputs of the raw tracepoint programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RawLayout {
+    pub retransmit_skb: RawArgs,
+    pub retransmit_synack: RawArgs,
+    pub send_reset: RawArgs,
+    pub receive_reset: RawArgs,
+    pub kfree_skb: RawArgs,
+    pub set_state: RawArgs,
+    pub sock: SockOffsets,
+}
+const _: () = assert!(size_of::<RawLayout>() == 72);
+
 /// Everything the kernel programs learn from userspace at load time (the `CONFIG` global, set
 /// with `EbpfLoader::override_global`).
 #[repr(C)]
@@ -461,8 +538,9 @@ pub struct KernelConfig {
     pub offsets: StructOffsets,
     pub packet: PacketOffsets,
     pub budget: ExportBudget,
+    pub raw: RawLayout,
 }
-const _: () = assert!(size_of::<KernelConfig>() == 184);
+const _: () = assert!(size_of::<KernelConfig>() == 256);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -1,9 +1,15 @@
 //! observer's kernel programs.
 //!
-//! Each program runs on a classic tracepoint, counts what it sees exactly in kernel maps (per flow
+//! Each program runs on a kernel tracepoint, counts what it sees exactly in kernel maps (per flow
 //! and per CPU), and hands a bounded number of exemplar events to the perf buffers. Field offsets
 //! are not compiled in: userspace reads them from the running kernel (tracefs `format` files and
 //! BTF) and passes them in `CONFIG`.
+//!
+//! Every tracepoint has two front ends over one core: a raw tracepoint program (`raw_*`), which
+//! takes the tracepoint's arguments and reads the socket itself, and a classic one, which reads
+//! the record the kernel formats first. Userspace attaches one of the two per tracepoint: raw
+//! where BTF names the arguments (the record costs the kernel about 200 ns per event, which no
+//! program can win back), classic otherwise or on request.
 #![no_std]
 #![no_main]
 // Atomic add on map values: core's AtomicU64 has no RMW methods for the BPF target, but the
@@ -25,14 +31,14 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         generated::{self, bpf_ktime_get_boot_ns},
     },
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, LruHashMap, PerCpuArray, PerfEventArray},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use observer_common::{
-    CpuBudget, FIELD_ABSENT, FlowCounters, FlowKey, KernelConfig, KindStats, MAX_DROP_REASONS,
-    NetnsReason, RECORD_MAX, SEND_RESET_SOCKADDR, SocketState, TCP_SYN_SENT, TcpEvent,
-    connect_outcome, direction, drop_filter, event_kind, key_wildcard,
+    ARG_ABSENT, CpuBudget, FIELD_ABSENT, FlowCounters, FlowKey, KernelConfig, KindStats,
+    MAX_DROP_REASONS, NetnsReason, RECORD_MAX, SEND_RESET_SOCKADDR, SocketState, TCP_SYN_SENT,
+    TcpEvent, connect_outcome, direction, drop_filter, event_kind, key_wildcard,
 };
 
 /// Set by userspace at load time; all zeroes here only so that the object has the symbol.
@@ -139,10 +145,24 @@ pub struct Scratch {
     packet: [u8; COPY_LEN],
 }
 
-/// One slot per CPU. Tracepoint programs do not nest on a CPU (the kernel's `bpf_prog_active`
-/// guard), so a program owns its CPU's slot for its whole run.
+/// One slot per CPU and program. A program does not nest with itself on a CPU (classic
+/// tracepoints are guarded by `bpf_prog_active`, raw ones by the program's own `active` count),
+/// but a raw program can interrupt another one (a packet freed in a softirq during a state
+/// change): each owns its slot for its whole run.
 #[map]
-static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(slot::COUNT, 0);
+
+/// Scratch slots, one per tracepoint (shared by its raw and classic program, never both
+/// attached).
+mod slot {
+    pub const RETRANSMIT_SKB: u32 = 0;
+    pub const RETRANSMIT_SYNACK: u32 = 1;
+    pub const SEND_RESET: u32 = 2;
+    pub const RECEIVE_RESET: u32 = 3;
+    pub const KFREE_SKB: u32 = 4;
+    pub const SET_STATE: u32 = 5;
+    pub const COUNT: u32 = 6;
+}
 
 /// Bytes copied into a scratch buffer, read by offset.
 #[derive(Clone, Copy)]
@@ -181,19 +201,89 @@ fn copy_kernel(dst: *mut u8, src: u64, len: u16) -> Result<Copied, i32> {
     Ok(Copied { base: dst })
 }
 
-/// This CPU's scratch buffers.
+/// This CPU's scratch buffers of program `slot`.
 #[inline(always)]
-fn scratch() -> Result<*mut Scratch, i32> {
-    SCRATCH.get_ptr_mut(0).ok_or(-1)
+fn scratch(slot: u32) -> Result<*mut Scratch, i32> {
+    SCRATCH.get_ptr_mut(slot).ok_or(-1)
+}
+
+/// Copies `size` bytes at `src` (a tracepoint record, or a socket) into the record buffer.
+#[inline(always)]
+fn record_copy(src: u64, size: u16, slot: u32) -> Result<Copied, i32> {
+    let s = scratch(slot)?;
+    // SAFETY: live per-CPU map value; only its address is taken.
+    let dst = unsafe { (&raw mut (*s).record).cast::<u8>() };
+    copy_kernel(dst, src, size)
 }
 
 /// Copies the first `size` bytes of the tracepoint record.
 #[inline(always)]
-fn record_of(ctx: &TracePointContext, size: u16) -> Result<Copied, i32> {
-    let s = scratch()?;
-    // SAFETY: live per-CPU map value; only its address is taken.
-    let dst = unsafe { (&raw mut (*s).record).cast::<u8>() };
-    copy_kernel(dst, aya_ebpf::EbpfContext::as_ptr(ctx) as u64, size)
+fn record_of(ctx: &TracePointContext, size: u16, slot: u32) -> Result<Copied, i32> {
+    record_copy(aya_ebpf::EbpfContext::as_ptr(ctx) as u64, size, slot)
+}
+
+/// The arguments of a raw tracepoint that has at least `N` of them. Only the first `N` are
+/// read: the kernel refuses to attach a program that reads beyond the tracepoint's arguments.
+#[inline(always)]
+fn raw_args<const N: usize>(ctx: &RawTracePointContext) -> [u64; 8] {
+    const { assert!(N <= 8) };
+    let base = aya_ebpf::EbpfContext::as_ptr(ctx).cast::<u64>();
+    let mut args = [0u64; 8];
+    let mut i = 0;
+    while i < N {
+        // SAFETY: the context is the tracepoint's u64 argument array, which has at least N
+        // entries (the kernel checks the highest offset read against the tracepoint at attach).
+        // Volatile keeps each load at a constant offset, the only kind the verifier accepts.
+        args[i] = unsafe { core::ptr::read_volatile(base.add(i)) };
+        i += 1;
+    }
+    args
+}
+
+/// Argument `index` (from userspace's BTF lookup), or 0 when the tracepoint lacks it.
+#[inline(always)]
+fn arg(args: &[u64; 8], index: u8) -> u64 {
+    if index == ARG_ABSENT {
+        return 0;
+    }
+    args[usize::from(index) & 7]
+}
+
+/// Sets `event`'s flow, family and state from `sk` (a `sock`, `request_sock` or
+/// `inet_timewait_sock`, which all begin with `struct sock_common`), read from one copy of its
+/// `sock_common` window. Oriented as the kernel's tracepoints orient a socket: s = local.
+#[inline(always)]
+fn fill_from_sock(event: &mut TcpEvent, sk: u64, slot: u32) -> Result<(), i32> {
+    if sk == 0 {
+        return Err(-22);
+    }
+    let o = config!(raw.sock);
+    let w = record_copy(sk, o.window_len, slot)?;
+    let family: u16 = w.get(o.family);
+    if family == AF_INET6 {
+        event.flow.saddr = w.get(o.v6_rcv_saddr);
+        event.flow.daddr = w.get(o.v6_daddr);
+    } else {
+        event.flow.saddr = v4_mapped(w.get(o.rcv_saddr));
+        event.flow.daddr = v4_mapped(w.get(o.daddr));
+    }
+    event.flow.sport = w.get(o.num);
+    event.flow.dport = u16::from_be(w.get(o.dport));
+    event.flow.netns = netns_inum(w.get(o.net));
+    event.family = family;
+    event.state = w.get(o.state);
+    Ok(())
+}
+
+/// An IPv4 address as an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), as the tracepoints store
+/// it.
+#[inline(always)]
+fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
+    let mut addr = [0u8; 16];
+    addr[10] = 0xff;
+    addr[11] = 0xff;
+    addr[12..16].copy_from_slice(&v4);
+    addr
 }
 
 /// Reads kernel memory at `addr`.
@@ -221,17 +311,22 @@ fn netns_of_sock(sk: u64) -> u32 {
     netns_inum(kread::<u64>(sk + u64::from(config!(offsets.sock_net))).unwrap_or(0))
 }
 
-/// The flow of a tracepoint record whose addresses are `saddr_v6`/`daddr_v6` copies, from the
-/// offsets of `[saddr_v6, daddr_v6, sport, dport]`, in socket `sk`'s namespace.
+/// Sets `event`'s flow and family from a tracepoint record whose addresses are
+/// `saddr_v6`/`daddr_v6` copies, from the offsets of `[saddr_v6, daddr_v6, sport, dport, family]`,
+/// in socket `sk`'s namespace.
 #[inline(always)]
-fn flow_key(rec: Copied, [saddr, daddr, sport, dport]: [u16; 4], sk: u64) -> FlowKey {
-    FlowKey {
-        saddr: rec.get(saddr),
-        daddr: rec.get(daddr),
-        sport: rec.get(sport),
-        dport: rec.get(dport),
-        netns: netns_of_sock(sk),
-    }
+fn fill_from_record(
+    event: &mut TcpEvent,
+    rec: Copied,
+    [saddr, daddr, sport, dport, family]: [u16; 5],
+    sk: u64,
+) {
+    event.flow.saddr = rec.get(saddr);
+    event.flow.daddr = rec.get(daddr);
+    event.flow.sport = rec.get(sport);
+    event.flow.dport = rec.get(dport);
+    event.flow.netns = netns_of_sock(sk);
+    event.family = rec.get(family);
 }
 
 /// Network-namespace inode of a network device (0 when there is none).
@@ -320,8 +415,10 @@ fn count_flow(
     let (counters, created) = entry(&FLOW_COUNTERS, flow, FlowCounters::default())?;
     if created && let Some(created) = stats(0) {
         // Slot 0 of KIND_STATS counts flow entries created: userspace derives LRU evictions
-        // from it (created - live entries).
-        created.counted += 1;
+        // from it (created - live entries). Every program adds to it, and raw programs can
+        // interrupt each other on a CPU: atomic.
+        // SAFETY: this CPU's slot of a per-CPU map value.
+        unsafe { atomic_add(&raw mut created.counted, 1) };
     }
     // SAFETY: `counters` points at a live map value for the duration of this program run;
     // counters shared between CPUs are only changed through atomic adds.
@@ -442,38 +539,18 @@ fn record<C: aya_ebpf::EbpfContext>(ctx: &C, event: &mut TcpEvent, counter: Coun
     stats.exported += 1;
 }
 
-/// The event in this CPU's scratch buffer, with the common fields set.
+/// The event in this CPU's scratch buffer of `slot`, with only its kind and time set.
 #[inline(always)]
-fn new_event(
-    kind: u8,
-    flow: FlowKey,
-    family: u16,
-    state: u8,
-    now: u64,
-) -> Result<&'static mut TcpEvent, i32> {
-    let s = scratch()?;
-    // SAFETY: this CPU's scratch slot, owned by this program run (tracepoint programs do not
-    // nest on a CPU).
+fn new_event(kind: u8, now: u64, slot: u32) -> Result<&'static mut TcpEvent, i32> {
+    let s = scratch(slot)?;
+    // SAFETY: this CPU's scratch slot, owned by this program run (a program does not nest with
+    // itself on a CPU).
     let event = unsafe { &mut (*s).event };
     *event = TcpEvent {
-        flow,
         timestamp_ns: now,
-        flow_count: 0,
         segs: 1,
-        err: 0,
-        pid: 0,
         kind,
-        state,
-        family,
-        duration_ns: 0,
-        location: 0,
-        reason: 0,
-        ifindex: 0,
-        aux32: 0,
-        old_state: 0,
-        tcp_flags: 0,
-        aux8: 0,
-        key_wildcard: key_wildcard::NONE,
+        ..TcpEvent::default()
     };
     Ok(event)
 }
@@ -495,52 +572,75 @@ fn run(kind: u8, body: impl FnOnce() -> Result<(), i32>) -> u32 {
 
 #[tracepoint]
 pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
-    run(event_kind::RETRANSMIT, || try_retransmit_skb(&ctx))
+    run(event_kind::RETRANSMIT, || {
+        let layout = config!(retransmit_skb);
+        let rec = record_of(&ctx, layout.record_size, slot::RETRANSMIT_SKB)?;
+        let sk: u64 = rec.get(layout.skaddr);
+        let event = new_event(event_kind::RETRANSMIT, now_ns(), slot::RETRANSMIT_SKB)?;
+        fill_from_record(
+            event,
+            rec,
+            [
+                layout.saddr_v6,
+                layout.daddr_v6,
+                layout.sport,
+                layout.dport,
+                layout.family,
+            ],
+            sk,
+        );
+        event.state = rec.get::<i32>(layout.state) as u8;
+        if layout.err != FIELD_ABSENT {
+            event.err = rec.get(layout.err);
+        }
+        on_retransmit(&ctx, event, sk, rec.get(layout.skbaddr))
+    })
 }
 
-fn try_retransmit_skb(ctx: &TracePointContext) -> Result<(), i32> {
-    let layout = config!(retransmit_skb);
-    let rec = record_of(ctx, layout.record_size)?;
-    let state = rec.get::<i32>(layout.state) as u8;
-    let err: i32 = if layout.err == FIELD_ABSENT {
-        0
-    } else {
-        rec.get(layout.err)
-    };
-    let sk: u64 = rec.get(layout.skaddr);
-    let kind = if state == TCP_SYN_SENT {
-        event_kind::SYN_RETRANSMIT
-    } else {
-        event_kind::RETRANSMIT
-    };
-    let segs = if kind == event_kind::RETRANSMIT {
-        // tcp_skb_pcount(skb): one retransmitted skb may carry several segments.
-        let skb: u64 = rec.get(layout.skbaddr);
-        let cb = skb + u64::from(config!(offsets.skb_cb));
-        u32::from(
-            kread::<u16>(cb + u64::from(config!(offsets.tcp_skb_cb_gso_segs)))
-                .unwrap_or(1)
-                .max(1),
-        )
-    } else {
+#[raw_tracepoint(tracepoint = "tcp_retransmit_skb")]
+pub fn raw_tcp_retransmit_skb(ctx: RawTracePointContext) -> u32 {
+    run(event_kind::RETRANSMIT, || {
+        let a = config!(raw.retransmit_skb);
+        // (sk, skb) everywhere; `int err` since 6.12.
+        let args = if a.reason == ARG_ABSENT {
+            raw_args::<2>(&ctx)
+        } else {
+            raw_args::<3>(&ctx)
+        };
+        let sk = arg(&args, a.sk);
+        let event = new_event(event_kind::RETRANSMIT, now_ns(), slot::RETRANSMIT_SKB)?;
+        fill_from_sock(event, sk, slot::RETRANSMIT_SKB)?;
+        event.err = arg(&args, a.reason) as i32;
+        on_retransmit(&ctx, event, sk, arg(&args, a.skb))
+    })
+}
+
+/// `event` has its flow, state and error set.
+fn on_retransmit<C: aya_ebpf::EbpfContext>(
+    ctx: &C,
+    event: &mut TcpEvent,
+    sk: u64,
+    skb: u64,
+) -> Result<(), i32> {
+    if event.state == TCP_SYN_SENT {
+        event.kind = event_kind::SYN_RETRANSMIT;
         // Remember for the connect's outcome how many SYNs it took.
-        if err == 0
+        if event.err == 0
             && let Some(s) = SOCKETS.get_ptr_mut(sk)
         {
             // SAFETY: live map value; a lost race only miscounts the informational field.
             unsafe { (*s).syn_retransmits += 1 };
         }
-        1
-    };
-    let flow = flow_key(
-        rec,
-        [layout.saddr_v6, layout.daddr_v6, layout.sport, layout.dport],
-        sk,
-    );
-    let event = new_event(kind, flow, rec.get(layout.family), state, now_ns())?;
-    event.segs = segs;
-    event.err = err;
-    let counter = match (kind, err) {
+    } else {
+        // tcp_skb_pcount(skb): one retransmitted skb may carry several segments.
+        let cb = skb + u64::from(config!(offsets.skb_cb));
+        event.segs = u32::from(
+            kread::<u16>(cb + u64::from(config!(offsets.tcp_skb_cb_gso_segs)))
+                .unwrap_or(1)
+                .max(1),
+        );
+    }
+    let counter = match (event.kind, event.err) {
         (_, e) if e != 0 => Counter::RetransFailed,
         (event_kind::SYN_RETRANSMIT, _) => Counter::SynRetrans,
         _ => Counter::RetransSegs,
@@ -552,25 +652,50 @@ fn try_retransmit_skb(ctx: &TracePointContext) -> Result<(), i32> {
 #[tracepoint]
 pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
     run(event_kind::SYNACK_RETRANSMIT, || {
-        try_retransmit_synack(&ctx)
+        let layout = config!(retransmit_synack);
+        let rec = record_of(&ctx, layout.record_size, slot::RETRANSMIT_SYNACK)?;
+        let event = new_event(
+            event_kind::SYNACK_RETRANSMIT,
+            now_ns(),
+            slot::RETRANSMIT_SYNACK,
+        )?;
+        fill_from_record(
+            event,
+            rec,
+            [
+                layout.saddr_v6,
+                layout.daddr_v6,
+                layout.sport,
+                layout.dport,
+                layout.family,
+            ],
+            rec.get(layout.skaddr),
+        );
+        on_synack_retransmit(&ctx, event)
     })
 }
 
-fn try_retransmit_synack(ctx: &TracePointContext) -> Result<(), i32> {
-    let layout = config!(retransmit_synack);
-    let rec = record_of(ctx, layout.record_size)?;
-    let flow = flow_key(
-        rec,
-        [layout.saddr_v6, layout.daddr_v6, layout.sport, layout.dport],
-        rec.get(layout.skaddr),
-    );
-    let event = new_event(
-        event_kind::SYNACK_RETRANSMIT,
-        flow,
-        rec.get(layout.family),
-        TCP_SYN_RECV as u8,
-        now_ns(),
-    )?;
+#[raw_tracepoint(tracepoint = "tcp_retransmit_synack")]
+pub fn raw_tcp_retransmit_synack(ctx: RawTracePointContext) -> u32 {
+    run(event_kind::SYNACK_RETRANSMIT, || {
+        let a = config!(raw.retransmit_synack);
+        let args = raw_args::<2>(&ctx);
+        let event = new_event(
+            event_kind::SYNACK_RETRANSMIT,
+            now_ns(),
+            slot::RETRANSMIT_SYNACK,
+        )?;
+        // The request socket holds the half-open connection's addresses and namespace.
+        fill_from_sock(event, arg(&args, a.extra), slot::RETRANSMIT_SYNACK)?;
+        on_synack_retransmit(&ctx, event)
+    })
+}
+
+fn on_synack_retransmit<C: aya_ebpf::EbpfContext>(
+    ctx: &C,
+    event: &mut TcpEvent,
+) -> Result<(), i32> {
+    event.state = TCP_SYN_RECV as u8;
     record(ctx, event, Counter::SynackRetrans);
     Ok(())
 }
@@ -580,31 +705,46 @@ fn try_retransmit_synack(ctx: &TracePointContext) -> Result<(), i32> {
 
 #[tracepoint]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
-    run(event_kind::RESET_RECEIVED, || try_receive_reset(&ctx))
+    run(event_kind::RESET_RECEIVED, || {
+        let layout = config!(receive_reset);
+        let rec = record_of(&ctx, layout.record_size, slot::RECEIVE_RESET)?;
+        let sk: u64 = rec.get(layout.skaddr);
+        let event = new_event(event_kind::RESET_RECEIVED, now_ns(), slot::RECEIVE_RESET)?;
+        fill_from_record(
+            event,
+            rec,
+            [
+                layout.saddr_v6,
+                layout.daddr_v6,
+                layout.sport,
+                layout.dport,
+                layout.family,
+            ],
+            sk,
+        );
+        // The record has no socket state: read it from the socket.
+        event.state = kread(sk + u64::from(config!(offsets.sock_state))).unwrap_or(0);
+        on_receive_reset(&ctx, event)
+    })
 }
 
-fn try_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
-    let layout = config!(receive_reset);
-    let rec = record_of(ctx, layout.record_size)?;
+#[raw_tracepoint(tracepoint = "tcp_receive_reset")]
+pub fn raw_tcp_receive_reset(ctx: RawTracePointContext) -> u32 {
+    run(event_kind::RESET_RECEIVED, || {
+        let a = config!(raw.receive_reset);
+        let args = raw_args::<1>(&ctx);
+        let event = new_event(event_kind::RESET_RECEIVED, now_ns(), slot::RECEIVE_RESET)?;
+        fill_from_sock(event, arg(&args, a.sk), slot::RECEIVE_RESET)?;
+        on_receive_reset(&ctx, event)
+    })
+}
+
+/// `event` has its flow and the socket's state set.
+fn on_receive_reset<C: aya_ebpf::EbpfContext>(ctx: &C, event: &mut TcpEvent) -> Result<(), i32> {
     // A connect's outcome is not remembered here: the state change that follows the RST reads
     // it from the socket's error (ECONNREFUSED), which saves a map lookup per RST.
-    let sk: u64 = rec.get(layout.skaddr);
-    let flow = flow_key(
-        rec,
-        [layout.saddr_v6, layout.daddr_v6, layout.sport, layout.dport],
-        sk,
-    );
-    // The record has no socket state: read it from the socket (a RST answering our SYN is a
-    // handshake event, counted per peer and service port).
-    let state: u8 = kread(sk + u64::from(config!(offsets.sock_state))).unwrap_or(0);
-    let event = new_event(
-        event_kind::RESET_RECEIVED,
-        flow,
-        rec.get(layout.family),
-        state,
-        now_ns(),
-    )?;
-    if state == TCP_SYN_SENT {
+    // A RST answering our SYN is a handshake event, counted per peer and service port.
+    if event.state == TCP_SYN_SENT {
         event.key_wildcard = key_wildcard::LOCAL_PORT;
     }
     record(ctx, event, Counter::ResetsReceived);
@@ -617,15 +757,11 @@ fn try_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
 fn read_sockaddr(rec: Copied, offset: u16) -> (u16, u16, [u8; 16]) {
     let family: u16 = rec.get(offset);
     let port_be: u16 = rec.get(offset + 2);
-    let mut addr = [0u8; 16];
-    if family == AF_INET {
-        let v4: [u8; 4] = rec.get(offset + 4);
-        addr[10] = 0xff;
-        addr[11] = 0xff;
-        addr[12..16].copy_from_slice(&v4);
+    let addr = if family == AF_INET {
+        v4_mapped(rec.get(offset + 4))
     } else {
-        addr = rec.get(offset + 8);
-    }
+        rec.get(offset + 8)
+    };
     (family, u16::from_be(port_be), addr)
 }
 
@@ -636,40 +772,28 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
 
 fn try_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
     let layout = config!(send_reset);
-    let rec = record_of(ctx, layout.record_size)?;
+    let rec = record_of(ctx, layout.record_size, slot::SEND_RESET)?;
     let sk: u64 = rec.get(layout.skaddr);
-    let state: i32 = rec.get(layout.state);
+    let event = new_event(event_kind::RESET_SENT, now_ns(), slot::SEND_RESET)?;
+    event.state = rec.get::<i32>(layout.state) as u8;
     let reason: u32 = if layout.reason == FIELD_ABSENT {
         0
     } else {
         rec.get(layout.reason)
     };
-    let (family, mut flow) = if layout.style == SEND_RESET_SOCKADDR {
+    if layout.style == SEND_RESET_SOCKADDR {
         let (family, sport, saddr) = read_sockaddr(rec, layout.saddr);
         let (_, dport, daddr) = read_sockaddr(rec, layout.daddr);
-        (
-            family,
-            FlowKey {
-                saddr,
-                daddr,
-                sport,
-                dport,
-                netns: 0,
-            },
-        )
+        event.family = family;
+        (event.flow.saddr, event.flow.sport) = (saddr, sport);
+        (event.flow.daddr, event.flow.dport) = (daddr, dport);
     } else {
-        (
-            0,
-            FlowKey {
-                saddr: rec.get(layout.saddr),
-                daddr: rec.get(layout.daddr),
-                sport: rec.get(layout.sport),
-                dport: rec.get(layout.dport),
-                netns: 0,
-            },
-        )
-    };
-    flow.netns = if sk != 0 {
+        event.flow.saddr = rec.get(layout.saddr);
+        event.flow.daddr = rec.get(layout.daddr);
+        event.flow.sport = rec.get(layout.sport);
+        event.flow.dport = rec.get(layout.dport);
+    }
+    event.flow.netns = if sk != 0 {
         netns_of_sock(sk)
     } else {
         // No socket (e.g. a SYN to a closed port): the answered packet's device names the
@@ -681,11 +805,50 @@ fn try_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
             netns_of_dev(kread::<u64>(skb + u64::from(config!(packet.skb_dev))).unwrap_or(0))
         }
     };
-    let event = new_event(event_kind::RESET_SENT, flow, family, state as u8, now_ns())?;
+    on_send_reset(ctx, event, sk, reason)
+}
+
+#[raw_tracepoint(tracepoint = "tcp_send_reset")]
+pub fn raw_tcp_send_reset(ctx: RawTracePointContext) -> u32 {
+    run(event_kind::RESET_SENT, || {
+        let a = config!(raw.send_reset);
+        // (sk, skb) everywhere; `enum sk_rst_reason` since 6.10.
+        let args = if a.reason == ARG_ABSENT {
+            raw_args::<2>(&ctx)
+        } else {
+            raw_args::<3>(&ctx)
+        };
+        let sk = arg(&args, a.sk);
+        let event = new_event(event_kind::RESET_SENT, now_ns(), slot::SEND_RESET)?;
+        if sk != 0 {
+            fill_from_sock(event, sk, slot::SEND_RESET)?;
+        } else {
+            // No socket (e.g. a SYN to a closed port): the flow is the answered packet's,
+            // oriented local-first, in its device's namespace.
+            let Some(dev) = read_packet(arg(&args, a.skb), event, false, slot::SEND_RESET)? else {
+                return Ok(());
+            };
+            event.flow.netns = netns_of_dev(dev);
+            // Only the drop program's events carry the packet's details.
+            event.tcp_flags = 0;
+            event.ifindex = 0;
+            event.aux8 = 0;
+        }
+        on_send_reset(&ctx, event, sk, arg(&args, a.reason) as u32)
+    })
+}
+
+/// `event` has its flow and the socket's state (0 without one) set.
+fn on_send_reset<C: aya_ebpf::EbpfContext>(
+    ctx: &C,
+    event: &mut TcpEvent,
+    sk: u64,
+    reason: u32,
+) -> Result<(), i32> {
     event.reason = reason;
     // A RST without a socket, or from a listener or half-open socket, answers a handshake;
     // one from a connecting socket answers its peer's SYN-ACK.
-    event.key_wildcard = match state {
+    event.key_wildcard = match i32::from(event.state) {
         _ if sk == 0 => key_wildcard::REMOTE_PORT,
         TCP_LISTEN | TCP_SYN_RECV | TCP_NEW_SYN_RECV => key_wildcard::REMOTE_PORT,
         s if s == i32::from(TCP_SYN_SENT) => key_wildcard::LOCAL_PORT,
@@ -698,19 +861,22 @@ fn try_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
 // ---------------------------------------------------------------------------------------------
 // Drops with a reason
 
-#[tracepoint]
-pub fn kfree_skb(ctx: TracePointContext) -> u32 {
-    run(event_kind::DROP, || try_kfree_skb(&ctx))
-}
-
 /// Fills `event` (flow addresses and ports oriented local-first, family, flags, interface,
 /// direction) from the TCP/IP headers of `skb`, read from one copy of its `sk_buff` window and
 /// one copy of its headers. Returns the packet's device, or None when it is not TCP over
-/// IPv4/IPv6.
+/// IPv4/IPv6 (with `check_protocol`, judged first by `skb->protocol`).
 #[inline(always)]
-fn read_packet(skb: u64, event: &mut TcpEvent) -> Result<Option<u64>, i32> {
+fn read_packet(
+    skb: u64,
+    event: &mut TcpEvent,
+    check_protocol: bool,
+    slot: u32,
+) -> Result<Option<u64>, i32> {
+    if skb == 0 {
+        return Err(-22);
+    }
     let packet = config!(packet);
-    let s = scratch()?;
+    let s = scratch(slot)?;
     // SAFETY: live per-CPU map value; only field addresses are taken.
     let (skb_buf, packet_buf) = unsafe {
         (
@@ -724,6 +890,12 @@ fn read_packet(skb: u64, event: &mut TcpEvent) -> Result<Option<u64>, i32> {
         packet.skb_window_len,
     )?;
     let at = |offset: u16| offset.wrapping_sub(packet.skb_window_start);
+    if check_protocol {
+        let protocol = u16::from_be(window.get(at(packet.skb_protocol)));
+        if protocol != ETH_P_IP && protocol != ETH_P_IPV6 {
+            return Ok(None);
+        }
+    }
     let head: u64 = window.get(at(packet.skb_head));
     let network: u16 = window.get(at(packet.skb_network_header));
     let transport: u16 = window.get(at(packet.skb_transport_header));
@@ -745,12 +917,8 @@ fn read_packet(skb: u64, event: &mut TcpEvent) -> Result<Option<u64>, i32> {
             if hdr.get::<u8>(9) != IPPROTO_TCP {
                 return Ok(None);
             }
-            local[10] = 0xff;
-            local[11] = 0xff;
-            remote[10] = 0xff;
-            remote[11] = 0xff;
-            local[12..16].copy_from_slice(&hdr.get::<[u8; 4]>(12));
-            remote[12..16].copy_from_slice(&hdr.get::<[u8; 4]>(16));
+            *local = v4_mapped(hdr.get(12));
+            *remote = v4_mapped(hdr.get(16));
             event.family = AF_INET;
             u16::from(first & 0x0f) * 4
         }
@@ -806,36 +974,109 @@ fn read_packet(skb: u64, event: &mut TcpEvent) -> Result<Option<u64>, i32> {
     Ok(Some(dev))
 }
 
-fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i32> {
-    let layout = config!(kfree_skb);
-    let rec = record_of(ctx, layout.record_size)?;
-    // Cheapest checks first: this tracepoint fires for every freed packet with a reason.
-    let reason: u32 = rec.get(layout.reason);
-    let filter = match DROP_REASON_FILTER.get(reason) {
-        Some(&filter) if filter & drop_filter::REPORT != 0 => filter,
-        _ => return Ok(()),
-    };
-    let protocol: u16 = rec.get(layout.protocol);
-    if protocol != ETH_P_IP && protocol != ETH_P_IPV6 {
-        return Ok(());
+/// The drop-reason filter's verdict for `reason`: None when the reason is not reported.
+#[inline(always)]
+fn reported(reason: u32) -> Option<u8> {
+    match DROP_REASON_FILTER.get(reason) {
+        Some(&filter) if filter & drop_filter::REPORT != 0 => Some(filter),
+        _ => None,
     }
-    let event = new_event(event_kind::DROP, FlowKey::default(), 0, 0, now_ns())?;
-    let Some(dev) = read_packet(rec.get(layout.skbaddr), event)? else {
+}
+
+#[tracepoint]
+pub fn kfree_skb(ctx: TracePointContext) -> u32 {
+    run(event_kind::DROP, || {
+        let layout = config!(kfree_skb);
+        let rec = record_of(&ctx, layout.record_size, slot::KFREE_SKB)?;
+        // Cheapest checks first: this tracepoint fires for every freed packet with a reason.
+        let reason: u32 = rec.get(layout.reason);
+        let Some(filter) = reported(reason) else {
+            return Ok(());
+        };
+        let protocol: u16 = rec.get(layout.protocol);
+        if protocol != ETH_P_IP && protocol != ETH_P_IPV6 {
+            return Ok(());
+        }
+        let rx_sk = if layout.rx_sk == FIELD_ABSENT {
+            0
+        } else {
+            rec.get(layout.rx_sk)
+        };
+        let drop = Drop {
+            skb: rec.get(layout.skbaddr),
+            location: rec.get(layout.location),
+            reason,
+            filter,
+            rx_sk,
+        };
+        on_drop(&ctx, &drop, false)
+    })
+}
+
+#[raw_tracepoint(tracepoint = "kfree_skb")]
+pub fn raw_kfree_skb(ctx: RawTracePointContext) -> u32 {
+    run(event_kind::DROP, || {
+        let a = config!(raw.kfree_skb);
+        // (skb, location, reason) since 5.17; `struct sock *rx_sk` since 6.12.
+        let args = if a.extra2 == ARG_ABSENT {
+            raw_args::<3>(&ctx)
+        } else {
+            raw_args::<4>(&ctx)
+        };
+        // The reason is an argument: most frees end here without reading any memory.
+        let reason = arg(&args, a.reason) as u32;
+        let Some(filter) = reported(reason) else {
+            return Ok(());
+        };
+        let drop = Drop {
+            skb: arg(&args, a.skb),
+            location: arg(&args, a.extra),
+            reason,
+            filter,
+            rx_sk: arg(&args, a.extra2),
+        };
+        on_drop(&ctx, &drop, true)
+    })
+}
+
+/// A freed packet whose reason is reported.
+struct Drop {
+    skb: u64,
+    location: u64,
+    reason: u32,
+    filter: u8,
+    rx_sk: u64,
+}
+
+fn on_drop<C: aya_ebpf::EbpfContext>(
+    ctx: &C,
+    drop: &Drop,
+    check_protocol: bool,
+) -> Result<(), i32> {
+    let event = new_event(event_kind::DROP, now_ns(), slot::KFREE_SKB)?;
+    let Some(dev) = read_packet(drop.skb, event, check_protocol, slot::KFREE_SKB)? else {
         return Ok(());
     };
     let mut netns = netns_of_dev(dev);
-    if netns == 0 && layout.rx_sk != FIELD_ABSENT {
-        netns = netns_of_sock(rec.get(layout.rx_sk));
+    if netns == 0 && drop.rx_sk != 0 {
+        netns = netns_of_sock(drop.rx_sk);
     }
     event.flow.netns = netns;
-    event.reason = reason;
-    event.location = rec.get(layout.location);
-    if let Some(count) = DROP_REASON_COUNTS.get_ptr_mut(reason) {
-        // SAFETY: this CPU's slot of the per-CPU array.
+    event.reason = drop.reason;
+    event.location = drop.location;
+    if let Some(count) = DROP_REASON_COUNTS.get_ptr_mut(drop.reason) {
+        // SAFETY: this CPU's slot of the per-CPU array, written only by the drop program.
         unsafe { *count += 1 };
     }
-    if filter & drop_filter::PER_NAMESPACE != 0
-        && let Some((count, _)) = entry(&NETNS_DROPS, &NetnsReason { netns, reason }, 0)
+    if drop.filter & drop_filter::PER_NAMESPACE != 0
+        && let Some((count, _)) = entry(
+            &NETNS_DROPS,
+            &NetnsReason {
+                netns,
+                reason: drop.reason,
+            },
+            0,
+        )
     {
         // SAFETY: live map value, shared between CPUs: atomic add.
         unsafe { atomic_add(count, 1) };
@@ -849,20 +1090,84 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i32> {
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    run(event_kind::CLOSE, || try_set_state(&ctx))
+    run(event_kind::CLOSE, || {
+        let layout = config!(set_state);
+        let rec = record_of(&ctx, layout.record_size, slot::SET_STATE)?;
+        if rec.get::<u16>(layout.protocol) != u16::from(IPPROTO_TCP) {
+            return Ok(());
+        }
+        let sk: u64 = rec.get(layout.skaddr);
+        let transition = Transition {
+            sk,
+            old: rec.get(layout.oldstate),
+            new: rec.get(layout.newstate),
+        };
+        on_set_state(
+            &ctx,
+            &transition,
+            || true,
+            |event| {
+                fill_from_record(
+                    event,
+                    rec,
+                    [
+                        layout.saddr_v6,
+                        layout.daddr_v6,
+                        layout.sport,
+                        layout.dport,
+                        layout.family,
+                    ],
+                    sk,
+                );
+                Ok(())
+            },
+        )
+    })
 }
 
-fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
-    let layout = config!(set_state);
-    let rec = record_of(ctx, layout.record_size)?;
-    if rec.get::<u16>(layout.protocol) != u16::from(IPPROTO_TCP) {
-        return Ok(());
-    }
-    let sk: u64 = rec.get(layout.skaddr);
-    let old: i32 = rec.get(layout.oldstate);
-    let new: i32 = rec.get(layout.newstate);
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn raw_inet_sock_set_state(ctx: RawTracePointContext) -> u32 {
+    run(event_kind::CLOSE, || {
+        let a = config!(raw.set_state);
+        let args = raw_args::<3>(&ctx);
+        let sk = arg(&args, a.sk);
+        let transition = Transition {
+            sk,
+            old: arg(&args, a.extra) as i32,
+            new: arg(&args, a.extra2) as i32,
+        };
+        // The states are arguments: uninteresting transitions end before any memory is read.
+        on_set_state(
+            &ctx,
+            &transition,
+            || {
+                kread::<u16>(sk + u64::from(config!(raw.sock.protocol)))
+                    .is_ok_and(|protocol| protocol == u16::from(IPPROTO_TCP))
+            },
+            |event| fill_from_sock(event, sk, slot::SET_STATE),
+        )
+    })
+}
 
+/// A socket's state change.
+struct Transition {
+    sk: u64,
+    old: i32,
+    new: i32,
+}
+
+/// `is_tcp` says whether the socket is TCP (the tracepoint also fires for other protocols);
+/// `fill` sets the event's flow and family. Both are called only for transitions that count.
+fn on_set_state<C: aya_ebpf::EbpfContext>(
+    ctx: &C,
+    &Transition { sk, old, new }: &Transition,
+    is_tcp: impl FnOnce() -> bool,
+    fill: impl FnOnce(&mut TcpEvent) -> Result<(), i32>,
+) -> Result<(), i32> {
     if new == i32::from(TCP_SYN_SENT) {
+        if !is_tcp() {
+            return Ok(());
+        }
         let state = SocketState {
             opened_ns: now_ns(),
             established_ns: 0,
@@ -890,13 +1195,14 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         // Close: report only sockets seen opening, with their lifetime.
         return Ok(());
     }
+    // Sockets seen opening are TCP already; others are checked now.
+    if known.is_none() && !is_tcp() {
+        return Ok(());
+    }
     let now = now_ns();
-    let flow = flow_key(
-        rec,
-        [layout.saddr_v6, layout.daddr_v6, layout.sport, layout.dport],
-        sk,
-    );
-    let event = new_event(kind, flow, rec.get(layout.family), new as u8, now)?;
+    let event = new_event(kind, now, slot::SET_STATE)?;
+    fill(event)?;
+    event.state = new as u8;
     event.old_state = old as u8;
     let mut counter = counter;
     match kind {

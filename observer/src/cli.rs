@@ -15,6 +15,7 @@ use crate::{
     check,
     config::{self, Config, OutputConfig, OutputTarget, Settings},
     daemon::{self, RunOptions},
+    kernel::loader::AttachMode,
     privileges,
     sink::{
         file::{DEFAULT_KEEP, DEFAULT_MAX_BYTES, MAX_KEEP, RotatingFile},
@@ -103,6 +104,11 @@ pub struct RunArgs {
     /// [default: 64].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub wakeup_events: Option<u32>,
+    /// Which tracepoint programs to attach: `raw` reads the tracepoints' arguments (cheapest:
+    /// no record is formatted), `classic` their formatted records; `auto` uses raw where the
+    /// kernel's BTF names the arguments and falls back to classic per tracepoint [default: auto].
+    #[arg(long, value_name = "MODE", value_enum)]
+    pub attach: Option<AttachMode>,
     /// Report ESTABLISHED connections stuck for this long (sent data and no reply, or data
     /// not acknowledged, or sends blocked), grouped by owning process and peer.
     #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = parse_stale_after)]
@@ -147,6 +153,7 @@ pub fn explicit_flags(args: &RunArgs, matches: &ArgMatches) -> Config {
         drop_reasons,
         perf_pages,
         wakeup_events,
+        attach,
         output,
         output_max_bytes,
         output_keep,
@@ -160,6 +167,7 @@ pub fn explicit_flags(args: &RunArgs, matches: &ArgMatches) -> Config {
         drop_reasons: given("drop_reasons").then(|| drop_reasons.clone()),
         perf_pages: given("perf_pages").then_some(*perf_pages),
         wakeup_events: *wakeup_events,
+        attach: *attach,
         output: OutputConfig {
             target: given("output").then(|| output.clone()),
             max_bytes: given("output_max_bytes").then_some(*output_max_bytes),
@@ -488,6 +496,7 @@ mod tests {
                 drop_reasons: Some("all".to_owned()),
                 perf_pages: Some(8),
                 wakeup_events: Some(16),
+                attach: None,
                 output: OutputConfig {
                     target: Some(OutputTarget::File("/tmp/o.ndjson".into())),
                     max_bytes: Some(1000),

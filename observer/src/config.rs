@@ -24,7 +24,10 @@ use toml::Spanned;
 
 use crate::{
     decode::EventKind,
-    kernel::{loader::LoadOptions, perf_ring},
+    kernel::{
+        loader::{AttachMode, LoadOptions},
+        perf_ring,
+    },
     sink::file::{DEFAULT_KEEP, DEFAULT_MAX_BYTES, MAX_KEEP},
 };
 
@@ -151,6 +154,8 @@ pub struct Config {
     pub drop_reasons: Option<String>,
     pub perf_pages: Option<usize>,
     pub wakeup_events: Option<u32>,
+    /// Raw or classic tracepoint programs (`auto`: raw where the kernel allows).
+    pub attach: Option<AttachMode>,
     pub output: OutputConfig,
     /// The `[thresholds]` table, passed through uninterpreted to the anomaly engine.
     pub thresholds: Option<toml::Table>,
@@ -180,6 +185,7 @@ pub struct Settings {
     pub perf_pages: usize,
     /// Samples per reader wakeup (1: a wakeup per sample).
     pub wakeup_events: u32,
+    pub attach: AttachMode,
     pub output: OutputSettings,
     pub thresholds: toml::Table,
     /// Where the Prometheus metrics endpoint listens (none: no endpoint).
@@ -207,6 +213,7 @@ struct RawConfig {
     drop_reasons: Option<Spanned<String>>,
     perf_pages: Option<Spanned<u64>>,
     wakeup_events: Option<Spanned<u32>>,
+    attach: Option<AttachMode>,
     output: Option<RawOutput>,
     thresholds: Option<toml::Table>,
     metrics: Option<Spanned<String>>,
@@ -250,6 +257,7 @@ impl Config {
             drop_reasons,
             perf_pages,
             wakeup_events,
+            attach,
             output,
             thresholds,
             metrics,
@@ -325,6 +333,7 @@ impl Config {
             drop_reasons,
             perf_pages,
             wakeup_events,
+            attach,
             output: OutputConfig {
                 target,
                 max_bytes: max_bytes.map(Spanned::into_inner),
@@ -345,6 +354,7 @@ impl Config {
             drop_reasons,
             perf_pages,
             wakeup_events,
+            attach,
             output,
             thresholds,
             metrics,
@@ -362,6 +372,7 @@ impl Config {
             drop_reasons: drop_reasons.clone().or_else(|| self.drop_reasons.clone()),
             perf_pages: perf_pages.or(self.perf_pages),
             wakeup_events: wakeup_events.or(self.wakeup_events),
+            attach: attach.or(self.attach),
             output: OutputConfig {
                 target: target.clone().or_else(|| self.output.target.clone()),
                 max_bytes: max_bytes.or(self.output.max_bytes),
@@ -386,6 +397,7 @@ impl Settings {
             drop_reasons,
             perf_pages,
             wakeup_events,
+            attach,
             output,
             thresholds,
             metrics,
@@ -417,6 +429,7 @@ impl Settings {
                 .unwrap_or_else(|| DEFAULT_DROP_REASONS.to_owned()),
             perf_pages,
             wakeup_events,
+            attach: attach.unwrap_or_default(),
             output: OutputSettings {
                 target: output.target.clone().unwrap_or(OutputTarget::Stdout),
                 max_bytes: output.max_bytes.unwrap_or(DEFAULT_MAX_BYTES),
@@ -435,6 +448,7 @@ impl Settings {
             export_kinds: self.export_kinds_mask,
             max_flows: self.max_flows,
             drop_reasons: self.drop_reasons.clone(),
+            attach_mode: self.attach,
         }
     }
 
@@ -450,6 +464,7 @@ impl Settings {
             drop_reasons,
             perf_pages,
             wakeup_events,
+            attach,
             output,
             thresholds,
             metrics,
@@ -470,6 +485,7 @@ impl Settings {
         note(*drop_reasons != new.drop_reasons, "drop_reasons");
         note(*perf_pages != new.perf_pages, "perf_pages");
         note(*wakeup_events != new.wakeup_events, "wakeup_events");
+        note(*attach != new.attach, "attach");
         note(output.target != new.output.target, "output.target");
         note(output.max_bytes != new.output.max_bytes, "output.max_bytes");
         note(output.keep != new.output.keep, "output.keep");

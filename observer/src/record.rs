@@ -32,9 +32,14 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub struct ProgramStatus {
     pub name: String,
     pub tracepoint: String,
+    /// `raw_tracepoint` (the tracepoint's arguments) or `tracepoint` (its formatted record).
+    pub kind: &'static str,
     pub attached: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Why the raw program was not used, when `--attach auto` fell back to the classic one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw_unavailable: Option<String>,
 }
 
 #[derive(Debug, Serialize)]

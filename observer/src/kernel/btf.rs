@@ -11,7 +11,7 @@ use std::{
 };
 
 use btf_rs::{Btf, BtfType, Member, Struct, Type};
-use observer_common::StructOffsets;
+use observer_common::{SockOffsets, StructOffsets};
 
 /// Where the running kernel exposes its own BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -86,12 +86,23 @@ pub enum BtfError {
         found: u32,
     },
     /// `struct tcp_skb_cb` does not fit in `sk_buff.cb`: the layout is not what observer knows.
+    #[error("no tracepoint `{event}` in BTF (neither `__bpf_trace_{event}` nor `btf_trace_{event}`)")]
+    NoSuchTracepoint { event: String },
     #[error("`struct tcp_skb_cb` ({tcp_skb_cb} bytes) does not fit in `sk_buff.cb` ({cb} bytes)")]
     CbTooSmall { tcp_skb_cb: u32, cb: u32 },
 }
 
 /// A member found along a path: its byte offset from the outer struct and its type (with
 /// typedefs and qualifiers resolved).
+/// One argument of a tracepoint (see [`KernelBtf::tracepoint_params`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TracepointParam {
+    /// The parameter's name in the kernel source, when BTF has it.
+    pub name: Option<String>,
+    /// Its type, spelled `struct sock *`, `void *`, `int`, `enum skb_drop_reason`.
+    pub ty: String,
+}
+
 struct Located {
     offset: u32,
     ty: Type,
@@ -251,6 +262,138 @@ impl KernelBtf {
             sock_err: self.u16_offset("sock", "sk_err", Some(4))?,
             sock_state: self.u16_offset("sock", "__sk_common.skc_state", Some(1))?,
             _pad: [0; 2],
+        })
+    }
+
+    /// Where the raw tracepoint programs read a socket: `struct sock_common` members (one window
+    /// from offset 0) and `sock.sk_protocol`.
+    pub fn sock_offsets(&self) -> Result<SockOffsets, BtfError> {
+        let member = |path: &str, size: u32| -> Result<(u16, u32), BtfError> {
+            Ok((self.u16_offset("sock_common", path, Some(size))?, size))
+        };
+        let pointer = size_u32(size_of::<usize>());
+        let members = [
+            member("skc_daddr", 4)?,
+            member("skc_rcv_saddr", 4)?,
+            member("skc_dport", 2)?,
+            member("skc_num", 2)?,
+            member("skc_family", 2)?,
+            member("skc_state", 1)?,
+            member("skc_net.net", pointer)?,
+            member("skc_v6_daddr", 16)?,
+            member("skc_v6_rcv_saddr", 16)?,
+        ];
+        let end = members
+            .iter()
+            .map(|&(offset, size)| u32::from(offset) + size)
+            .max()
+            .unwrap_or(0);
+        let [daddr, rcv_saddr, dport, num, family, state, net, v6_daddr, v6_rcv_saddr] =
+            members.map(|(offset, _)| offset);
+        Ok(SockOffsets {
+            daddr,
+            rcv_saddr,
+            dport,
+            num,
+            family,
+            state,
+            net,
+            v6_daddr,
+            v6_rcv_saddr,
+            window_len: u16::try_from(end).map_err(|_| BtfError::TooLarge {
+                struct_name: "sock_common".to_owned(),
+                path: "skc_v6_rcv_saddr".to_owned(),
+                offset: end,
+            })?,
+            protocol: self.u16_offset("sock", "sk_protocol", Some(2))?,
+            _pad: 0,
+        })
+    }
+
+    /// The arguments of tracepoint `event` as a raw tracepoint program receives them (its
+    /// `TP_PROTO`, in order). Named from the kernel's `__bpf_trace_<event>` function when BTF
+    /// has it; otherwise (events defined from a shared class) unnamed, from the
+    /// `btf_trace_<event>` prototype.
+    pub fn tracepoint_params(&self, event: &str) -> Result<Vec<TracepointParam>, BtfError> {
+        let what = |s: &str| format!("the arguments of tracepoint `{event}` ({s})");
+        let named = format!("__bpf_trace_{event}");
+        let candidates = self
+            .btf
+            .resolve_types_by_name(&named)
+            .unwrap_or_default();
+        let proto = if let Some(Type::Func(func)) =
+            candidates.into_iter().find(|t| matches!(t, Type::Func(_)))
+        {
+            self.btf
+                .resolve_chained_type(&func)
+                .map_err(|error| self.lookup_error(what(&named), error))?
+        } else {
+            let typedef = format!("btf_trace_{event}");
+            let ty = self
+                .btf
+                .resolve_types_by_name(&typedef)
+                .map_err(|error| self.lookup_error(what(&typedef), error))?
+                .into_iter()
+                .find(|t| matches!(t, Type::Typedef(_)))
+                .ok_or_else(|| BtfError::NoSuchTracepoint {
+                    event: event.to_owned(),
+                })?;
+            match self.strip_modifiers(ty)? {
+                Type::Ptr(p) => self
+                    .btf
+                    .resolve_chained_type(&p)
+                    .map_err(|error| self.lookup_error(what(&typedef), error))?,
+                _ => {
+                    return Err(BtfError::NoSuchTracepoint {
+                        event: event.to_owned(),
+                    });
+                }
+            }
+        };
+        let Type::FuncProto(proto) = proto else {
+            return Err(BtfError::NoSuchTracepoint {
+                event: event.to_owned(),
+            });
+        };
+        // The first parameter is the tracepoint's private data pointer, not an argument.
+        proto
+            .parameters
+            .iter()
+            .skip(1)
+            .map(|param| {
+                let name = self
+                    .btf
+                    .resolve_name(param)
+                    .map_err(|error| self.lookup_error(what("a parameter name"), error))?;
+                let ty = self
+                    .btf
+                    .resolve_chained_type(param)
+                    .map_err(|error| self.lookup_error(what("a parameter type"), error))?;
+                Ok(TracepointParam {
+                    name: (!name.is_empty()).then_some(name),
+                    ty: self.spell(ty)?,
+                })
+            })
+            .collect()
+    }
+
+    /// A parameter type as [`TracepointParam::ty`] spells it.
+    fn spell(&self, ty: Type) -> Result<String, BtfError> {
+        let name_of = |t: &dyn BtfType| self.btf.resolve_name(t).unwrap_or_default();
+        Ok(match self.strip_modifiers(ty)? {
+            Type::Ptr(p) => {
+                let target = self.btf.resolve_chained_type(&p).map_or(Type::Void, |t| t);
+                match self.strip_modifiers(target)? {
+                    Type::Struct(s) => format!("struct {} *", name_of(&s)),
+                    Type::Union(u) => format!("union {} *", name_of(&u)),
+                    Type::Void => "void *".to_owned(),
+                    _ => "pointer".to_owned(),
+                }
+            }
+            Type::Int(i) => name_of(&i),
+            Type::Enum(e) => format!("enum {}", name_of(&e)),
+            Type::Enum64(e) => format!("enum {}", name_of(&e)),
+            other => other.name().to_owned(),
         })
     }
 

@@ -3,15 +3,16 @@ use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
-    programs::TracePoint,
+    programs::{RawTracePoint, TracePoint},
 };
 use observer_common::{
     ExportBudget, FlowCounters, FlowKey, KernelConfig, KindStats, MAX_DROP_REASONS, NetnsReason,
-    PacketOffsets, RECORD_MAX, drop_filter, event_kind,
+    PacketOffsets, RECORD_MAX, RawArgs, drop_filter, event_kind,
 };
 
 use super::{
     btf::KernelBtf,
+    raw_args,
     reasons::{self, ReasonNames},
     tracefs,
 };
@@ -20,7 +21,8 @@ use crate::record::ProgramStatus;
 /// The compiled kernel programs, built by build.rs.
 static PROGRAMS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
 
-/// A tracepoint program of ours: (program name in the object, category, event).
+/// A tracepoint program of ours: (classic program name in the object, category, event). The raw
+/// tracepoint program on the same event is called `raw_<event>`.
 const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb"),
     ("tcp_retransmit_synack", "tcp", "tcp_retransmit_synack"),
@@ -43,6 +45,33 @@ pub struct LoadOptions {
     pub max_flows: u32,
     /// Drop reasons to report, e.g. `default` or `default,-NO_SOCKET` (see `reasons::select`).
     pub drop_reasons: String,
+    /// Which kind of tracepoint program to attach.
+    pub attach_mode: AttachMode,
+}
+
+/// Which of the two programs on each tracepoint to attach.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Raw tracepoints where BTF names the arguments, classic ones otherwise or when a raw
+    /// attach fails.
+    #[default]
+    Auto,
+    /// Raw tracepoints only: the tracepoint's arguments, read directly (no record is built).
+    Raw,
+    /// Classic tracepoints only: the formatted record, as `perf` and bpftrace's `tracepoint:`
+    /// see it.
+    Classic,
+}
+
+impl AttachMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttachMode::Auto => "auto",
+            AttachMode::Raw => "raw",
+            AttachMode::Classic => "classic",
+        }
+    }
 }
 
 /// The loaded programs and their maps. Dropping it detaches everything.
@@ -57,14 +86,18 @@ pub struct Loaded {
     pub reset_reasons: ReasonNames,
     /// Drop-reason codes reported.
     pub selected_drop_reasons: Vec<u32>,
+    attach_mode: AttachMode,
 }
 
-/// A tracepoint's place in the plan: attach it, or why not.
+/// A tracepoint's place in the plan: which programs can attach to it, or why not.
 struct Planned {
     program: &'static str,
     category: &'static str,
     event: &'static str,
-    problem: Option<String>,
+    /// Why the classic program cannot run (its record layout), if it cannot.
+    classic_problem: Option<String>,
+    /// Why the raw program cannot run (its arguments or the socket layout), if it cannot.
+    raw_problem: Option<String>,
 }
 
 /// What start-up learned about the running kernel.
@@ -98,8 +131,23 @@ fn discover(options: &LoadOptions) -> anyhow::Result<Discovery> {
     let mut drop_reasons = ReasonNames::default();
     let mut reset_reasons = ReasonNames::default();
     let mut plan = Vec::new();
+    let sock = btf.sock_offsets().map_err(|e| format!("{:#}", anyhow::Error::from(e)));
+    if let Ok(sock) = sock {
+        config.raw.sock = sock;
+    }
     for &(program, category, event) in TRACEPOINTS {
-        let problem = match tracefs.format(category, event) {
+        let raw_problem = match (&sock, btf.tracepoint_params(event)) {
+            (Err(e), _) => Some(format!("socket layout: {e}")),
+            (_, Err(e)) => Some(format!("{:#}", anyhow::Error::from(e))),
+            (Ok(_), Ok(params)) => match raw_args::resolve(event, &params) {
+                Ok(args) => {
+                    *raw_slot(&mut config, event) = args;
+                    None
+                }
+                Err(e) => Some(format!("{event}: {e}")),
+            },
+        };
+        let classic_problem = match tracefs.format(category, event) {
             Err(e) => Some(format!("{e}")),
             Ok(format) => {
                 let layout = match event {
@@ -134,7 +182,8 @@ fn discover(options: &LoadOptions) -> anyhow::Result<Discovery> {
             program,
             category,
             event,
-            problem,
+            classic_problem,
+            raw_problem,
         });
     }
     // The print fmt is the first source; BTF names the same enum where the format has none.
@@ -158,6 +207,18 @@ fn discover(options: &LoadOptions) -> anyhow::Result<Discovery> {
     })
 }
 
+/// The raw program arguments of `event` inside `config`.
+fn raw_slot<'a>(config: &'a mut KernelConfig, event: &str) -> &'a mut RawArgs {
+    match event {
+        "tcp_retransmit_skb" => &mut config.raw.retransmit_skb,
+        "tcp_retransmit_synack" => &mut config.raw.retransmit_synack,
+        "tcp_send_reset" => &mut config.raw.send_reset,
+        "tcp_receive_reset" => &mut config.raw.receive_reset,
+        "kfree_skb" => &mut config.raw.kfree_skb,
+        _ => &mut config.raw.set_state,
+    }
+}
+
 /// Offsets for reading packets out of `struct sk_buff` and RTT out of `struct tcp_sock`.
 fn packet_offsets(btf: &KernelBtf) -> anyhow::Result<PacketOffsets> {
     let offset = |s: &str, path: &str| -> anyhow::Result<u16> {
@@ -175,7 +236,8 @@ fn packet_offsets(btf: &KernelBtf) -> anyhow::Result<PacketOffsets> {
         tcp_srtt_us: offset("tcp_sock", "srtt_us")?,
         skb_window_start: 0,
         skb_window_len: 0,
-        _pad: [0; 3],
+        skb_protocol: offset("sk_buff", "protocol")?,
+        _pad: [0; 2],
     };
     let (start, len) = skb_window(&offsets).with_context(|| {
         format!("the sk_buff members observer reads span more than {RECORD_MAX} bytes: {offsets:?}")
@@ -186,7 +248,7 @@ fn packet_offsets(btf: &KernelBtf) -> anyhow::Result<PacketOffsets> {
 }
 
 /// The smallest part of `struct sk_buff` that holds every member the drop program reads
-/// (`head` and `dev` pointers, the two u16 header offsets, the int `skb_iif`), so that one copy
+/// (`head` and `dev` pointers, the u16 header offsets and protocol, the int `skb_iif`), so that one copy
 /// reads them all; None when it is larger than the programs' buffer.
 fn skb_window(o: &PacketOffsets) -> Option<(u16, u16)> {
     let members = [
@@ -195,6 +257,7 @@ fn skb_window(o: &PacketOffsets) -> Option<(u16, u16)> {
         (o.skb_network_header, 2),
         (o.skb_transport_header, 2),
         (o.skb_iif, 4),
+        (o.skb_protocol, 2),
     ];
     let start = members.iter().map(|&(off, _)| off).min()?;
     let end = members.iter().map(|&(off, size)| off + size).max()?;
@@ -243,10 +306,11 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Loaded> {
         drop_reasons,
         reset_reasons,
         selected_drop_reasons,
+        attach_mode: options.attach_mode,
     })
 }
 
-fn attach(ebpf: &mut Ebpf, name: &str, category: &str, event: &str) -> anyhow::Result<()> {
+fn attach_classic(ebpf: &mut Ebpf, name: &str, category: &str, event: &str) -> anyhow::Result<()> {
     let program: &mut TracePoint = ebpf
         .program_mut(name)
         .with_context(|| format!("program {name} is missing from the object"))?
@@ -261,28 +325,72 @@ fn attach(ebpf: &mut Ebpf, name: &str, category: &str, event: &str) -> anyhow::R
     Ok(())
 }
 
+fn attach_raw(ebpf: &mut Ebpf, name: &str, event: &str) -> anyhow::Result<()> {
+    let program: &mut RawTracePoint = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} is missing from the object"))?
+        .try_into()
+        .with_context(|| format!("program {name} is not a raw tracepoint program"))?;
+    program
+        .load()
+        .with_context(|| format!("the kernel rejected program {name}"))?;
+    if let Err(e) = program.attach(event) {
+        // Loaded but not attached: unload, so that a classic fallback is the only program.
+        let _ = program.unload();
+        return Err(anyhow::Error::from(e).context(format!("attaching {name} to raw tracepoint {event}")));
+    }
+    Ok(())
+}
+
+/// Kind of a program in the `start` record.
+const RAW: &str = "raw_tracepoint";
+const CLASSIC: &str = "tracepoint";
+
 impl Loaded {
-    /// Attaches every program the kernel supports; fails only when none can run.
+    /// Attaches one program per tracepoint, raw or classic as `attach_mode` says; fails only
+    /// when none can run.
     pub fn attach_all(&mut self) -> anyhow::Result<()> {
+        let mode = self.attach_mode;
         let mut programs = Vec::new();
         for Planned {
             program: name,
             category,
             event,
-            problem,
+            classic_problem,
+            raw_problem,
         } in std::mem::take(&mut self.plan)
         {
-            let tracepoint = format!("{category}:{event}");
-            let result = match problem {
-                Some(problem) => Err(anyhow::anyhow!(problem)),
-                None => attach(&mut self.ebpf, name, category, event),
+            let raw_name = format!("raw_{event}");
+            let status = |name: &str, kind: &'static str, result: anyhow::Result<()>| {
+                ProgramStatus {
+                    name: name.to_owned(),
+                    tracepoint: format!("{category}:{event}"),
+                    kind,
+                    attached: result.is_ok(),
+                    error: result.err().map(|e| format!("{e:#}")),
+                    raw_unavailable: None,
+                }
             };
-            programs.push(ProgramStatus {
-                name: name.to_owned(),
-                tracepoint,
-                attached: result.is_ok(),
-                error: result.err().map(|e| format!("{e:#}")),
-            });
+            let try_raw = |ebpf: &mut Ebpf| match &raw_problem {
+                Some(problem) => Err(anyhow::anyhow!("{problem}")),
+                None => attach_raw(ebpf, &raw_name, event),
+            };
+            let try_classic = |ebpf: &mut Ebpf| match &classic_problem {
+                Some(problem) => Err(anyhow::anyhow!("{problem}")),
+                None => attach_classic(ebpf, name, category, event),
+            };
+            let program = match mode {
+                AttachMode::Raw => status(&raw_name, RAW, try_raw(&mut self.ebpf)),
+                AttachMode::Classic => status(name, CLASSIC, try_classic(&mut self.ebpf)),
+                AttachMode::Auto => match try_raw(&mut self.ebpf) {
+                    Ok(()) => status(&raw_name, RAW, Ok(())),
+                    Err(raw_error) => ProgramStatus {
+                        raw_unavailable: Some(format!("{raw_error:#}")),
+                        ..status(name, CLASSIC, try_classic(&mut self.ebpf))
+                    },
+                },
+            };
+            programs.push(program);
         }
         if !programs.iter().any(|p| p.attached) {
             let why: Vec<String> = programs
@@ -299,8 +407,14 @@ impl Loaded {
     /// is counted or exported, so a final drain sees everything that was exported.
     pub fn detach_all(&mut self) {
         for (name, program) in self.ebpf.programs_mut() {
-            if let Ok(tracepoint) = <&mut TracePoint>::try_from(program)
-                && let Err(e) = tracepoint.unload()
+            let result = match program {
+                aya::programs::Program::TracePoint(p) => p.unload(),
+                aya::programs::Program::RawTracePoint(p) => p.unload(),
+                _ => Ok(()),
+            };
+            // Programs never loaded (the other kind on a tracepoint) report NotLoaded: fine.
+            if let Err(e) = result
+                && !matches!(e, aya::programs::ProgramError::NotLoaded)
             {
                 eprintln!("observer: warning: detaching {name}: {e}");
             }

@@ -3,6 +3,7 @@
 pub mod btf;
 pub mod loader;
 pub mod perf_ring;
+pub mod raw_args;
 pub mod reasons;
 pub mod tracefs;
 
