@@ -506,7 +506,10 @@ pub struct SockOffsets {
     pub window_len: u16,
     /// `sock.sk_protocol` (u16), outside the window: read only by the state-change program.
     pub protocol: u16,
-    pub _pad: u16,
+    /// `inet_sock.inet_sport` (big-endian), outside the window: the local port of a full
+    /// socket whose `skc_num` is already cleared (a close unbinds the port before the state
+    /// change is traced).
+    pub inet_sport: u16,
 }
 const _: () = assert!(size_of::<SockOffsets>() == 24);
 

@@ -1144,7 +1144,16 @@ pub fn raw_inet_sock_set_state(ctx: RawTracePointContext) -> u32 {
                 kread::<u16>(sk + u64::from(config!(raw.sock.protocol)))
                     .is_ok_and(|protocol| protocol == u16::from(IPPROTO_TCP))
             },
-            |event| fill_from_sock(event, sk, slot::SET_STATE),
+            |event| {
+                fill_from_sock(event, sk, slot::SET_STATE)?;
+                if event.flow.sport == 0 {
+                    // Closing: the port is unbound (skc_num cleared) before the state change is
+                    // traced; the socket's own source port still holds it.
+                    let sport: u16 = kread(sk + u64::from(config!(raw.sock.inet_sport)))?;
+                    event.flow.sport = u16::from_be(sport);
+                }
+                Ok(())
+            },
         )
     })
 }

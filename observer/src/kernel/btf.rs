@@ -306,7 +306,7 @@ impl KernelBtf {
                 offset: end,
             })?,
             protocol: self.u16_offset("sock", "sk_protocol", Some(2))?,
-            _pad: 0,
+            inet_sport: self.u16_offset("inet_sock", "inet_sport", Some(2))?,
         })
     }
 
