@@ -491,6 +491,18 @@ fn cpu_budget_allows(now: u64) -> bool {
 /// exported and the budgets allow.
 #[inline(always)]
 fn record<C: aya_ebpf::EbpfContext>(ctx: &C, event: &mut TcpEvent, counter: Counter) {
+    record_with(ctx, event, counter, |_| {});
+}
+
+/// [`record`], with `complete` filling in what only an exported event needs (a field the
+/// counting key leaves out), just before the export.
+#[inline(always)]
+fn record_with<C: aya_ebpf::EbpfContext>(
+    ctx: &C,
+    event: &mut TcpEvent,
+    counter: Counter,
+    complete: impl FnOnce(&mut TcpEvent),
+) {
     let Some(stats) = stats(event.kind) else {
         return;
     };
@@ -510,6 +522,7 @@ fn record<C: aya_ebpf::EbpfContext>(ctx: &C, event: &mut TcpEvent, counter: Coun
             && cpu_budget_allows(event.timestamp_ns)
         {
             event.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+            complete(event);
             output(ctx, event);
             stats.exported += 1;
         } else {
@@ -535,6 +548,7 @@ fn record<C: aya_ebpf::EbpfContext>(ctx: &C, event: &mut TcpEvent, counter: Coun
     }
     event.flow_count = total;
     event.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    complete(event);
     output(ctx, event);
     stats.exported += 1;
 }
@@ -1121,6 +1135,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
                 );
                 Ok(())
             },
+            |_| {},
         )
     })
 }
@@ -1146,16 +1161,26 @@ pub fn raw_inet_sock_set_state(ctx: RawTracePointContext) -> u32 {
             },
             |event| {
                 fill_from_sock(event, sk, slot::SET_STATE)?;
-                if event.flow.sport == 0 {
-                    // Closing: the port is unbound (skc_num cleared) before the state change is
-                    // traced; the socket's own source port still holds it.
-                    let sport: u16 = kread(sk + u64::from(config!(raw.sock.inet_sport)))?;
-                    event.flow.sport = u16::from_be(sport);
+                // A failed connect is counted without its local port: read it only for export.
+                if event.flow.sport == 0 && event.key_wildcard != key_wildcard::LOCAL_PORT {
+                    event.flow.sport = closing_port(sk);
                 }
                 Ok(())
             },
+            |event| {
+                if event.flow.sport == 0 {
+                    event.flow.sport = closing_port(sk);
+                }
+            },
         )
     })
+}
+
+/// The local port of a closing socket: a close unbinds the port (clearing `skc_num`) before
+/// the state change is traced, but the socket's own source port still holds it.
+#[inline(always)]
+fn closing_port(sk: u64) -> u16 {
+    u16::from_be(kread(sk + u64::from(config!(raw.sock.inet_sport))).unwrap_or(0))
 }
 
 /// A socket's state change.
@@ -1166,12 +1191,14 @@ struct Transition {
 }
 
 /// `is_tcp` says whether the socket is TCP (the tracepoint also fires for other protocols);
-/// `fill` sets the event's flow and family. Both are called only for transitions that count.
+/// `fill` sets the event's flow and family (its key wildcard is already set). Both are called
+/// only for transitions that count; `complete` only for an event about to be exported.
 fn on_set_state<C: aya_ebpf::EbpfContext>(
     ctx: &C,
     &Transition { sk, old, new }: &Transition,
     is_tcp: impl FnOnce() -> bool,
     fill: impl FnOnce(&mut TcpEvent) -> Result<(), i32>,
+    complete: impl FnOnce(&mut TcpEvent),
 ) -> Result<(), i32> {
     if new == i32::from(TCP_SYN_SENT) {
         if !is_tcp() {
@@ -1210,6 +1237,9 @@ fn on_set_state<C: aya_ebpf::EbpfContext>(
     }
     let now = now_ns();
     let event = new_event(kind, now, slot::SET_STATE)?;
+    if kind == event_kind::CONNECT_FAILED {
+        event.key_wildcard = key_wildcard::LOCAL_PORT;
+    }
     fill(event)?;
     event.state = new as u8;
     event.old_state = old as u8;
@@ -1226,7 +1256,6 @@ fn on_set_state<C: aya_ebpf::EbpfContext>(
             }
         }
         event_kind::CONNECT_FAILED => {
-            event.key_wildcard = key_wildcard::LOCAL_PORT;
             // tcp_reset() sets the socket's error before it closes it: ECONNREFUSED is a RST
             // answering the SYN (an ICMP port unreachable reads the same); anything else
             // (ETIMEDOUT, or none when the application gave up) is a timeout.
@@ -1278,7 +1307,7 @@ fn on_set_state<C: aya_ebpf::EbpfContext>(
             let _ = SOCKETS.remove(sk);
         }
     }
-    record(ctx, event, counter);
+    record_with(ctx, event, counter, complete);
     Ok(())
 }
 
