@@ -584,7 +584,15 @@ fn program_lines(settings: &Settings, lines: &mut Vec<CheckLine>) {
     for p in &loaded.programs {
         let name = format!("program:{}", p.name);
         lines.push(if p.attached {
-            CheckLine::ok(name, format!("attached to {}", p.tracepoint))
+            let fallback = p
+                .raw_unavailable
+                .as_deref()
+                .map(|why| format!(" (raw tracepoint unavailable: {why})"))
+                .unwrap_or_default();
+            CheckLine::ok(
+                name,
+                format!("attached to {} as {}{fallback}", p.tracepoint, p.kind),
+            )
         } else {
             CheckLine::warn(
                 name,
