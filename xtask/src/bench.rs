@@ -1225,7 +1225,18 @@ struct ToolSpec {
     argv: &'static [&'static str],
 }
 
+/// In a tool's argv: the observer binary under test.
+const OBSERVER_ARGV0: &str = "@observer";
+
 const TOOLS: &[ToolSpec] = &[
+    // observer itself on the classic tracepoints (its fallback where raw tracepoints cannot
+    // run): what raw tracepoints save.
+    ToolSpec {
+        label: "observer, classic tracepoints (`--attach classic`), default options otherwise",
+        package: "observer",
+        installs: "/",
+        argv: &[OBSERVER_ARGV0, "run", "--attach", "classic", "--duration", "600"],
+    },
     ToolSpec {
         label: "bcc tcpretrans (tcpretrans-bpfcc)",
         package: "bpfcc-tools",
@@ -1331,7 +1342,7 @@ fn measure_tools(bins: &Bins, args: &BenchArgs, stats: &BpfStats) -> Result<Vec<
             });
             continue;
         }
-        let outcome = match start_tool(tool)? {
+        let outcome = match start_tool(tool, &bins.observer)? {
             Err(why) => {
                 say(&format!("{}: not started: {why}", tool.label));
                 ToolOutcome::NotStarted(why)
@@ -1408,9 +1419,17 @@ struct StartedTool {
 
 /// Starts a tool and waits until it holds BPF programs and has run for a second with them
 /// (`Ok(Err(why))`: it did not start).
-fn start_tool(tool: &ToolSpec) -> Result<std::result::Result<StartedTool, String>> {
-    let Some((program, rest)) = tool.argv.split_first() else {
+fn start_tool(
+    tool: &ToolSpec,
+    observer: &Path,
+) -> Result<std::result::Result<StartedTool, String>> {
+    let Some((&program, rest)) = tool.argv.split_first() else {
         return Ok(Err("empty command".to_owned()));
+    };
+    let program = if program == OBSERVER_ARGV0 {
+        observer
+    } else {
+        Path::new(program)
     };
     let mut child = match Command::new(program)
         .args(rest)
@@ -1420,7 +1439,7 @@ fn start_tool(tool: &ToolSpec) -> Result<std::result::Result<StartedTool, String
         .spawn()
     {
         Ok(child) => child,
-        Err(e) => return Ok(Err(format!("cannot run {program}: {e}"))),
+        Err(e) => return Ok(Err(format!("cannot run {}: {e}", program.display()))),
     };
     // Its per-event output must be drained, or it blocks.
     let stdout = child.stdout.take().map(|p| read_tail(p, 4096));
@@ -2392,7 +2411,10 @@ impl Report {
             "- `run_time_ns` counts only the programs' own time. A classic tracepoint also costs \
              the kernel building its record before the program runs, which no program can \
              avoid: the `floor` row (empty programs on the same tracepoints) is what any \
-             classic-tracepoint tool pays on this storm before doing anything."
+             classic-tracepoint tool pays on this storm before doing anything. observer runs \
+             on raw tracepoints by default (`--attach auto`), which pass the tracepoint's \
+             arguments without building a record; its row with `--attach classic` shows the \
+             difference on the same storm."
         );
         let _ = writeln!(
             s,
