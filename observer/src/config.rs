@@ -702,6 +702,17 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_attach_mode_is_named() {
+        let (line, key, message) = invalid_at("\nattach = \"fast\"\n");
+        assert_eq!((line, key.as_deref()), (2, Some("attach")));
+        assert!(message.contains("auto"), "{message}");
+        assert_eq!(
+            Settings::resolve(&Config::default()).map(|s| s.attach).ok(),
+            Some(AttachMode::Auto)
+        );
+    }
+
+    #[test]
     fn an_empty_file_sets_nothing() {
         assert_eq!(parse("").expect("valid"), Config::default());
         assert_eq!(
@@ -721,6 +732,7 @@ export_kinds = "all,-close"
 drop_reasons = "default,-NO_SOCKET"
 perf_pages = 16
 wakeup_events = 100
+attach = "classic"
 metrics = "127.0.0.1:9464"
 
 [output]
@@ -742,6 +754,7 @@ per_second = 10
         assert_eq!(config.drop_reasons.as_deref(), Some("default,-NO_SOCKET"));
         assert_eq!(config.perf_pages, Some(16));
         assert_eq!(config.wakeup_events, Some(100));
+        assert_eq!(config.attach, Some(AttachMode::Classic));
         assert_eq!(
             config.metrics,
             Some(SocketAddr::from(([127, 0, 0, 1], 9464)))

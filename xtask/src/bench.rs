@@ -1235,7 +1235,14 @@ const TOOLS: &[ToolSpec] = &[
         label: "observer, classic tracepoints (`--attach classic`), default options otherwise",
         package: "observer",
         installs: "/",
-        argv: &[OBSERVER_ARGV0, "run", "--attach", "classic", "--duration", "600"],
+        argv: &[
+            OBSERVER_ARGV0,
+            "run",
+            "--attach",
+            "classic",
+            "--duration",
+            "600",
+        ],
     },
     ToolSpec {
         label: "bcc tcpretrans (tcpretrans-bpfcc)",

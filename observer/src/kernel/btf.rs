@@ -86,7 +86,9 @@ pub enum BtfError {
         found: u32,
     },
     /// `struct tcp_skb_cb` does not fit in `sk_buff.cb`: the layout is not what observer knows.
-    #[error("no tracepoint `{event}` in BTF (neither `__bpf_trace_{event}` nor `btf_trace_{event}`)")]
+    #[error(
+        "no tracepoint `{event}` in BTF (neither `__bpf_trace_{event}` nor `btf_trace_{event}`)"
+    )]
     NoSuchTracepoint { event: String },
     #[error("`struct tcp_skb_cb` ({tcp_skb_cb} bytes) does not fit in `sk_buff.cb` ({cb} bytes)")]
     CbTooSmall { tcp_skb_cb: u32, cb: u32 },
@@ -288,8 +290,17 @@ impl KernelBtf {
             .map(|&(offset, size)| u32::from(offset) + size)
             .max()
             .unwrap_or(0);
-        let [daddr, rcv_saddr, dport, num, family, state, net, v6_daddr, v6_rcv_saddr] =
-            members.map(|(offset, _)| offset);
+        let [
+            daddr,
+            rcv_saddr,
+            dport,
+            num,
+            family,
+            state,
+            net,
+            v6_daddr,
+            v6_rcv_saddr,
+        ] = members.map(|(offset, _)| offset);
         Ok(SockOffsets {
             daddr,
             rcv_saddr,
@@ -317,10 +328,7 @@ impl KernelBtf {
     pub fn tracepoint_params(&self, event: &str) -> Result<Vec<TracepointParam>, BtfError> {
         let what = |s: &str| format!("the arguments of tracepoint `{event}` ({s})");
         let named = format!("__bpf_trace_{event}");
-        let candidates = self
-            .btf
-            .resolve_types_by_name(&named)
-            .unwrap_or_default();
+        let candidates = self.btf.resolve_types_by_name(&named).unwrap_or_default();
         let proto = if let Some(Type::Func(func)) =
             candidates.into_iter().find(|t| matches!(t, Type::Func(_)))
         {

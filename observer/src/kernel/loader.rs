@@ -131,7 +131,9 @@ fn discover(options: &LoadOptions) -> anyhow::Result<Discovery> {
     let mut drop_reasons = ReasonNames::default();
     let mut reset_reasons = ReasonNames::default();
     let mut plan = Vec::new();
-    let sock = btf.sock_offsets().map_err(|e| format!("{:#}", anyhow::Error::from(e)));
+    let sock = btf
+        .sock_offsets()
+        .map_err(|e| format!("{:#}", anyhow::Error::from(e)));
     if let Ok(sock) = sock {
         config.raw.sock = sock;
     }
@@ -337,7 +339,9 @@ fn attach_raw(ebpf: &mut Ebpf, name: &str, event: &str) -> anyhow::Result<()> {
     if let Err(e) = program.attach(event) {
         // Loaded but not attached: unload, so that a classic fallback is the only program.
         let _ = program.unload();
-        return Err(anyhow::Error::from(e).context(format!("attaching {name} to raw tracepoint {event}")));
+        return Err(
+            anyhow::Error::from(e).context(format!("attaching {name} to raw tracepoint {event}"))
+        );
     }
     Ok(())
 }
@@ -361,16 +365,15 @@ impl Loaded {
         } in std::mem::take(&mut self.plan)
         {
             let raw_name = format!("raw_{event}");
-            let status = |name: &str, kind: &'static str, result: anyhow::Result<()>| {
-                ProgramStatus {
+            let status =
+                |name: &str, kind: &'static str, result: anyhow::Result<()>| ProgramStatus {
                     name: name.to_owned(),
                     tracepoint: format!("{category}:{event}"),
                     kind,
                     attached: result.is_ok(),
                     error: result.err().map(|e| format!("{e:#}")),
                     raw_unavailable: None,
-                }
-            };
+                };
             let try_raw = |ebpf: &mut Ebpf| match &raw_problem {
                 Some(problem) => Err(anyhow::anyhow!("{problem}")),
                 None => attach_raw(ebpf, &raw_name, event),
@@ -537,19 +540,24 @@ mod tests {
             skb_transport_header: transport,
             skb_dev: dev,
             skb_iif: iif,
+            // Inside the window in the first case; past the other members in the second.
+            skb_protocol: iif + 36,
             ..PacketOffsets::default()
         }
     }
 
     #[test]
     fn the_skb_window_covers_every_member_read() {
-        // This kernel's layout (6.18): dev 16, skb_iif 144, headers 182/184, head 192.
+        // This kernel's layout (6.18): dev 16, skb_iif 144, headers 182/184, head 192 (and
+        // protocol, checked at start-up: inside).
         assert_eq!(
             skb_window(&offsets(192, 184, 182, 16, 144)),
             Some((16, 184))
         );
         // Whatever the order, from the lowest member to the end of the highest.
-        assert_eq!(skb_window(&offsets(8, 100, 102, 0, 96)), Some((0, 104)));
+        assert_eq!(skb_window(&offsets(8, 100, 102, 0, 60)), Some((0, 104)));
+        // The protocol is a member too.
+        assert_eq!(skb_window(&offsets(8, 100, 102, 0, 96)), Some((0, 134)));
     }
 
     #[test]

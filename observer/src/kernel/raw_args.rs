@@ -94,7 +94,10 @@ pub enum RawArgsError {
         found: String,
     },
     #[error("unnamed arguments: more than one is `{ty}`, so `{name}` cannot be told apart")]
-    Ambiguous { name: &'static str, ty: &'static str },
+    Ambiguous {
+        name: &'static str,
+        ty: &'static str,
+    },
     #[error(
         "argument `{name}` is at position {position}, but the program reads only the first {reads}"
     )]
@@ -286,7 +289,11 @@ mod tests {
 
     #[test]
     fn a_changed_type_is_refused() {
-        let params = named(&[("sk", "struct sock *"), ("oldstate", "int"), ("newstate", "long")]);
+        let params = named(&[
+            ("sk", "struct sock *"),
+            ("oldstate", "int"),
+            ("newstate", "long"),
+        ]);
         assert_eq!(
             resolve("inet_sock_set_state", &params),
             Err(RawArgsError::WrongType {
