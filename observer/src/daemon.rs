@@ -956,6 +956,7 @@ fn stop_record(
         undelivered: counters.undelivered.load(Ordering::Relaxed),
         decode_errors: counters.decode_errors.load(Ordering::Relaxed),
         context_undelivered: 0,
+        missed_runs: loaded.missed_runs(),
         flows_created,
         flows_evicted: flows_created.saturating_sub(flows.len() as u64),
         drop_reasons: loaded

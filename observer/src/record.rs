@@ -331,6 +331,10 @@ pub struct StopRecord {
     pub decode_errors: u64,
     /// Context records (listener drops, rules, sysctl changes, ...) that did not fit the queue.
     pub context_undelivered: u64,
+    /// Tracepoint hits on which the kernel skipped one of observer's programs because it was
+    /// already running on that CPU (the programs' `recursion_misses`): events neither counted
+    /// nor exported.
+    pub missed_runs: u64,
     /// Flow entries the kernel created in its counter map, and how many of them the LRU map
     /// evicted to make room (their counts are gone from `flows`, not from `totals`).
     pub flows_created: u64,

@@ -87,6 +87,8 @@ pub struct Loaded {
     /// Drop-reason codes reported.
     pub selected_drop_reasons: Vec<u32>,
     attach_mode: AttachMode,
+    /// [`Loaded::missed_runs`] as it was when the programs were unloaded.
+    missed_at_detach: Option<u64>,
 }
 
 /// A tracepoint's place in the plan: which programs can attach to it, or why not.
@@ -309,6 +311,7 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Loaded> {
         reset_reasons,
         selected_drop_reasons,
         attach_mode: options.attach_mode,
+        missed_at_detach: None,
     })
 }
 
@@ -409,6 +412,8 @@ impl Loaded {
     /// Detaches and unloads every program, keeping the maps readable: after this nothing more
     /// is counted or exported, so a final drain sees everything that was exported.
     pub fn detach_all(&mut self) {
+        // Unloading closes the programs' fds, and their counts with them.
+        self.missed_at_detach = Some(self.missed_runs_now());
         for (name, program) in self.ebpf.programs_mut() {
             let result = match program {
                 aya::programs::Program::TracePoint(p) => p.unload(),
@@ -437,6 +442,28 @@ impl Loaded {
             aya::maps::Map::PerfEventArray(data) => Ok(data),
             _ => anyhow::bail!("map EVENTS is not a perf event array"),
         }
+    }
+
+    /// Runs the kernel skipped over all of observer's loaded programs: a program that fires on
+    /// a CPU where it is already running (an interrupt freeing a packet while the drop program
+    /// runs) is not run again, and the kernel counts that in the program's `recursion_misses`,
+    /// shown in its fdinfo. 0 when unreadable.
+    pub fn missed_runs(&self) -> u64 {
+        self.missed_at_detach
+            .unwrap_or_else(|| self.missed_runs_now())
+    }
+
+    fn missed_runs_now(&self) -> u64 {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        self.ebpf
+            .programs()
+            .filter_map(|(_, program)| program.fd().ok())
+            .filter_map(|fd| {
+                let path = format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd());
+                std::fs::read_to_string(path).ok()
+            })
+            .filter_map(|text| fdinfo_value(&text, "recursion_misses"))
+            .sum()
     }
 
     /// Per-kind statistics summed over CPUs, indexed by `event_kind`.
@@ -529,9 +556,31 @@ impl Loaded {
     }
 }
 
+/// The number after `key:` in a `/proc/PID/fdinfo/FD` text.
+fn fdinfo_value(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        (name.trim() == key).then(|| value.trim().parse().ok())?
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fdinfo_values_are_read_by_key() {
+        let text = "pos:\t0\nflags:\t02000002\nprog_type:\t17\nprog_id:\t42\n\
+                    run_time_ns:\t0\nrun_cnt:\t0\nrecursion_misses:\t3\nverified_insns:\t900\n";
+        assert_eq!(fdinfo_value(text, "recursion_misses"), Some(3));
+        assert_eq!(fdinfo_value(text, "prog_id"), Some(42));
+        // Older kernels have no such line; a malformed value is not a number.
+        assert_eq!(fdinfo_value("prog_id:\t42\n", "recursion_misses"), None);
+        assert_eq!(
+            fdinfo_value("recursion_misses:\tmany\n", "recursion_misses"),
+            None
+        );
+    }
 
     fn offsets(head: u16, network: u16, transport: u16, dev: u16, iif: u16) -> PacketOffsets {
         PacketOffsets {
