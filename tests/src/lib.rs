@@ -1055,6 +1055,12 @@ impl Run {
             "the perf buffers lost samples (stop.lost={in_stop}, lost records={records}): \
              per-event counts cannot be compared"
         );
+        let missed = self.stop()?["missed_runs"].as_u64();
+        ensure!(
+            missed == Some(0),
+            "stop.missed_runs = {missed:?}: the kernel skipped program runs, so events are \
+             missing from every count"
+        );
         Ok(())
     }
 
@@ -1117,8 +1123,10 @@ impl Run {
                 r["reason"]
             ));
         }
-        if !r["lost"].is_u64() {
-            p.push(format!("stop.lost: not an unsigned integer: {}", r["lost"]));
+        for k in ["lost", "missed_runs"] {
+            if !r[k].is_u64() {
+                p.push(format!("stop.{k}: not an unsigned integer: {}", r[k]));
+            }
         }
         let count = |ty: &str| self.records.iter().filter(|v| v["type"] == ty).count() as u64;
         let Some(totals) = r["totals"].as_object() else {

@@ -144,7 +144,7 @@ flow.update(retransmit_segs=2, retransmit_skbs=1, retransmit_failed=0, syn_retra
             synack_retransmits=0, suppressed=0)
 rec(type="stop", time=t, reason="signal",
     totals={"retransmit": tot, "syn_retransmit": zero, "synack_retransmit": zero},
-    lost=0, flows=[flow])
+    lost=0, missed_runs=0, flows=[flow])
 sys.exit(3 if mode == "exit3" else 0)
 "#;
 
