@@ -292,6 +292,19 @@ pub struct SendResetLayout {
 }
 const _: () = assert!(size_of::<SendResetLayout>() == 24);
 
+/// `tuple()` for the layouts of records that describe a socket with `TP_STORE_ADDRS`: the
+/// offsets of `[saddr_v6, daddr_v6, sport, dport, family]`.
+macro_rules! socket_tuple {
+    ($($layout:ty),+) => {$(
+        impl $layout {
+            pub const fn tuple(&self) -> [u16; 5] {
+                [self.saddr_v6, self.daddr_v6, self.sport, self.dport, self.family]
+            }
+        }
+    )+};
+}
+socket_tuple!(RetransmitSkbLayout, RetransmitSynackLayout, SetStateLayout);
+
 /// `saddr`/`daddr` are `struct sockaddr_in6`-sized copies (family, port, address inside).
 pub const SEND_RESET_SOCKADDR: u16 = 1;
 /// `sport`, `dport`, `saddr_v6`, `daddr_v6` fields.

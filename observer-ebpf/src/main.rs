@@ -591,18 +591,7 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
         let rec = record_of(&ctx, layout.record_size, slot::RETRANSMIT_SKB)?;
         let sk: u64 = rec.get(layout.skaddr);
         let event = new_event(event_kind::RETRANSMIT, now_ns(), slot::RETRANSMIT_SKB)?;
-        fill_from_record(
-            event,
-            rec,
-            [
-                layout.saddr_v6,
-                layout.daddr_v6,
-                layout.sport,
-                layout.dport,
-                layout.family,
-            ],
-            sk,
-        );
+        fill_from_record(event, rec, layout.tuple(), sk);
         event.state = rec.get::<i32>(layout.state) as u8;
         if layout.err != FIELD_ABSENT {
             event.err = rec.get(layout.err);
@@ -673,18 +662,7 @@ pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
             now_ns(),
             slot::RETRANSMIT_SYNACK,
         )?;
-        fill_from_record(
-            event,
-            rec,
-            [
-                layout.saddr_v6,
-                layout.daddr_v6,
-                layout.sport,
-                layout.dport,
-                layout.family,
-            ],
-            rec.get(layout.skaddr),
-        );
+        fill_from_record(event, rec, layout.tuple(), rec.get(layout.skaddr));
         on_synack_retransmit(&ctx, event)
     })
 }
@@ -724,18 +702,7 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
         let rec = record_of(&ctx, layout.record_size, slot::RECEIVE_RESET)?;
         let sk: u64 = rec.get(layout.skaddr);
         let event = new_event(event_kind::RESET_RECEIVED, now_ns(), slot::RECEIVE_RESET)?;
-        fill_from_record(
-            event,
-            rec,
-            [
-                layout.saddr_v6,
-                layout.daddr_v6,
-                layout.sport,
-                layout.dport,
-                layout.family,
-            ],
-            sk,
-        );
+        fill_from_record(event, rec, layout.tuple(), sk);
         // The record has no socket state: read it from the socket.
         event.state = kread(sk + u64::from(config!(offsets.sock_state))).unwrap_or(0);
         on_receive_reset(&ctx, event)
@@ -1121,18 +1088,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
             &transition,
             || true,
             |event| {
-                fill_from_record(
-                    event,
-                    rec,
-                    [
-                        layout.saddr_v6,
-                        layout.daddr_v6,
-                        layout.sport,
-                        layout.dport,
-                        layout.family,
-                    ],
-                    sk,
-                );
+                fill_from_record(event, rec, layout.tuple(), sk);
                 Ok(())
             },
             |_| {},
