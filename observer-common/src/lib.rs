@@ -442,6 +442,20 @@ pub struct SocketState {
 const _: () = assert!(size_of::<SocketState>() == 24);
 
 /// Key of the per-namespace drop counters: which namespace, which reason.
+/// Entries the kernel programs put into and took out of their bounded maps, per CPU: with the
+/// entries still there at the end, userspace derives how many each LRU map evicted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MapStats {
+    /// `SOCKETS` entries created (a connect starting, a connection accepted).
+    pub sockets_created: u64,
+    /// `SOCKETS` entries removed by the programs (the connection closed or failed).
+    pub sockets_removed: u64,
+    /// `NETNS_DROPS` entries created.
+    pub netns_drops_created: u64,
+}
+const _: () = assert!(size_of::<MapStats>() == 24);
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct NetnsReason {
@@ -571,6 +585,8 @@ mod pod {
     unsafe impl aya::Pod for super::KindStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::KernelConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MapStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SocketState {}
     // SAFETY: as above.

@@ -37,8 +37,8 @@ use aya_ebpf::{
 };
 use observer_common::{
     ARG_ABSENT, CpuBudget, FIELD_ABSENT, FlowCounters, FlowKey, KernelConfig, KindStats,
-    MAX_DROP_REASONS, NetnsReason, RECORD_MAX, SEND_RESET_SOCKADDR, SocketState, TCP_SYN_SENT,
-    TcpEvent, connect_outcome, direction, drop_filter, event_kind, key_wildcard,
+    MAX_DROP_REASONS, MapStats, NetnsReason, RECORD_MAX, SEND_RESET_SOCKADDR, SocketState,
+    TCP_SYN_SENT, TcpEvent, connect_outcome, direction, drop_filter, event_kind, key_wildcard,
 };
 
 /// Set by userspace at load time; all zeroes here only so that the object has the symbol.
@@ -85,7 +85,12 @@ static DROP_REASON_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_
 #[map]
 static NETNS_DROPS: LruHashMap<NetnsReason, u64> = LruHashMap::with_max_entries(4096, 0);
 
-/// Per-socket state between state changes, keyed by the socket's address.
+/// Entries created in and removed from the LRU maps (one slot; userspace derives evictions).
+#[map]
+static MAP_STATS: PerCpuArray<MapStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-socket state between state changes, keyed by the socket's address. Userspace sizes it
+/// like the flow map.
 #[map]
 static SOCKETS: LruHashMap<u64, SocketState> = LruHashMap::with_max_entries(65_536, 0);
 
@@ -358,6 +363,51 @@ fn entry<K, V>(map: &LruHashMap<K, V>, key: &K, init: V) -> Option<(*mut V, bool
     }
     let created = map.insert(key, init, u64::from(BPF_NOEXIST)).is_ok();
     map.get_ptr_mut(key).map(|value| (value, created))
+}
+
+/// A field of [`MapStats`].
+#[derive(Clone, Copy)]
+enum MapStat {
+    SocketsCreated,
+    SocketsRemoved,
+    NetnsDropsCreated,
+}
+
+/// Adds one to a [`MapStats`] field of this CPU. Atomic: raw programs can interrupt each other
+/// on a CPU, and several add to the same field.
+#[inline(always)]
+fn count_map_stat(stat: MapStat) {
+    let Some(stats) = MAP_STATS.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot of a per-CPU map value; only field addresses are computed.
+    unsafe {
+        let field = match stat {
+            MapStat::SocketsCreated => &raw mut (*stats).sockets_created,
+            MapStat::SocketsRemoved => &raw mut (*stats).sockets_removed,
+            MapStat::NetnsDropsCreated => &raw mut (*stats).netns_drops_created,
+        };
+        atomic_add(field, 1);
+    }
+}
+
+/// Starts tracking socket `sk`. An entry already there is a socket freed without a close we
+/// saw, whose address was reused: it is replaced, which is neither a new entry nor an eviction.
+#[inline(always)]
+fn track_socket(sk: u64, state: &SocketState) {
+    if SOCKETS.insert(sk, state, u64::from(BPF_NOEXIST)).is_ok() {
+        count_map_stat(MapStat::SocketsCreated);
+    } else {
+        let _ = SOCKETS.insert(sk, state, 0);
+    }
+}
+
+/// Stops tracking socket `sk` (closed, or its connect failed).
+#[inline(always)]
+fn untrack_socket(sk: u64) {
+    if SOCKETS.remove(sk).is_ok() {
+        count_map_stat(MapStat::SocketsRemoved);
+    }
 }
 
 /// Which counter of [`FlowCounters`] an event adds to.
@@ -1050,7 +1100,7 @@ fn on_drop<C: aya_ebpf::EbpfContext>(
         unsafe { *count += 1 };
     }
     if drop.filter & drop_filter::PER_NAMESPACE != 0
-        && let Some((count, _)) = entry(
+        && let Some((count, created)) = entry(
             &NETNS_DROPS,
             &NetnsReason {
                 netns,
@@ -1061,6 +1111,9 @@ fn on_drop<C: aya_ebpf::EbpfContext>(
     {
         // SAFETY: live map value, shared between CPUs: atomic add.
         unsafe { atomic_add(count, 1) };
+        if created {
+            count_map_stat(MapStat::NetnsDropsCreated);
+        }
     }
     record(ctx, event, Counter::Drops);
     Ok(())
@@ -1168,7 +1221,7 @@ fn on_set_state<C: aya_ebpf::EbpfContext>(
             active: 1,
             _pad: 0,
         };
-        let _ = SOCKETS.insert(sk, state, 0);
+        track_socket(sk, &state);
         return Ok(());
     }
     let (kind, counter) = match (old, new) {
@@ -1228,7 +1281,7 @@ fn on_set_state<C: aya_ebpf::EbpfContext>(
                     event.duration_ns = now.wrapping_sub((*s).opened_ns);
                     event.aux32 = (*s).syn_retransmits;
                 }
-                let _ = SOCKETS.remove(sk);
+                untrack_socket(sk);
             }
         }
         event_kind::ACCEPT => {
@@ -1245,7 +1298,7 @@ fn on_set_state<C: aya_ebpf::EbpfContext>(
                 active: 0,
                 _pad: 0,
             };
-            let _ = SOCKETS.insert(sk, state, 0);
+            track_socket(sk, &state);
         }
         _ => {
             if let Some(s) = known {
@@ -1260,7 +1313,7 @@ fn on_set_state<C: aya_ebpf::EbpfContext>(
                     event.aux8 = (*s).active;
                 }
             }
-            let _ = SOCKETS.remove(sk);
+            untrack_socket(sk);
         }
     }
     record_with(ctx, event, counter, complete);

@@ -885,6 +885,7 @@ fn stop_record(
     let stats = loaded.kind_stats()?;
     // Slot 0 counts flow entries the kernel created; the LRU map evicted those not live now.
     let flows_created = stats[0].counted;
+    let (sockets_evicted, netns_drops_evicted) = loaded.map_evictions()?;
     let mut totals = BTreeMap::new();
     for (kind, name) in KERNEL_KINDS {
         let s = stats[usize::from(kind)];
@@ -959,6 +960,8 @@ fn stop_record(
         missed_runs: loaded.missed_runs(),
         flows_created,
         flows_evicted: flows_created.saturating_sub(flows.len() as u64),
+        sockets_evicted,
+        netns_drops_evicted,
         drop_reasons: loaded
             .drop_reason_counts()?
             .into_iter()

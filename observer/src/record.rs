@@ -339,6 +339,12 @@ pub struct StopRecord {
     /// evicted to make room (their counts are gone from `flows`, not from `totals`).
     pub flows_created: u64,
     pub flows_evicted: u64,
+    /// Connections the kernel's socket table evicted while following them (their `close`, and
+    /// a connect's duration, are then missing; `--max-flows` sizes the table too).
+    pub sockets_evicted: u64,
+    /// (namespace, drop reason) counters the kernel's map evicted (their drops are then not
+    /// attributed to a firewall rule).
+    pub netns_drops_evicted: u64,
     /// Drops per reason (kernel counters).
     pub drop_reasons: Vec<ReasonCount>,
     pub flows: Vec<FlowRecord>,

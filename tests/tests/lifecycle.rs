@@ -536,3 +536,63 @@ fn accepts_and_close_lifetimes() -> Result<()> {
     }
     Ok(())
 }
+
+/// `--max-flows 16` bounds the kernel's socket table too: 40 connections held open at once (80
+/// sockets followed: 40 connecting, 40 accepted) overflow it, and every close observer cannot
+/// report because its socket was evicted is counted in `stop.sockets_evicted`, never silent.
+#[test]
+fn socket_table_evictions_are_counted() -> Result<()> {
+    let Some(t) = kernel_test("socket_evictions") else {
+        return Ok(());
+    };
+    const PORT: u16 = 5073;
+    let topo = Topology::new(&t.name, 73)?;
+    let ports: Vec<u16> = (45100..45140).collect();
+    let to = SocketAddr::new(topo.server_ip(false), PORT);
+    let listener = topo
+        .server
+        .run(|| TcpListener::bind(to))?
+        .with_context(|| format!("binding {to}"))?;
+    let mut args = ARGS.to_vec();
+    args.extend(["--max-flows", "16"]);
+    let mut observer = Observer::start(&args)?;
+    let pairs: Vec<_> = ports
+        .iter()
+        .map(|&p| (SocketAddr::new(topo.client_ip(false), p), to))
+        .collect();
+    let mut streams = Vec::new();
+    for a in connect_parallel(&topo.client, &pairs, Duration::from_secs(5))? {
+        match a.outcome {
+            Outcome::Connected(s) => streams.push(s),
+            other => anyhow::bail!("connect from {}: expected success, got {other:?}", a.local),
+        }
+    }
+    let accepted = accept_n(&listener, ports.len(), Duration::from_secs(5))?;
+    drop(streams);
+    observer_tests::support::close_after_eof(accepted, Duration::from_secs(5))?;
+    wait_until_closed(&topo.client, &ports)?;
+    wait_until_closed(&topo.server, &[PORT])?;
+    let run = observer.stop()?;
+    drop(listener);
+    let sockets = 2 * ports.len() as u64;
+    let closes = (run.events("close", &server_side(&topo, false, PORT)?).len()
+        + run.events("close", &client_side(&topo, false, PORT)?).len()) as u64;
+    let evicted = u64_of(run.stop()?, "sockets_evicted")?;
+    note(&format!(
+        "{}: {sockets} sockets followed in a table of 16: {closes} close events, \
+         stop.sockets_evicted {evicted}",
+        t.name
+    ));
+    ensure!(
+        evicted > 0 && closes < sockets,
+        "a table of 16 cannot follow {sockets} open sockets: expected evictions, got \
+         sockets_evicted {evicted} and {closes} closes"
+    );
+    // Evictions of other sockets on the host (other tests) may add to the count.
+    ensure!(
+        closes + evicted >= sockets,
+        "{sockets} sockets closed, {closes} close events and {evicted} evictions: some closes \
+         went missing without being counted"
+    );
+    Ok(())
+}

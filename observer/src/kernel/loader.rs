@@ -6,8 +6,8 @@ use aya::{
     programs::{RawTracePoint, TracePoint},
 };
 use observer_common::{
-    ExportBudget, FlowCounters, FlowKey, KernelConfig, KindStats, MAX_DROP_REASONS, NetnsReason,
-    PacketOffsets, RECORD_MAX, RawArgs, drop_filter, event_kind,
+    ExportBudget, FlowCounters, FlowKey, KernelConfig, KindStats, MAX_DROP_REASONS, MapStats,
+    NetnsReason, PacketOffsets, RECORD_MAX, RawArgs, SocketState, drop_filter, event_kind,
 };
 
 use super::{
@@ -89,6 +89,8 @@ pub struct Loaded {
     attach_mode: AttachMode,
     /// [`Loaded::missed_runs`] as it was when the programs were unloaded.
     missed_at_detach: Option<u64>,
+    /// The per-namespace drop map's id, once the context worker has taken it.
+    netns_drops_id: Option<u32>,
 }
 
 /// A tracepoint's place in the plan: which programs can attach to it, or why not.
@@ -283,6 +285,8 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Loaded> {
     let mut ebpf = EbpfLoader::new()
         .override_global("CONFIG", &config, true)
         .map_max_entries("FLOW_COUNTERS", options.max_flows)
+        // One entry per connection being followed: bounded like the flows.
+        .map_max_entries("SOCKETS", options.max_flows)
         .load(PROGRAMS_OBJECT)
         .context("loading the eBPF programs into the kernel")?;
     {
@@ -312,6 +316,7 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Loaded> {
         selected_drop_reasons,
         attach_mode: options.attach_mode,
         missed_at_detach: None,
+        netns_drops_id: None,
     })
 }
 
@@ -532,7 +537,47 @@ impl Loaded {
             .ebpf
             .take_map("NETNS_DROPS")
             .context("map NETNS_DROPS is missing from the object")?;
-        BpfHashMap::try_from(map).context("map NETNS_DROPS is not a hash map")
+        let map: BpfHashMap<MapData, NetnsReason, u64> =
+            BpfHashMap::try_from(map).context("map NETNS_DROPS is not a hash map")?;
+        self.netns_drops_id = aya::maps::IterableMap::map(&map)
+            .info()
+            .ok()
+            .map(|i| i.id());
+        Ok(map)
+    }
+
+    /// Entries the LRU maps evicted so far: `(sockets, netns_drops)`, from the entries the
+    /// programs created and removed and those still there. An eviction loses what the entry
+    /// held: a followed connection's start (its close is then not reported), or a namespace's
+    /// drop count (its firewall rules are then not attributed).
+    pub fn map_evictions(&self) -> anyhow::Result<(u64, u64)> {
+        let map = self
+            .ebpf
+            .map("MAP_STATS")
+            .context("map MAP_STATS is missing")?;
+        let array: PerCpuArray<&MapData, MapStats> = PerCpuArray::try_from(map)?;
+        let (mut created, mut removed, mut netns_created) = (0u64, 0u64, 0u64);
+        for s in array.get(&0, 0)?.iter() {
+            created += s.sockets_created;
+            removed += s.sockets_removed;
+            netns_created += s.netns_drops_created;
+        }
+        let sockets = self.ebpf.map("SOCKETS").context("map SOCKETS is missing")?;
+        let sockets: BpfHashMap<&MapData, u64, SocketState> = BpfHashMap::try_from(sockets)?;
+        let live_sockets = sockets.keys().filter(Result::is_ok).count() as u64;
+        let live_netns = match self.netns_drops_id {
+            Some(id) => {
+                let data = MapData::from_id(id).context("opening NETNS_DROPS by id")?;
+                let map: BpfHashMap<MapData, NetnsReason, u64> =
+                    BpfHashMap::try_from(aya::maps::Map::LruHashMap(data))?;
+                map.keys().filter(Result::is_ok).count() as u64
+            }
+            None => netns_created,
+        };
+        Ok((
+            created.saturating_sub(removed + live_sockets),
+            netns_created.saturating_sub(live_netns),
+        ))
     }
 
     /// Reported drops per reason code, summed over CPUs (only non-zero ones).
