@@ -885,7 +885,11 @@ fn stop_record(
     let stats = loaded.kind_stats()?;
     // Slot 0 counts flow entries the kernel created; the LRU map evicted those not live now.
     let flows_created = stats[0].counted;
-    let (sockets_evicted, netns_drops_evicted) = loaded.map_evictions()?;
+    // Not worth losing the whole record over: said on stderr instead.
+    let (sockets_evicted, netns_drops_evicted) = loaded.map_evictions().unwrap_or_else(|e| {
+        eprintln!("observer: warning: cannot count the kernel maps' evictions: {e:#}");
+        (0, 0)
+    });
     let mut totals = BTreeMap::new();
     for (kind, name) in KERNEL_KINDS {
         let s = stats[usize::from(kind)];

@@ -669,7 +669,9 @@ fn a_slow_reader_costs_records_not_kernel_events() -> Result<()> {
         })?;
 
     send_signal(obs.pid()?, libc::SIGINT)?;
-    reader.wait_for("stop", Duration::from_secs(30))?;
+    reader
+        .wait_for("stop", Duration::from_secs(30))
+        .with_context(|| format!("stderr:\n{}", obs.stderr()))?;
     let (status, stderr) = obs.wait(STOP_TIMEOUT)?;
     let seen = reader.finish(STOP_TIMEOUT)?;
     ensure!(status.code() == Some(0), "exit {status}; stderr:\n{stderr}");

@@ -89,8 +89,8 @@ pub struct Loaded {
     attach_mode: AttachMode,
     /// [`Loaded::missed_runs`] as it was when the programs were unloaded.
     missed_at_detach: Option<u64>,
-    /// The per-namespace drop map's id, once the context worker has taken it.
-    netns_drops_id: Option<u32>,
+    /// Our own handle on the per-namespace drop map, once the context worker has taken it.
+    netns_drops: Option<BpfHashMap<MapData, NetnsReason, u64>>,
 }
 
 /// A tracepoint's place in the plan: which programs can attach to it, or why not.
@@ -316,7 +316,7 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Loaded> {
         selected_drop_reasons,
         attach_mode: options.attach_mode,
         missed_at_detach: None,
-        netns_drops_id: None,
+        netns_drops: None,
     })
 }
 
@@ -539,10 +539,11 @@ impl Loaded {
             .context("map NETNS_DROPS is missing from the object")?;
         let map: BpfHashMap<MapData, NetnsReason, u64> =
             BpfHashMap::try_from(map).context("map NETNS_DROPS is not a hash map")?;
-        self.netns_drops_id = aya::maps::IterableMap::map(&map)
-            .info()
-            .ok()
-            .map(|i| i.id());
+        // A handle of our own keeps the map readable for the `stop` record after the context
+        // worker has dropped its handle.
+        let id = aya::maps::IterableMap::map(&map).info()?.id();
+        let own = MapData::from_id(id).context("opening NETNS_DROPS by id")?;
+        self.netns_drops = Some(BpfHashMap::try_from(aya::maps::Map::LruHashMap(own))?);
         Ok(map)
     }
 
@@ -565,14 +566,16 @@ impl Loaded {
         let sockets = self.ebpf.map("SOCKETS").context("map SOCKETS is missing")?;
         let sockets: BpfHashMap<&MapData, u64, SocketState> = BpfHashMap::try_from(sockets)?;
         let live_sockets = sockets.keys().filter(Result::is_ok).count() as u64;
-        let live_netns = match self.netns_drops_id {
-            Some(id) => {
-                let data = MapData::from_id(id).context("opening NETNS_DROPS by id")?;
-                let map: BpfHashMap<MapData, NetnsReason, u64> =
-                    BpfHashMap::try_from(aya::maps::Map::LruHashMap(data))?;
+        let live_netns = match &self.netns_drops {
+            Some(map) => map.keys().filter(Result::is_ok).count() as u64,
+            None => {
+                let map = self
+                    .ebpf
+                    .map("NETNS_DROPS")
+                    .context("map NETNS_DROPS is missing")?;
+                let map: BpfHashMap<&MapData, NetnsReason, u64> = BpfHashMap::try_from(map)?;
                 map.keys().filter(Result::is_ok).count() as u64
             }
-            None => netns_created,
         };
         Ok((
             created.saturating_sub(removed + live_sockets),
