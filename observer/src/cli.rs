@@ -104,9 +104,9 @@ pub struct RunArgs {
     /// [default: 64].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub wakeup_events: Option<u32>,
-    /// Which tracepoint programs to attach: `raw` reads the tracepoints' arguments (cheapest:
-    /// no record is formatted), `classic` their formatted records; `auto` uses raw where the
-    /// kernel's BTF names the arguments and falls back to classic per tracepoint [default: auto].
+    /// Which tracepoint programs to attach: `classic` reads the tracepoints' formatted records,
+    /// `raw` their arguments (no record is formatted); `auto` uses raw where the kernel's BTF
+    /// names the arguments and falls back to classic per tracepoint [default: classic].
     #[arg(long, value_name = "MODE", value_enum)]
     pub attach: Option<AttachMode>,
     /// Report ESTABLISHED connections stuck for this long (sent data and no reply, or data

@@ -1012,6 +1012,21 @@ impl Run {
         &self.records[0]
     }
 
+    /// Checks that all six programs attached as `kind` (`tracepoint` or `raw_tracepoint`).
+    pub fn ensure_programs_are(&self, kind: &str) -> Result<()> {
+        let programs = self.start()["programs"]
+            .as_array()
+            .context("start record without programs")?;
+        ensure!(
+            programs.len() == 6
+                && programs
+                    .iter()
+                    .all(|p| p["kind"] == kind && p["attached"] == true),
+            "expected 6 attached {kind} programs, got {programs:?}"
+        );
+        Ok(())
+    }
+
     pub fn stop(&self) -> Result<&Value> {
         self.records
             .last()

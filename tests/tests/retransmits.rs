@@ -20,6 +20,10 @@ const BULK: usize = 4 << 20;
 /// Every 8th data skb to the sink is dropped.
 const DATA_DROP_EVERY: u32 = 8;
 
+/// Both program kinds are covered: the IPv4 tests run on raw tracepoints, the others on the
+/// default classic ones.
+const RAW: [&str; 2] = ["--attach", "raw"];
+
 /// For exact per-event comparisons: every retransmit event exported (no per-flow or per-CPU
 /// budget), and only the retransmit kinds, so that storms elsewhere on the host (other tests'
 /// drops, resets, connects) cannot fill the perf buffers or use up a budget.
@@ -31,6 +35,17 @@ const EXACT: &[&str] = &[
     "--export-kinds",
     "retransmit,syn_retransmit,synack_retransmit",
 ];
+
+/// `EXACT`, on raw tracepoints for IPv4 (see `RAW`); and the program kind to expect.
+fn exact_args(v6: bool) -> (Vec<&'static str>, &'static str) {
+    let mut args = EXACT.to_vec();
+    if v6 {
+        (args, "tracepoint")
+    } else {
+        args.extend(RAW);
+        (args, "raw_tracepoint")
+    }
+}
 
 /// Schema checks and "nothing lost" for runs with `--export-per-flow N`.
 fn check_run(run: &Run, export_per_flow: u64) -> Result<()> {
@@ -67,9 +82,11 @@ fn data_retransmits(test: &str, subnet: u8, v6: bool) -> Result<()> {
     let family = if v6 { "ipv6" } else { "ipv4" };
     let topo = Topology::new(test, subnet)?;
     faults::drop_data_to(&topo.server, v6, DATA_PORT, DATA_DROP_EVERY)?;
-    let mut observer = Observer::start(EXACT)?;
+    let (args, kind) = exact_args(v6);
+    let mut observer = Observer::start(&args)?;
     let out = faults::bulk_transfer(&topo, v6, DATA_PORT, BULK)?;
     let run = observer.stop()?;
+    run.ensure_programs_are(kind)?;
     note(&format!(
         "{test}: client TcpRetransSegs delta {}, tcpi_total_retrans {}, flow {} -> {}",
         out.retrans_segs, out.bulk.total_retrans, out.bulk.local, out.bulk.peer
@@ -252,9 +269,11 @@ fn syn_retransmits(test: &str, subnet: u8, v6: bool) -> Result<()> {
     let topo = Topology::new(test, subnet)?;
     // Every 2nd SYN dropped: 6 parallel connects need 3 + 2 + 1 retries (at 1, 2, 3 s).
     faults::drop_syns_to(&topo.server, v6, SYN_PORT, 2)?;
-    let mut observer = Observer::start(EXACT)?;
+    let (args, kind) = exact_args(v6);
+    let mut observer = Observer::start(&args)?;
     let out = faults::parallel_connects(&topo, v6, SYN_PORT, 6, Duration::from_secs(10))?;
     let run = observer.stop()?;
+    run.ensure_programs_are(kind)?;
     note(&format!(
         "{test}: client TcpExtTCPSynRetrans delta {}, ports {:?}",
         out.syn_retrans, out.client_ports
@@ -342,9 +361,11 @@ fn synack_retransmits(test: &str, subnet: u8, v6: bool) -> Result<()> {
     let family = if v6 { "ipv6" } else { "ipv4" };
     let topo = Topology::new(test, subnet)?;
     faults::drop_handshake_acks(&topo.client, v6, SYNACK_PORT)?;
-    let mut observer = Observer::start(EXACT)?;
+    let (args, kind) = exact_args(v6);
+    let mut observer = Observer::start(&args)?;
     let out = faults::half_open_handshakes(&topo, v6, SYNACK_PORT, 3, 2)?;
     let run = observer.stop()?;
+    run.ensure_programs_are(kind)?;
     note(&format!(
         "{test}: server TcpExtTCPSynRetrans delta {} (cap {}), client ports {:?}",
         out.synack_retrans, out.expected, out.client_ports

@@ -1229,17 +1229,16 @@ struct ToolSpec {
 const OBSERVER_ARGV0: &str = "@observer";
 
 const TOOLS: &[ToolSpec] = &[
-    // observer itself on the classic tracepoints (its fallback where raw tracepoints cannot
-    // run): what raw tracepoints save.
+    // observer itself on raw tracepoints: what skipping the classic record saves.
     ToolSpec {
-        label: "observer, classic tracepoints (`--attach classic`), default options otherwise",
+        label: "observer, raw tracepoints (`--attach raw`), default options otherwise",
         package: "observer",
         installs: "/",
         argv: &[
             OBSERVER_ARGV0,
             "run",
             "--attach",
-            "classic",
+            "raw",
             "--duration",
             "600",
         ],
@@ -2418,10 +2417,9 @@ impl Report {
             "- `run_time_ns` counts only the programs' own time. A classic tracepoint also costs \
              the kernel building its record before the program runs, which no program can \
              avoid: the `floor` row (empty programs on the same tracepoints) is what any \
-             classic-tracepoint tool pays on this storm before doing anything. observer runs \
-             on raw tracepoints by default (`--attach auto`), which pass the tracepoint's \
-             arguments without building a record; its row with `--attach classic` shows the \
-             difference on the same storm."
+             classic-tracepoint tool pays on this storm before doing anything. observer's row \
+             with `--attach raw` runs its raw tracepoint programs, which get the tracepoint's \
+             arguments without a record being built, on the same storm."
         );
         let _ = writeln!(
             s,

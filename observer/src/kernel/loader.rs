@@ -50,17 +50,20 @@ pub struct LoadOptions {
 }
 
 /// Which of the two programs on each tracepoint to attach.
+///
+/// Classic is the default: raw programs skip the record the kernel formats for a classic one,
+/// but on this project's storms they measured no cheaper overall (BENCHMARKS.md compares both).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     /// Raw tracepoints where BTF names the arguments, classic ones otherwise or when a raw
     /// attach fails.
-    #[default]
     Auto,
     /// Raw tracepoints only: the tracepoint's arguments, read directly (no record is built).
     Raw,
     /// Classic tracepoints only: the formatted record, as `perf` and bpftrace's `tracepoint:`
     /// see it.
+    #[default]
     Classic,
 }
 
