@@ -270,55 +270,33 @@ impl KernelBtf {
     /// Where the raw tracepoint programs read a socket: `struct sock_common` members (one window
     /// from offset 0) and `sock.sk_protocol`.
     pub fn sock_offsets(&self) -> Result<SockOffsets, BtfError> {
-        let member = |path: &str, size: u32| -> Result<(u16, u32), BtfError> {
-            Ok((self.u16_offset("sock_common", path, Some(size))?, size))
+        // Each member read also extends the window that one copy must cover.
+        let mut end = 0u32;
+        let mut member = |path: &str, size: u32| -> Result<u16, BtfError> {
+            let offset = self.u16_offset("sock_common", path, Some(size))?;
+            end = end.max(u32::from(offset) + size);
+            Ok(offset)
         };
-        let pointer = size_u32(size_of::<usize>());
-        let members = [
-            member("skc_daddr", 4)?,
-            member("skc_rcv_saddr", 4)?,
-            member("skc_dport", 2)?,
-            member("skc_num", 2)?,
-            member("skc_family", 2)?,
-            member("skc_state", 1)?,
-            member("skc_net.net", pointer)?,
-            member("skc_v6_daddr", 16)?,
-            member("skc_v6_rcv_saddr", 16)?,
-        ];
-        let end = members
-            .iter()
-            .map(|&(offset, size)| u32::from(offset) + size)
-            .max()
-            .unwrap_or(0);
-        let [
-            daddr,
-            rcv_saddr,
-            dport,
-            num,
-            family,
-            state,
-            net,
-            v6_daddr,
-            v6_rcv_saddr,
-        ] = members.map(|(offset, _)| offset);
-        Ok(SockOffsets {
-            daddr,
-            rcv_saddr,
-            dport,
-            num,
-            family,
-            state,
-            net,
-            v6_daddr,
-            v6_rcv_saddr,
-            window_len: u16::try_from(end).map_err(|_| BtfError::TooLarge {
-                struct_name: "sock_common".to_owned(),
-                path: "skc_v6_rcv_saddr".to_owned(),
-                offset: end,
-            })?,
+        let mut offsets = SockOffsets {
+            daddr: member("skc_daddr", 4)?,
+            rcv_saddr: member("skc_rcv_saddr", 4)?,
+            dport: member("skc_dport", 2)?,
+            num: member("skc_num", 2)?,
+            family: member("skc_family", 2)?,
+            state: member("skc_state", 1)?,
+            net: member("skc_net.net", size_u32(size_of::<usize>()))?,
+            v6_daddr: member("skc_v6_daddr", 16)?,
+            v6_rcv_saddr: member("skc_v6_rcv_saddr", 16)?,
+            window_len: 0,
             protocol: self.u16_offset("sock", "sk_protocol", Some(2))?,
             inet_sport: self.u16_offset("inet_sock", "inet_sport", Some(2))?,
-        })
+        };
+        offsets.window_len = u16::try_from(end).map_err(|_| BtfError::TooLarge {
+            struct_name: "sock_common".to_owned(),
+            path: "(the members observer reads)".to_owned(),
+            offset: end,
+        })?;
+        Ok(offsets)
     }
 
     /// The arguments of tracepoint `event` as a raw tracepoint program receives them (its
@@ -709,6 +687,59 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn kernel_sock_offsets_cover_one_window() {
+        let Some(btf) = kernel() else { return };
+        let o = btf
+            .sock_offsets()
+            .expect("the running kernel's sock_common layout");
+        eprintln!("sock offsets on this kernel: {o:?}");
+        // The window is the end of the furthest member read, and fits the programs' buffer.
+        assert_eq!(o.window_len, o.v6_rcv_saddr.max(o.v6_daddr) + 16);
+        assert!(o.window_len <= observer_common::RECORD_MAX);
+        // Ports are a pair: the remote port (big-endian) then the local one.
+        assert_eq!(o.num, o.dport + 2);
+        // Offsets outside the window, in the full socket.
+        assert!(o.protocol >= o.window_len && o.inet_sport >= o.window_len);
+    }
+
+    #[test]
+    fn kernel_tracepoint_arguments_resolve_for_every_raw_program() {
+        let Some(btf) = kernel() else { return };
+        for event in [
+            "tcp_retransmit_skb",
+            "tcp_retransmit_synack",
+            "tcp_send_reset",
+            "tcp_receive_reset",
+            "kfree_skb",
+            "inet_sock_set_state",
+        ] {
+            let params = btf
+                .tracepoint_params(event)
+                .unwrap_or_else(|e| panic!("{event}: {e}"));
+            eprintln!("{event}: {params:?}");
+            let args = super::super::raw_args::resolve(event, &params)
+                .unwrap_or_else(|e| panic!("{event}: {e}"));
+            // Every program needs the socket or the packet.
+            assert!(
+                args.sk != observer_common::ARG_ABSENT || args.skb != observer_common::ARG_ABSENT,
+                "{event}: {args:?}"
+            );
+        }
+        // A class-defined event has no function of its own: its one argument is found by type.
+        let params = btf.tracepoint_params("tcp_receive_reset").expect("params");
+        assert_eq!(params.len(), 1);
+        assert_eq!(params[0].ty, "struct sock *");
+        assert_eq!(
+            btf.tracepoint_params("no_such_tracepoint").err().map(|e| e.to_string()),
+            Some(
+                "no tracepoint `no_such_tracepoint` in BTF (neither `__bpf_trace_no_such_tracepoint` \
+                 nor `btf_trace_no_such_tracepoint`)"
+                    .to_owned()
+            )
+        );
     }
 
     #[test]
