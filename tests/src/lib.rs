@@ -768,6 +768,37 @@ pub struct Run {
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Spawns `bin run <args>` with its stdout and stderr piped.
+pub fn spawn_observer(bin: &std::path::Path, args: &[&str]) -> Result<Child> {
+    ensure!(
+        bin.exists(),
+        "{} does not exist: build it first (cargo build -p observer) or set OBSERVER_BIN",
+        bin.display()
+    );
+    let spawn = || {
+        Command::new(bin)
+            .arg("run")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+    };
+    // A file just written (the harness tests' fake) can be briefly held open for writing by
+    // a child another test thread forked before its exec closed the descriptor: exec then
+    // fails with ETXTBSY until that child has exec'd. Bounded retries, only for that error.
+    let mut attempt = 0;
+    loop {
+        match spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && attempt < 100 => {
+                attempt += 1;
+                thread::sleep(Duration::from_millis(10));
+            }
+            other => return other.with_context(|| format!("spawning {}", bin.display())),
+        }
+    }
+}
+
 impl Observer {
     /// Spawns `observer run <args>` and waits (20 s at most) for its `start` record.
     pub fn start(args: &[&str]) -> Result<Self> {
@@ -776,33 +807,7 @@ impl Observer {
 
     /// [`Observer::start`] with another binary (the harness tests use a fake).
     pub fn start_bin(bin: &std::path::Path, args: &[&str]) -> Result<Self> {
-        ensure!(
-            bin.exists(),
-            "{} does not exist: build it first (cargo build -p observer) or set OBSERVER_BIN",
-            bin.display()
-        );
-        let spawn = || {
-            Command::new(bin)
-                .arg("run")
-                .args(args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-        };
-        // A file just written (the harness tests' fake) can be briefly held open for writing by
-        // a child another test thread forked before its exec closed the descriptor: exec then
-        // fails with ETXTBSY until that child has exec'd. Bounded retries, only for that error.
-        let mut attempt = 0;
-        let mut child = loop {
-            match spawn() {
-                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && attempt < 100 => {
-                    attempt += 1;
-                    thread::sleep(Duration::from_millis(10));
-                }
-                other => break other.with_context(|| format!("spawning {}", bin.display()))?,
-            }
-        };
+        let mut child = spawn_observer(bin, args)?;
         let stdout = child.stdout.take().context("stdout")?;
         let stderr_pipe = child.stderr.take().context("stderr")?;
         let (tx, rx) = mpsc::channel();
@@ -2401,7 +2406,7 @@ pub mod support {
 pub mod live {
     use std::{
         io::{BufRead, BufReader},
-        process::{Child, Command, Stdio},
+        process::Child,
         sync::{Arc, Mutex, MutexGuard},
         thread,
         time::{Duration, Instant},
@@ -2459,20 +2464,7 @@ pub mod live {
     impl LiveObserver {
         /// Spawns `observer run <args>` and waits for its `start` record.
         pub fn start(args: &[&str]) -> Result<Self> {
-            let bin = observer_bin();
-            ensure!(
-                bin.exists(),
-                "{} does not exist: build it first (cargo build -p observer) or set OBSERVER_BIN",
-                bin.display()
-            );
-            let mut child = Command::new(&bin)
-                .arg("run")
-                .args(args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .with_context(|| format!("spawning {}", bin.display()))?;
+            let mut child = super::spawn_observer(&observer_bin(), args)?;
             let stdout = child.stdout.take().context("stdout")?;
             let stderr_pipe = child.stderr.take().context("stderr")?;
             let output = Arc::new(Mutex::new(Output::default()));
