@@ -290,8 +290,16 @@ fn accept_queue_overflow_is_attributed_to_its_listener() -> Result<()> {
         ),
         (0, 0)
     );
-    // backlog 1 admits two connections: sk_acceptq_is_full is `ack_backlog > max_ack_backlog`.
-    assert_eq!((drops.backlog_limit, drops.accept_queue), (1, 2));
+    // backlog 1 admits at least two connections (sk_acceptq_is_full is `ack_backlog >
+    // max_ack_backlog`), one more when two clients' ACKs pass that lockless check at once on
+    // two CPUs (seen in CI), and never more than the clients completed.
+    assert_eq!(drops.backlog_limit, 1);
+    assert!(
+        drops.accept_queue >= 2 && drops.accept_queue as usize <= streams.len(),
+        "accept queue {} with {} clients connected: {drops:?}",
+        drops.accept_queue,
+        streams.len()
+    );
     drop(streams);
     Ok(())
 }
