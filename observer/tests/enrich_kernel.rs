@@ -304,6 +304,92 @@ fn accept_queue_overflow_is_attributed_to_its_listener() -> Result<()> {
     Ok(())
 }
 
+/// An overflow on a handshake's final ACK: the client's ACK is held back while two other
+/// clients fill the accept queue, then the first client's data completes its handshake into a
+/// full queue. The kernel counts each such overflow twice in the listener's sk_drops
+/// (tcp_listendrop, then tcp_v4_rcv's discard) and once in ListenDrops; the tracker must
+/// report the namespace's count, not the socket's (CI saw this path when clients raced).
+#[test]
+fn overflow_on_the_final_ack_is_counted_once() -> Result<()> {
+    let Some(_guard) = kernel_test("overflow_on_the_final_ack_is_counted_once") else {
+        return Ok(());
+    };
+    let ns = TestNs::new("ackovf")?;
+    let netns_inode = ns.inode()?;
+    let listener = listener_in(&ns, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), 1)?;
+    let addr = listener.local_addr()?;
+    let port = addr.port().to_string();
+    let (before_listeners, before) = readings(&ns)?;
+    let mut tracker = ListenerTracker::new();
+    tracker.update(netns_inode, &before_listeners, &BTreeMap::new());
+    let drops_of = |listeners: &[ListenerSnapshot]| {
+        listeners
+            .iter()
+            .find(|l| l.port == addr.port())
+            .map(|l| l.drops)
+            .ok_or_else(|| anyhow!("listener missing from {listeners:?}"))
+    };
+    let connect = || -> Result<TcpStream> {
+        let path = ns.path.clone();
+        Ok(netns::in_namespace(&path, move || {
+            TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
+        })??)
+    };
+
+    // The first client's handshake stays a request socket: its ACK is dropped. The server
+    // retransmits its SYN-ACK after 1 s, so the rest happens well within that.
+    let hold_acks = [
+        "INPUT", "-p", "tcp", "--dport", &port, "!", "--syn", "-j", "DROP",
+    ];
+    ns.exec(&[&["iptables", "-I"][..], &hold_acks].concat())?;
+    let started = Instant::now();
+    let mut first = connect()?;
+    ns.exec(&[&["iptables", "-D"][..], &hold_acks].concat())?;
+    let fillers = [connect()?, connect()?];
+    first.write_all(b"x")?;
+    let elapsed = started.elapsed();
+
+    // Wait for the overflow, then cut the listener off so the readings settle.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, now) = readings(&ns)?;
+        if counters::delta(&before, &now)
+            .get(LISTEN_OVERFLOWS)
+            .is_some_and(|&o| o > 0)
+        {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "no overflow within 5 s");
+        thread::sleep(Duration::from_millis(20));
+    }
+    ns.exec(&[
+        "iptables", "-I", "INPUT", "-p", "tcp", "--dport", &port, "-j", "DROP",
+    ])?;
+    let (after_listeners, after) = settled_readings(&ns)?;
+    let delta = counters::delta(&before, &after);
+    let sk_drops = drops_of(&after_listeners)?.wrapping_sub(drops_of(&before_listeners)?);
+    let report = tracker.update(netns_inode, &after_listeners, &delta);
+    let drops = drops_for(&report.listeners, addr.port())?;
+    eprintln!(
+        "final-ACK overflow: {elapsed:?} from first connect to its data; sk_drops +{sk_drops}; \
+         namespace {:?}; listener {drops:?}",
+        LISTEN_COUNTERS.map(|c| (c, delta.get(c).copied().unwrap_or(0))),
+    );
+    let overflows = delta.get(LISTEN_OVERFLOWS).copied().unwrap_or(0);
+    let listen_drops = delta.get(LISTEN_DROPS).copied().unwrap_or(0);
+    // Ground truth that the path was taken: the socket counted more than the namespace.
+    ensure!(
+        u64::from(sk_drops) > listen_drops,
+        "the final-ACK path was not taken (sk_drops +{sk_drops}, ListenDrops +{listen_drops}, \
+         {elapsed:?} from first connect to its data)"
+    );
+    assert_eq!(drops.accept_queue_overflows, overflows);
+    assert_eq!((drops.syn_queue_drops, drops.other_drops), (0, 0));
+    assert_eq!(drops.total(), listen_drops);
+    drop((first, fillers, listener));
+    Ok(())
+}
+
 /// SYN queue full with syncookies off: handshakes that never complete (the client's ACKs are
 /// dropped) fill the SYN queue; further SYNs are refused. The tracker's count equals the
 /// namespace's TCPReqQFullDrop delta, which here is all of ListenDrops.

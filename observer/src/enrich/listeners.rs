@@ -199,8 +199,9 @@ pub struct ListenerDrops {
     pub accept_queue_overflows: u64,
     /// Refusals because the SYN queue was full (share of `TcpExtTCPReqQFullDrop`).
     pub syn_queue_drops: u64,
-    /// The rest of the listener's sk_drops: other `tcp_listendrop()` causes, such as the
-    /// `tcp_max_syn_backlog` quarter rule (syncookies off) or memory and routing failures.
+    /// Other `tcp_listendrop()` causes, such as the `tcp_max_syn_backlog` quarter rule
+    /// (syncookies off) or memory and routing failures (share of `TcpExtListenDrops` less
+    /// the two above).
     pub other_drops: u64,
     /// At the end of the interval.
     pub backlog_limit: u32,
@@ -209,7 +210,8 @@ pub struct ListenerDrops {
 }
 
 impl ListenerDrops {
-    /// All drops of the listener in the interval (its sk_drops delta).
+    /// All listen drops of the listener in the interval (at most its sk_drops delta, which
+    /// also counts discarded packets that were no listen drop).
     pub fn total(&self) -> u64 {
         self.accept_queue_overflows + self.syn_queue_drops + self.other_drops
     }
@@ -254,7 +256,10 @@ impl ListenerTracker {
     ///    the interval, in proportion to their drops and never more than those; what is left
     ///    of O goes to all listeners in proportion to their drops not yet attributed.
     /// 2. Q is attributed the same way, preferring listeners whose SYN queue was full.
-    /// 3. Whatever remains of a listener's drops is `other_drops`.
+    /// 3. `ListenDrops - O - Q` is attributed as `other_drops` in proportion to the drops
+    ///    still unexplained. The rest of sk_drops is no listen drop: the kernel also counts
+    ///    packets the listener discarded there, and counts an overflow on a handshake's final
+    ///    ACK (the request socket's path) twice.
     ///
     /// When one listener accounts for all the drops of its namespace in the interval (the
     /// usual case) the split is exact. With several, it is exact for each listener whose queue
@@ -312,6 +317,16 @@ impl ListenerTracker {
             .collect();
         let (syn_parts, unattributed_syn_queue_drops) =
             attribute(req_q_full, &remaining, &syn_full);
+        // sk_drops also counts packets the listener discarded that were no listen drop, and
+        // counts an overflow on a handshake's final ACK twice (tcp_listendrop, then the
+        // discard in tcp_v4_rcv): only the namespace's other listen drops are reported.
+        let other_listen_drops = counter(LISTEN_DROPS).saturating_sub(overflows + req_q_full);
+        let unexplained: Vec<u64> = remaining
+            .iter()
+            .zip(&syn_parts)
+            .map(|(r, s)| r - s)
+            .collect();
+        let other_parts = proportional(other_listen_drops, &unexplained);
 
         let listeners = entries
             .iter()
@@ -320,7 +335,7 @@ impl ListenerTracker {
                 key: now.key(),
                 accept_queue_overflows: overflow_parts[i],
                 syn_queue_drops: syn_parts[i],
-                other_drops: remaining[i] - syn_parts[i],
+                other_drops: other_parts[i],
                 backlog_limit: now.backlog_limit,
                 accept_queue: now.accept_queue,
                 syn_queue: now.syn_queue,
@@ -460,6 +475,29 @@ mod tests {
                 .listeners
                 .iter()
                 .any(|l| l.total() > 0)
+        );
+    }
+
+    #[test]
+    fn discards_beyond_listen_drops_are_not_reported_as_drops() {
+        // Measured on 6.18: 2 overflows on handshakes' final ACKs raised the listener's
+        // sk_drops by 4 and ListenDrops by 2; a later interval adds 3 plain discards.
+        let mut tracker = ListenerTracker::new();
+        tracker.update(NS, &[listener(80, 1, 1, 0, 0, 0)], &BTreeMap::new());
+        let out = tracker.update(NS, &[listener(80, 1, 1, 2, 0, 4)], &counters(2, 2, 0));
+        let l = &out.listeners[0];
+        assert_eq!(
+            (l.accept_queue_overflows, l.syn_queue_drops, l.other_drops),
+            (2, 0, 0)
+        );
+        let out = tracker.update(NS, &[listener(80, 1, 1, 2, 0, 7)], &counters(0, 0, 0));
+        assert_eq!(out.listeners[0].total(), 0);
+        // Other listen drops are still reported, no more than the namespace counted.
+        let out = tracker.update(NS, &[listener(80, 1, 1, 2, 0, 12)], &counters(1, 3, 0));
+        let l = &out.listeners[0];
+        assert_eq!(
+            (l.accept_queue_overflows, l.syn_queue_drops, l.other_drops),
+            (1, 0, 2)
         );
     }
 
