@@ -441,21 +441,71 @@ pub struct SocketState {
 }
 const _: () = assert!(size_of::<SocketState>() == 24);
 
-/// Key of the per-namespace drop counters: which namespace, which reason.
-/// Entries the kernel programs put into and took out of their bounded maps, per CPU: with the
-/// entries still there at the end, userspace derives how many each LRU map evicted.
+/// Ways of one set of the socket table.
+pub const SOCKET_WAYS: usize = 4;
+
+/// One followed socket: its address (0: the way is free) and state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SocketWay {
+    pub sk: u64,
+    pub state: SocketState,
+}
+const _: () = assert!(size_of::<SocketWay>() == 32);
+
+/// One set of the `SOCKETS` table: a socket lives in the set its address hashes to
+/// ([`socket_set`]), in any free way. An array of sets costs no hash-map operation (no bucket
+/// lock, no allocation), which a hash map paid on every connect.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SocketSet {
+    pub ways: [SocketWay; SOCKET_WAYS],
+}
+const _: () = assert!(size_of::<SocketSet>() == 128);
+
+/// Index of the set of socket `sk` in a table of `mask + 1` sets (a power of two). Socket
+/// addresses are slab-aligned, so their low bits are not spread: a multiplicative hash is.
+#[inline(always)]
+pub fn socket_set(sk: u64, mask: u32) -> u32 {
+    ((sk.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32) & mask
+}
+
+/// Sets of a socket table for `entries` sockets: a power of two, at least one.
+pub fn socket_sets_for(entries: u32) -> u32 {
+    entries
+        .div_ceil(SOCKET_WAYS as u32)
+        .max(1)
+        .checked_next_power_of_two()
+        .unwrap_or(1 << 31)
+}
+
+/// Sizes of the tables the kernel programs index themselves.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TableSizes {
+    /// `SOCKETS` has `socket_sets_mask + 1` sets.
+    pub socket_sets_mask: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<TableSizes>() == 8);
+
+/// What the kernel programs did to their bounded tables, per CPU: `SOCKETS` evictions are
+/// counted where they happen; `NETNS_DROPS` (an LRU map) evictions are derived by userspace
+/// from the entries created and those still there.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct MapStats {
-    /// `SOCKETS` entries created (a connect starting, a connection accepted).
-    pub sockets_created: u64,
-    /// `SOCKETS` entries removed by the programs (the connection closed or failed).
-    pub sockets_removed: u64,
+    /// Followed sockets lost to a full `SOCKETS` set: evicted for a newer one, or not
+    /// admitted when another CPU took the way first. Each loses that connection's report.
+    pub sockets_evicted: u64,
+    /// Sockets the programs started following (a connect starting, a connection accepted).
+    pub sockets_tracked: u64,
     /// `NETNS_DROPS` entries created.
     pub netns_drops_created: u64,
 }
 const _: () = assert!(size_of::<MapStats>() == 24);
 
+/// Key of the per-namespace drop counters: which namespace, which reason.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct NetnsReason {
@@ -569,8 +619,9 @@ pub struct KernelConfig {
     pub packet: PacketOffsets,
     pub budget: ExportBudget,
     pub raw: RawLayout,
+    pub tables: TableSizes,
 }
-const _: () = assert!(size_of::<KernelConfig>() == 256);
+const _: () = assert!(size_of::<KernelConfig>() == 264);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -590,7 +641,41 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SocketState {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for super::SocketSet {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::CpuBudget {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NetnsReason {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_tables_are_powers_of_two_with_room_for_the_entries() {
+        assert_eq!(socket_sets_for(0), 1);
+        assert_eq!(socket_sets_for(1), 1);
+        assert_eq!(socket_sets_for(16), 4);
+        assert_eq!(socket_sets_for(17), 8);
+        assert_eq!(socket_sets_for(65_536), 16_384);
+        assert_eq!(socket_sets_for(4_194_304), 1 << 20);
+        assert_eq!(socket_sets_for(u32::MAX), 1 << 30);
+    }
+
+    #[test]
+    fn slab_aligned_sockets_spread_over_the_sets() {
+        // 4,096 sockets as a slab hands them out (2,304-byte objects in 32 KiB slabs) over
+        // 1,024 sets: no set may hold more than a few beyond the average of 4.
+        let mask = socket_sets_for(4_096) - 1;
+        assert_eq!(mask, 1_023);
+        let mut per_set = [0u32; 1_024];
+        for i in 0..4_096u64 {
+            let sk = 0xffff_8881_0000_0000 + (i / 14) * 0x8000 + (i % 14) * 2_304;
+            per_set[socket_set(sk, mask) as usize] += 1;
+        }
+        let fullest = per_set.iter().copied().max().unwrap_or(0);
+        assert!(fullest <= 12, "fullest set holds {fullest}");
+        assert!(per_set.iter().filter(|&&n| n == 0).count() < 100);
+    }
 }

@@ -12,17 +12,17 @@
 //! program can win back), classic otherwise or on request.
 #![no_std]
 #![no_main]
-// Atomic add on map values: core's AtomicU64 has no RMW methods for the BPF target, but the
-// intrinsic lowers to BPF_XADD when its result is unused (what CPU v1, the default, supports).
+// Atomics on map values: core's AtomicU64 has no RMW methods for the BPF target, but the
+// intrinsics lower to BPF_XADD (add, result unused) and BPF_CMPXCHG (CPU v3, LLVM's default).
 #![feature(core_intrinsics)]
 #![expect(
     internal_features,
-    reason = "atomic_xadd is the only atomic add available on BPF"
+    reason = "the atomic intrinsics are the only atomic read-modify-writes available on BPF"
 )]
 
 use core::{
     ffi::c_void,
-    intrinsics::{AtomicOrdering, atomic_xadd},
+    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd},
 };
 
 use aya_ebpf::{
@@ -37,8 +37,9 @@ use aya_ebpf::{
 };
 use observer_common::{
     ARG_ABSENT, CpuBudget, FIELD_ABSENT, FlowCounters, FlowKey, KernelConfig, KindStats,
-    MAX_DROP_REASONS, MapStats, NetnsReason, RECORD_MAX, SEND_RESET_SOCKADDR, SocketState,
-    TCP_SYN_SENT, TcpEvent, connect_outcome, direction, drop_filter, event_kind, key_wildcard,
+    MAX_DROP_REASONS, MapStats, NetnsReason, RECORD_MAX, SEND_RESET_SOCKADDR, SOCKET_WAYS,
+    SocketSet, SocketState, SocketWay, TCP_SYN_SENT, TcpEvent, connect_outcome, direction,
+    drop_filter, event_kind, key_wildcard, socket_set,
 };
 
 /// Set by userspace at load time; all zeroes here only so that the object has the symbol.
@@ -85,14 +86,15 @@ static DROP_REASON_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_
 #[map]
 static NETNS_DROPS: LruHashMap<NetnsReason, u64> = LruHashMap::with_max_entries(4096, 0);
 
-/// Entries created in and removed from the LRU maps (one slot; userspace derives evictions).
+/// What the programs did to their bounded tables (one slot).
 #[map]
 static MAP_STATS: PerCpuArray<MapStats> = PerCpuArray::with_max_entries(1, 0);
 
-/// Per-socket state between state changes, keyed by the socket's address. Userspace sizes it
-/// like the flow map.
+/// Per-socket state between state changes: a set-associative table indexed by the socket's
+/// address ([`socket_set`]). Userspace sizes it like the flow map and sets
+/// `tables.socket_sets_mask`.
 #[map]
-static SOCKETS: LruHashMap<u64, SocketState> = LruHashMap::with_max_entries(65_536, 0);
+static SOCKETS: Array<SocketSet> = Array::with_max_entries(16_384, 0);
 
 /// Exemplar events for userspace.
 #[map]
@@ -123,10 +125,45 @@ fn stats(kind: u8) -> Option<&'static mut KindStats> {
     Some(unsafe { &mut *ptr })
 }
 
+/// The boot clock, to the nanosecond: for exported events and connection timings.
 #[inline(always)]
 fn now_ns() -> u64 {
     // SAFETY: helper without arguments or side effects.
     unsafe { bpf_ktime_get_boot_ns() }
+}
+
+/// This CPU's last reading of the boot clock and the jiffy it was taken in.
+#[repr(C)]
+struct TickReading {
+    jiffies: u64,
+    ns: u64,
+}
+
+#[map]
+static TICK_CLOCK: PerCpuArray<TickReading> = PerCpuArray::with_max_entries(1, 0);
+
+/// The boot clock to within a scheduler tick (behind by at most one): enough for the export
+/// windows, and read precisely once per tick per CPU. A precise reading costs about 50 ns
+/// here, a quarter of what a whole run of some programs costs, and most events of a storm are
+/// only counted, never exported with a time.
+#[inline(always)]
+fn tick_now_ns() -> u64 {
+    // SAFETY: helper without arguments or side effects.
+    let jiffies = unsafe { generated::bpf_jiffies64() };
+    let Some(reading) = TICK_CLOCK.get_ptr_mut(0) else {
+        return now_ns();
+    };
+    // SAFETY: this CPU's slot. A program interrupted on this CPU by another one between the two
+    // stores leaves a reading at most one tick old, which only shifts a window edge.
+    unsafe {
+        if (*reading).jiffies == jiffies && (*reading).ns != 0 {
+            return (*reading).ns;
+        }
+        let ns = now_ns();
+        (*reading).jiffies = jiffies;
+        (*reading).ns = ns;
+        ns
+    }
 }
 
 /// Offsets into a copied buffer are masked with this (the verifier must see them bounded);
@@ -368,8 +405,8 @@ fn entry<K, V>(map: &LruHashMap<K, V>, key: &K, init: V) -> Option<(*mut V, bool
 /// A field of [`MapStats`].
 #[derive(Clone, Copy)]
 enum MapStat {
-    SocketsCreated,
-    SocketsRemoved,
+    SocketsEvicted,
+    SocketsTracked,
     NetnsDropsCreated,
 }
 
@@ -383,30 +420,132 @@ fn count_map_stat(stat: MapStat) {
     // SAFETY: this CPU's slot of a per-CPU map value; only field addresses are computed.
     unsafe {
         let field = match stat {
-            MapStat::SocketsCreated => &raw mut (*stats).sockets_created,
-            MapStat::SocketsRemoved => &raw mut (*stats).sockets_removed,
+            MapStat::SocketsEvicted => &raw mut (*stats).sockets_evicted,
+            MapStat::SocketsTracked => &raw mut (*stats).sockets_tracked,
             MapStat::NetnsDropsCreated => &raw mut (*stats).netns_drops_created,
         };
         atomic_add(field, 1);
     }
 }
 
-/// Starts tracking socket `sk`. An entry already there is a socket freed without a close we
-/// saw, whose address was reused: it is replaced, which is neither a new entry nor an eviction.
+/// The `SOCKETS` set of socket `sk`.
 #[inline(always)]
-fn track_socket(sk: u64, state: &SocketState) {
-    if SOCKETS.insert(sk, state, u64::from(BPF_NOEXIST)).is_ok() {
-        count_map_stat(MapStat::SocketsCreated);
-    } else {
-        let _ = SOCKETS.insert(sk, state, 0);
+fn socket_set_of(sk: u64) -> Option<*mut SocketSet> {
+    SOCKETS.get_ptr_mut(socket_set(sk, config!(tables.socket_sets_mask)))
+}
+
+/// The socket address held by a way, which other CPUs claim and free concurrently.
+///
+/// # Safety
+/// `way` must point into a live map value.
+#[inline(always)]
+unsafe fn way_owner(way: *mut SocketWay) -> u64 {
+    // SAFETY: guaranteed by the caller. An aligned 64-bit load is single-copy atomic on BPF;
+    // volatile keeps it a fresh load (LLVM's BPF backend has no atomic load at CPU v3).
+    unsafe { core::ptr::read_volatile(&raw const (*way).sk) }
+}
+
+/// Makes `way` hold `new` if it holds `old` (BPF_CMPXCHG, atomic across CPUs).
+///
+/// # Safety
+/// `way` must point into a live map value.
+#[inline(always)]
+unsafe fn claim_way(way: *mut SocketWay, old: u64, new: u64) -> bool {
+    // SAFETY: guaranteed by the caller; the field is an aligned u64.
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+            &raw mut (*way).sk,
+            old,
+            new,
+        )
+        .1
     }
 }
 
-/// Stops tracking socket `sk` (closed, or its connect failed).
+/// The state of socket `sk` if it is followed, else null. (A pointer, not an `Option`: LLVM
+/// carries an `Option`'s pointer and tag in two registers and spills the undefined pointer of
+/// a None, which the verifier refuses to read.)
+#[inline(always)]
+fn followed_socket(sk: u64) -> *mut SocketState {
+    let mut found = core::ptr::null_mut();
+    if let Some(set) = socket_set_of(sk) {
+        let mut i = 0;
+        while i < SOCKET_WAYS {
+            // SAFETY: a live map value; only field addresses are taken.
+            unsafe {
+                let way = &raw mut (*set).ways[i];
+                if way_owner(way) == sk {
+                    found = &raw mut (*way).state;
+                }
+            }
+            i += 1;
+        }
+    }
+    found
+}
+
+/// Starts following socket `sk`. A way already holding it is a socket freed without a close we
+/// saw, whose address was reused: its state is replaced. In a full set, the way opened longest
+/// ago is evicted and counted: that connection's report is lost.
+#[inline(always)]
+fn track_socket(sk: u64, state: &SocketState) {
+    let existing = followed_socket(sk);
+    if !existing.is_null() {
+        // SAFETY: a live map value of this socket.
+        unsafe { *existing = *state };
+        return;
+    }
+    let Some(set) = socket_set_of(sk) else {
+        return;
+    };
+    let mut i = 0;
+    let mut oldest = 0;
+    let mut oldest_ns = u64::MAX;
+    while i < SOCKET_WAYS {
+        // SAFETY: a live map value; only field addresses are taken. A way's state is written
+        // only by the CPU that claimed the way.
+        unsafe {
+            let way = &raw mut (*set).ways[i];
+            if claim_way(way, 0, sk) {
+                (*way).state = *state;
+                count_map_stat(MapStat::SocketsTracked);
+                return;
+            }
+            let opened = (*way).state.opened_ns;
+            if opened < oldest_ns {
+                oldest_ns = opened;
+                oldest = i;
+            }
+        }
+        i += 1;
+    }
+    count_map_stat(MapStat::SocketsEvicted);
+    // SAFETY: as above; the index is masked below SOCKET_WAYS.
+    unsafe {
+        let way = &raw mut (*set).ways[oldest % SOCKET_WAYS];
+        let victim = way_owner(way);
+        // Another CPU may have taken or freed the way meanwhile: this socket then goes
+        // unfollowed, which the eviction just counted stands for.
+        if victim != 0 && claim_way(way, victim, sk) {
+            (*way).state = *state;
+            count_map_stat(MapStat::SocketsTracked);
+        }
+    }
+}
+
+/// Stops following socket `sk` (closed, or its connect failed).
 #[inline(always)]
 fn untrack_socket(sk: u64) {
-    if SOCKETS.remove(sk).is_ok() {
-        count_map_stat(MapStat::SocketsRemoved);
+    let Some(set) = socket_set_of(sk) else {
+        return;
+    };
+    let mut i = 0;
+    while i < SOCKET_WAYS {
+        // SAFETY: a live map value; only a field address is taken.
+        if unsafe { claim_way(&raw mut (*set).ways[i], sk, 0) } {
+            return;
+        }
+        i += 1;
     }
 }
 
@@ -572,6 +711,7 @@ fn record_with<C: aya_ebpf::EbpfContext>(
             && cpu_budget_allows(event.timestamp_ns)
         {
             event.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+            event.timestamp_ns = now_ns();
             complete(event);
             output(ctx, event);
             stats.exported += 1;
@@ -598,6 +738,8 @@ fn record_with<C: aya_ebpf::EbpfContext>(
     }
     event.flow_count = total;
     event.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // Counting and the budgets ran on the tick clock; an exported event gets the exact time.
+    event.timestamp_ns = now_ns();
     complete(event);
     output(ctx, event);
     stats.exported += 1;
@@ -640,7 +782,7 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
         let layout = config!(retransmit_skb);
         let rec = record_of(&ctx, layout.record_size, slot::RETRANSMIT_SKB)?;
         let sk: u64 = rec.get(layout.skaddr);
-        let event = new_event(event_kind::RETRANSMIT, now_ns(), slot::RETRANSMIT_SKB)?;
+        let event = new_event(event_kind::RETRANSMIT, tick_now_ns(), slot::RETRANSMIT_SKB)?;
         fill_from_record(event, rec, layout.tuple(), sk);
         event.state = rec.get::<i32>(layout.state) as u8;
         if layout.err != FIELD_ABSENT {
@@ -661,7 +803,7 @@ pub fn raw_tcp_retransmit_skb(ctx: RawTracePointContext) -> u32 {
             raw_args::<3>(&ctx)
         };
         let sk = arg(&args, a.sk);
-        let event = new_event(event_kind::RETRANSMIT, now_ns(), slot::RETRANSMIT_SKB)?;
+        let event = new_event(event_kind::RETRANSMIT, tick_now_ns(), slot::RETRANSMIT_SKB)?;
         fill_from_sock(event, sk, slot::RETRANSMIT_SKB)?;
         event.err = arg(&args, a.reason) as i32;
         on_retransmit(&ctx, event, sk, arg(&args, a.skb))
@@ -678,9 +820,8 @@ fn on_retransmit<C: aya_ebpf::EbpfContext>(
     if event.state == TCP_SYN_SENT {
         event.kind = event_kind::SYN_RETRANSMIT;
         // Remember for the connect's outcome how many SYNs it took.
-        if event.err == 0
-            && let Some(s) = SOCKETS.get_ptr_mut(sk)
-        {
+        let s = followed_socket(sk);
+        if event.err == 0 && !s.is_null() {
             // SAFETY: live map value; a lost race only miscounts the informational field.
             unsafe { (*s).syn_retransmits += 1 };
         }
@@ -709,7 +850,7 @@ pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
         let rec = record_of(&ctx, layout.record_size, slot::RETRANSMIT_SYNACK)?;
         let event = new_event(
             event_kind::SYNACK_RETRANSMIT,
-            now_ns(),
+            tick_now_ns(),
             slot::RETRANSMIT_SYNACK,
         )?;
         fill_from_record(event, rec, layout.tuple(), rec.get(layout.skaddr));
@@ -724,7 +865,7 @@ pub fn raw_tcp_retransmit_synack(ctx: RawTracePointContext) -> u32 {
         let args = raw_args::<2>(&ctx);
         let event = new_event(
             event_kind::SYNACK_RETRANSMIT,
-            now_ns(),
+            tick_now_ns(),
             slot::RETRANSMIT_SYNACK,
         )?;
         // The request socket holds the half-open connection's addresses and namespace.
@@ -751,7 +892,11 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
         let layout = config!(receive_reset);
         let rec = record_of(&ctx, layout.record_size, slot::RECEIVE_RESET)?;
         let sk: u64 = rec.get(layout.skaddr);
-        let event = new_event(event_kind::RESET_RECEIVED, now_ns(), slot::RECEIVE_RESET)?;
+        let event = new_event(
+            event_kind::RESET_RECEIVED,
+            tick_now_ns(),
+            slot::RECEIVE_RESET,
+        )?;
         fill_from_record(event, rec, layout.tuple(), sk);
         // The record has no socket state: read it from the socket.
         event.state = kread(sk + u64::from(config!(offsets.sock_state))).unwrap_or(0);
@@ -764,7 +909,11 @@ pub fn raw_tcp_receive_reset(ctx: RawTracePointContext) -> u32 {
     run(event_kind::RESET_RECEIVED, || {
         let a = config!(raw.receive_reset);
         let args = raw_args::<1>(&ctx);
-        let event = new_event(event_kind::RESET_RECEIVED, now_ns(), slot::RECEIVE_RESET)?;
+        let event = new_event(
+            event_kind::RESET_RECEIVED,
+            tick_now_ns(),
+            slot::RECEIVE_RESET,
+        )?;
         fill_from_sock(event, arg(&args, a.sk), slot::RECEIVE_RESET)?;
         on_receive_reset(&ctx, event)
     })
@@ -805,7 +954,7 @@ fn try_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
     let layout = config!(send_reset);
     let rec = record_of(ctx, layout.record_size, slot::SEND_RESET)?;
     let sk: u64 = rec.get(layout.skaddr);
-    let event = new_event(event_kind::RESET_SENT, now_ns(), slot::SEND_RESET)?;
+    let event = new_event(event_kind::RESET_SENT, tick_now_ns(), slot::SEND_RESET)?;
     event.state = rec.get::<i32>(layout.state) as u8;
     let reason: u32 = if layout.reason == FIELD_ABSENT {
         0
@@ -850,7 +999,7 @@ pub fn raw_tcp_send_reset(ctx: RawTracePointContext) -> u32 {
             raw_args::<3>(&ctx)
         };
         let sk = arg(&args, a.sk);
-        let event = new_event(event_kind::RESET_SENT, now_ns(), slot::SEND_RESET)?;
+        let event = new_event(event_kind::RESET_SENT, tick_now_ns(), slot::SEND_RESET)?;
         if sk != 0 {
             fill_from_sock(event, sk, slot::SEND_RESET)?;
         } else {
@@ -1084,7 +1233,7 @@ fn on_drop<C: aya_ebpf::EbpfContext>(
     drop: &Drop,
     check_protocol: bool,
 ) -> Result<(), i32> {
-    let event = new_event(event_kind::DROP, now_ns(), slot::KFREE_SKB)?;
+    let event = new_event(event_kind::DROP, tick_now_ns(), slot::KFREE_SKB)?;
     let Some(dev) = read_packet(drop.skb, event, check_protocol, slot::KFREE_SKB)? else {
         return Ok(());
     };
@@ -1235,13 +1384,13 @@ fn on_set_state<C: aya_ebpf::EbpfContext>(
         (_, TCP_CLOSE) => (event_kind::CLOSE, Counter::Closes),
         _ => return Ok(()),
     };
-    let known = SOCKETS.get_ptr_mut(sk);
-    if kind == event_kind::CLOSE && known.is_none() {
+    let known = followed_socket(sk);
+    if kind == event_kind::CLOSE && known.is_null() {
         // Close: report only sockets seen opening, with their lifetime.
         return Ok(());
     }
     // Sockets seen opening are TCP already; others are checked now.
-    if known.is_none() && !is_tcp() {
+    if known.is_null() && !is_tcp() {
         return Ok(());
     }
     let now = now_ns();
@@ -1255,7 +1404,8 @@ fn on_set_state<C: aya_ebpf::EbpfContext>(
     let mut counter = counter;
     match kind {
         event_kind::CONNECT => {
-            if let Some(s) = known {
+            if !known.is_null() {
+                let s = known;
                 // SAFETY: live map value of this socket.
                 unsafe {
                     event.duration_ns = now.wrapping_sub((*s).opened_ns);
@@ -1275,7 +1425,8 @@ fn on_set_state<C: aya_ebpf::EbpfContext>(
             } else {
                 event.aux8 = connect_outcome::TIMEOUT;
             }
-            if let Some(s) = known {
+            if !known.is_null() {
+                let s = known;
                 // SAFETY: live map value of this socket.
                 unsafe {
                     event.duration_ns = now.wrapping_sub((*s).opened_ns);
@@ -1301,7 +1452,8 @@ fn on_set_state<C: aya_ebpf::EbpfContext>(
             track_socket(sk, &state);
         }
         _ => {
-            if let Some(s) = known {
+            if !known.is_null() {
+                let s = known;
                 // SAFETY: live map value of this socket.
                 unsafe {
                     let since = if (*s).established_ns != 0 {

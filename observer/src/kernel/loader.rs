@@ -7,7 +7,8 @@ use aya::{
 };
 use observer_common::{
     ExportBudget, FlowCounters, FlowKey, KernelConfig, KindStats, MAX_DROP_REASONS, MapStats,
-    NetnsReason, PacketOffsets, RECORD_MAX, RawArgs, SocketState, drop_filter, event_kind,
+    NetnsReason, PacketOffsets, RECORD_MAX, RawArgs, TableSizes, drop_filter, event_kind,
+    socket_sets_for,
 };
 
 use super::{
@@ -131,6 +132,10 @@ fn discover(options: &LoadOptions) -> anyhow::Result<Discovery> {
             per_flow: options.export_per_flow,
             per_cpu: options.export_per_cpu,
             kinds: options.export_kinds,
+            _pad: 0,
+        },
+        tables: TableSizes {
+            socket_sets_mask: socket_sets_for(options.max_flows) - 1,
             _pad: 0,
         },
         ..KernelConfig::default()
@@ -288,8 +293,8 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Loaded> {
     let mut ebpf = EbpfLoader::new()
         .override_global("CONFIG", &config, true)
         .map_max_entries("FLOW_COUNTERS", options.max_flows)
-        // One entry per connection being followed: bounded like the flows.
-        .map_max_entries("SOCKETS", options.max_flows)
+        // Room for as many followed connections as flows, in sets of SOCKET_WAYS.
+        .map_max_entries("SOCKETS", socket_sets_for(options.max_flows))
         .load(PROGRAMS_OBJECT)
         .context("loading the eBPF programs into the kernel")?;
     {
@@ -550,25 +555,22 @@ impl Loaded {
         Ok(map)
     }
 
-    /// Entries the LRU maps evicted so far: `(sockets, netns_drops)`, from the entries the
-    /// programs created and removed and those still there. An eviction loses what the entry
-    /// held: a followed connection's start (its close is then not reported), or a namespace's
-    /// drop count (its firewall rules are then not attributed).
+    /// Entries the bounded tables evicted so far: `(sockets, netns_drops)`. The programs count
+    /// socket evictions as they make them; for the `NETNS_DROPS` LRU map they are the entries
+    /// created less those still there. An eviction loses what the entry held: a followed
+    /// connection's start (its close is then not reported), or a namespace's drop count (its
+    /// firewall rules are then not attributed).
     pub fn map_evictions(&self) -> anyhow::Result<(u64, u64)> {
         let map = self
             .ebpf
             .map("MAP_STATS")
             .context("map MAP_STATS is missing")?;
         let array: PerCpuArray<&MapData, MapStats> = PerCpuArray::try_from(map)?;
-        let (mut created, mut removed, mut netns_created) = (0u64, 0u64, 0u64);
+        let (mut sockets_evicted, mut netns_created) = (0u64, 0u64);
         for s in array.get(&0, 0)?.iter() {
-            created += s.sockets_created;
-            removed += s.sockets_removed;
+            sockets_evicted += s.sockets_evicted;
             netns_created += s.netns_drops_created;
         }
-        let sockets = self.ebpf.map("SOCKETS").context("map SOCKETS is missing")?;
-        let sockets: BpfHashMap<&MapData, u64, SocketState> = BpfHashMap::try_from(sockets)?;
-        let live_sockets = sockets.keys().filter(Result::is_ok).count() as u64;
         let live_netns = match &self.netns_drops {
             Some(map) => map.keys().filter(Result::is_ok).count() as u64,
             None => {
@@ -580,10 +582,7 @@ impl Loaded {
                 map.keys().filter(Result::is_ok).count() as u64
             }
         };
-        Ok((
-            created.saturating_sub(removed + live_sockets),
-            netns_created.saturating_sub(live_netns),
-        ))
+        Ok((sockets_evicted, netns_created.saturating_sub(live_netns)))
     }
 
     /// Reported drops per reason code, summed over CPUs (only non-zero ones).
