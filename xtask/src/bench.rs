@@ -1108,6 +1108,8 @@ fn export_label(export: Export) -> &'static str {
 struct Retrans {
     default: ModeRuns,
     one_by_one: ModeRuns,
+    /// What trivial programs on the same tracepoints cost on this storm (bpftrace).
+    floors: Vec<ToolResult>,
 }
 
 fn measure_retrans(bins: &Bins, args: &BenchArgs, stats: &BpfStats) -> Result<Retrans> {
@@ -1187,6 +1189,38 @@ fn measure_retrans(bins: &Bins, args: &BenchArgs, stats: &BpfStats) -> Result<Re
     .map(str::to_owned)
     .to_vec();
     let mut retrans = Retrans::default();
+    if !args.no_tools {
+        for tool in RETRANS_FLOORS {
+            check_interrupted()?;
+            let outcome = match start_tool(tool, &bins.observer)? {
+                Err(why) => ToolOutcome::NotStarted(why),
+                Ok(mut started) => {
+                    let names = prog_names(prog_counters(started.proc.pid)?.keys().copied());
+                    let watched = Some((started.proc.pid, &names));
+                    let cost =
+                        storm_window(&client, bins, &storm, watched, stats, true, args.storm_secs)?;
+                    started.proc.stop(Duration::from_secs(5));
+                    let all = total(&cost.progs);
+                    say(&format!(
+                        "retransmit storm, {}: {} ns/event over {} events",
+                        tool.label,
+                        ns_opt(ns_per_event(all)),
+                        int(all.run_cnt as f64)
+                    ));
+                    ToolOutcome::Measured {
+                        programs: names.into_values().collect(),
+                        cost: Box::new(cost),
+                        none: Box::default(),
+                        rate: Box::default(),
+                    }
+                }
+            };
+            retrans.floors.push(ToolResult {
+                label: tool.label,
+                outcome,
+            });
+        }
+    }
     for round in 0..args.runs {
         for export in [Export::Default, Export::OneByOne] {
             let observer = Observer::start(bins, export, &format!("retrans-{export:?}-{round}"))?;
@@ -1292,6 +1326,20 @@ const TOOLS: &[ToolSpec] = &[
              tracepoint:tcp:tcp_send_reset {} tracepoint:tcp:tcp_receive_reset {}",
         ],
     },
+    // The floor for anything that counts per event: one per-CPU counter per program.
+    ToolSpec {
+        label: "floor: bpftrace, a counter per event (`@[cpu] = count()`) on the same 4 tracepoints",
+        package: "bpftrace",
+        installs: "/usr/bin/bpftrace",
+        argv: &[
+            "bpftrace",
+            "-e",
+            "tracepoint:sock:inet_sock_set_state { @a[cpu] = count(); } \
+             tracepoint:skb:kfree_skb { @b[cpu] = count(); } \
+             tracepoint:tcp:tcp_send_reset { @c[cpu] = count(); } \
+             tracepoint:tcp:tcp_receive_reset { @d[cpu] = count(); }",
+        ],
+    },
     ToolSpec {
         label: "bpftrace one-liner: `tracepoint:skb:kfree_skb { @[args->reason] = count(); }`",
         package: "bpftrace",
@@ -1300,6 +1348,31 @@ const TOOLS: &[ToolSpec] = &[
             "bpftrace",
             "-e",
             "tracepoint:skb:kfree_skb { @[args->reason] = count(); }",
+        ],
+    },
+];
+
+/// Trivial programs on the tracepoints the retransmit storm hits, measured on it (1 run each).
+const RETRANS_FLOORS: &[ToolSpec] = &[
+    ToolSpec {
+        label: "empty programs",
+        package: "bpftrace",
+        installs: "/usr/bin/bpftrace",
+        argv: &[
+            "bpftrace",
+            "-e",
+            "tracepoint:tcp:tcp_retransmit_skb {} tracepoint:skb:kfree_skb {}",
+        ],
+    },
+    ToolSpec {
+        label: "a counter per event (`@[cpu] = count()`)",
+        package: "bpftrace",
+        installs: "/usr/bin/bpftrace",
+        argv: &[
+            "bpftrace",
+            "-e",
+            "tracepoint:tcp:tcp_retransmit_skb { @a[cpu] = count(); } \
+             tracepoint:skb:kfree_skb { @b[cpu] = count(); }",
         ],
     },
 ];
@@ -2145,6 +2218,32 @@ impl Report {
                 );
             }
         }
+        if !self.retrans.floors.is_empty() {
+            let floors: Vec<String> = self
+                .retrans
+                .floors
+                .iter()
+                .map(|f| match &f.outcome {
+                    ToolOutcome::NotStarted(why) => format!("{}: not started ({why})", f.label),
+                    ToolOutcome::Measured { cost, .. } => {
+                        let all = total(&cost.progs);
+                        format!(
+                            "{}: {} ns/event over {} events",
+                            f.label,
+                            ns_opt(ns_per_event(all)),
+                            int(all.run_cnt as f64)
+                        )
+                    }
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "Floors on the retransmit storm (bpftrace on `tcp_retransmit_skb` and `kfree_skb`, \
+                 1 run each): {}. At a few thousand events per second every run starts with cold \
+                 caches, so even these cost more than on the refused storm.\n",
+                floors.join("; ")
+            );
+        }
     }
 
     fn render_slowdown(&self, s: &mut String) {
@@ -2416,8 +2515,9 @@ impl Report {
             s,
             "- `run_time_ns` counts only the programs' own time. A classic tracepoint also costs \
              the kernel building its record before the program runs, which no program can \
-             avoid: the `floor` row (empty programs on the same tracepoints) is what any \
-             classic-tracepoint tool pays on this storm before doing anything. observer's row \
+             avoid: the first `floor` row (empty programs on the same tracepoints) is what any \
+             classic-tracepoint tool pays on this storm before doing anything, and the second \
+             (one per-CPU counter per event) what any tool that counts pays. observer's row \
              with `--attach raw` runs its raw tracepoint programs, which get the tracepoint's \
              arguments without a record being built, on the same storm."
         );
