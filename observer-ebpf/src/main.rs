@@ -132,6 +132,13 @@ fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_boot_ns() }
 }
 
+/// The kernel's tick counter.
+#[inline(always)]
+fn jiffies() -> u64 {
+    // SAFETY: helper without arguments or side effects.
+    unsafe { generated::bpf_jiffies64() }
+}
+
 /// This CPU's last reading of the boot clock and the jiffy it was taken in.
 #[repr(C)]
 struct TickReading {
@@ -148,8 +155,7 @@ static TICK_CLOCK: PerCpuArray<TickReading> = PerCpuArray::with_max_entries(1, 0
 /// only counted, never exported with a time.
 #[inline(always)]
 fn tick_now_ns() -> u64 {
-    // SAFETY: helper without arguments or side effects.
-    let jiffies = unsafe { generated::bpf_jiffies64() };
+    let jiffies = jiffies();
     let Some(reading) = TICK_CLOCK.get_ptr_mut(0) else {
         return now_ns();
     };
@@ -371,13 +377,47 @@ fn fill_from_record(
     event.family = rec.get(family);
 }
 
-/// Network-namespace inode of a network device (0 when there is none).
+/// A program's last device-to-namespace answer, and the jiffy it was read in.
+#[repr(C)]
+struct DevNetns {
+    dev: u64,
+    jiffies: u64,
+    inum: u32,
+    _pad: u32,
+}
+
+/// One [`DevNetns`] per program slot and CPU (a program does not interrupt itself on a CPU, so
+/// a slot is never read half-written).
+#[map]
+static DEV_NETNS: PerCpuArray<DevNetns> = PerCpuArray::with_max_entries(slot::COUNT, 0);
+
+/// Network-namespace inode of a network device (0 when there is none). Two dependent reads,
+/// which a storm repeats for the same device: the answer is reused within the same jiffy. A
+/// device moved to another namespace is seen at the next tick at the latest.
 #[inline(always)]
-fn netns_of_dev(dev: u64) -> u32 {
+fn netns_of_dev(dev: u64, slot: u32) -> u32 {
     if dev == 0 {
         return 0;
     }
-    netns_inum(kread::<u64>(dev + u64::from(config!(packet.dev_net))).unwrap_or(0))
+    let read = || netns_inum(kread::<u64>(dev + u64::from(config!(packet.dev_net))).unwrap_or(0));
+    let Some(cached) = DEV_NETNS.get_ptr_mut(slot) else {
+        return read();
+    };
+    let jiffies = jiffies();
+    // SAFETY: this CPU's slot of this program (see DEV_NETNS).
+    unsafe {
+        if (*cached).dev == dev && (*cached).jiffies == jiffies {
+            return (*cached).inum;
+        }
+        let inum = read();
+        *cached = DevNetns {
+            dev,
+            jiffies,
+            inum,
+            _pad: 0,
+        };
+        inum
+    }
 }
 
 /// Adds to a counter that other CPUs may update concurrently.
@@ -982,7 +1022,10 @@ fn try_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
         if skb == 0 {
             0
         } else {
-            netns_of_dev(kread::<u64>(skb + u64::from(config!(packet.skb_dev))).unwrap_or(0))
+            netns_of_dev(
+                kread::<u64>(skb + u64::from(config!(packet.skb_dev))).unwrap_or(0),
+                slot::SEND_RESET,
+            )
         }
     };
     on_send_reset(ctx, event, sk, reason)
@@ -1008,7 +1051,7 @@ pub fn raw_tcp_send_reset(ctx: RawTracePointContext) -> u32 {
             let Some(dev) = read_packet(arg(&args, a.skb), event, false, slot::SEND_RESET)? else {
                 return Ok(());
             };
-            event.flow.netns = netns_of_dev(dev);
+            event.flow.netns = netns_of_dev(dev, slot::SEND_RESET);
             // Only the drop program's events carry the packet's details.
             event.tcp_flags = 0;
             event.ifindex = 0;
@@ -1237,7 +1280,7 @@ fn on_drop<C: aya_ebpf::EbpfContext>(
     let Some(dev) = read_packet(drop.skb, event, check_protocol, slot::KFREE_SKB)? else {
         return Ok(());
     };
-    let mut netns = netns_of_dev(dev);
+    let mut netns = netns_of_dev(dev, slot::KFREE_SKB);
     if netns == 0 && drop.rx_sk != 0 {
         netns = netns_of_sock(drop.rx_sk);
     }
