@@ -317,7 +317,7 @@ fn fill_from_sock(event: &mut TcpEvent, sk: u64, slot: u32) -> Result<(), i32> {
     }
     event.flow.sport = w.get(o.num);
     event.flow.dport = u16::from_be(w.get(o.dport));
-    event.flow.netns = netns_inum(w.get(o.net));
+    event.flow.netns = netns_inum(w.get(o.net), slot);
     event.family = family;
     event.state = w.get(o.state);
     Ok(())
@@ -343,20 +343,25 @@ fn kread<T>(addr: u64) -> Result<T, i32> {
 
 /// Network-namespace inode behind a `struct net *`.
 #[inline(always)]
-fn netns_inum(net: u64) -> u32 {
+fn netns_inum(net: u64, slot: u32) -> u32 {
     if net == 0 {
         return 0;
     }
-    kread::<u32>(net + u64::from(config!(offsets.net_ns_inum))).unwrap_or(0)
+    reuse_within_jiffy(&NET_NETNS, net, slot, || {
+        kread::<u32>(net + u64::from(config!(offsets.net_ns_inum))).unwrap_or(0)
+    })
 }
 
 /// Network-namespace inode of socket `sk` (0 when it cannot be read).
 #[inline(always)]
-fn netns_of_sock(sk: u64) -> u32 {
+fn netns_of_sock(sk: u64, slot: u32) -> u32 {
     if sk == 0 {
         return 0;
     }
-    netns_inum(kread::<u64>(sk + u64::from(config!(offsets.sock_net))).unwrap_or(0))
+    netns_inum(
+        kread::<u64>(sk + u64::from(config!(offsets.sock_net))).unwrap_or(0),
+        slot,
+    )
 }
 
 /// Sets `event`'s flow and family from a tracepoint record whose addresses are
@@ -368,56 +373,75 @@ fn fill_from_record(
     rec: Copied,
     [saddr, daddr, sport, dport, family]: [u16; 5],
     sk: u64,
+    slot: u32,
 ) {
     event.flow.saddr = rec.get(saddr);
     event.flow.daddr = rec.get(daddr);
     event.flow.sport = rec.get(sport);
     event.flow.dport = rec.get(dport);
-    event.flow.netns = netns_of_sock(sk);
+    event.flow.netns = netns_of_sock(sk, slot);
     event.family = rec.get(family);
 }
 
-/// A program's last device-to-namespace answer, and the jiffy it was read in.
+/// A program's last answer for the namespace of one object (a device or a `struct net`),
+/// and the jiffy it was read in.
 #[repr(C)]
-struct DevNetns {
-    dev: u64,
+struct NetnsAnswer {
+    object: u64,
     jiffies: u64,
     inum: u32,
     _pad: u32,
 }
 
-/// One [`DevNetns`] per program slot and CPU (a program does not interrupt itself on a CPU, so
-/// a slot is never read half-written).
+/// One [`NetnsAnswer`] per program slot and CPU, for devices and for `struct net`s (a program
+/// does not interrupt itself on a CPU, so a slot is never read half-written).
 #[map]
-static DEV_NETNS: PerCpuArray<DevNetns> = PerCpuArray::with_max_entries(slot::COUNT, 0);
+static DEV_NETNS: PerCpuArray<NetnsAnswer> = PerCpuArray::with_max_entries(slot::COUNT, 0);
+#[map]
+static NET_NETNS: PerCpuArray<NetnsAnswer> = PerCpuArray::with_max_entries(slot::COUNT, 0);
 
-/// Network-namespace inode of a network device (0 when there is none). Two dependent reads,
-/// which a storm repeats for the same device: the answer is reused within the same jiffy. A
-/// device moved to another namespace is seen at the next tick at the latest.
+/// `read()` for `object`, or the answer this program slot got for it in the same jiffy. A
+/// storm repeats the same device and namespace event after event; a device moved to another
+/// namespace is seen at the next tick at the latest, and a `struct net` never changes inode.
 #[inline(always)]
-fn netns_of_dev(dev: u64, slot: u32) -> u32 {
-    if dev == 0 {
-        return 0;
-    }
-    let read = || netns_inum(kread::<u64>(dev + u64::from(config!(packet.dev_net))).unwrap_or(0));
-    let Some(cached) = DEV_NETNS.get_ptr_mut(slot) else {
+fn reuse_within_jiffy(
+    cache: &PerCpuArray<NetnsAnswer>,
+    object: u64,
+    slot: u32,
+    read: impl FnOnce() -> u32,
+) -> u32 {
+    let Some(answer) = cache.get_ptr_mut(slot) else {
         return read();
     };
     let jiffies = jiffies();
     // SAFETY: this CPU's slot of this program (see DEV_NETNS).
     unsafe {
-        if (*cached).dev == dev && (*cached).jiffies == jiffies {
-            return (*cached).inum;
+        if (*answer).object == object && (*answer).jiffies == jiffies {
+            return (*answer).inum;
         }
         let inum = read();
-        *cached = DevNetns {
-            dev,
+        *answer = NetnsAnswer {
+            object,
             jiffies,
             inum,
             _pad: 0,
         };
         inum
     }
+}
+
+/// Network-namespace inode of a network device (0 when there is none).
+#[inline(always)]
+fn netns_of_dev(dev: u64, slot: u32) -> u32 {
+    if dev == 0 {
+        return 0;
+    }
+    reuse_within_jiffy(&DEV_NETNS, dev, slot, || {
+        netns_inum(
+            kread::<u64>(dev + u64::from(config!(packet.dev_net))).unwrap_or(0),
+            slot,
+        )
+    })
 }
 
 /// Adds to a counter that other CPUs may update concurrently.
@@ -823,7 +847,7 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
         let rec = record_of(&ctx, layout.record_size, slot::RETRANSMIT_SKB)?;
         let sk: u64 = rec.get(layout.skaddr);
         let event = new_event(event_kind::RETRANSMIT, tick_now_ns(), slot::RETRANSMIT_SKB)?;
-        fill_from_record(event, rec, layout.tuple(), sk);
+        fill_from_record(event, rec, layout.tuple(), sk, slot::RETRANSMIT_SKB);
         event.state = rec.get::<i32>(layout.state) as u8;
         if layout.err != FIELD_ABSENT {
             event.err = rec.get(layout.err);
@@ -893,7 +917,13 @@ pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
             tick_now_ns(),
             slot::RETRANSMIT_SYNACK,
         )?;
-        fill_from_record(event, rec, layout.tuple(), rec.get(layout.skaddr));
+        fill_from_record(
+            event,
+            rec,
+            layout.tuple(),
+            rec.get(layout.skaddr),
+            slot::RETRANSMIT_SYNACK,
+        );
         on_synack_retransmit(&ctx, event)
     })
 }
@@ -937,7 +967,7 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
             tick_now_ns(),
             slot::RECEIVE_RESET,
         )?;
-        fill_from_record(event, rec, layout.tuple(), sk);
+        fill_from_record(event, rec, layout.tuple(), sk, slot::RECEIVE_RESET);
         // The record has no socket state: read it from the socket.
         event.state = kread(sk + u64::from(config!(offsets.sock_state))).unwrap_or(0);
         on_receive_reset(&ctx, event)
@@ -1014,7 +1044,7 @@ fn try_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
         event.flow.dport = rec.get(layout.dport);
     }
     event.flow.netns = if sk != 0 {
-        netns_of_sock(sk)
+        netns_of_sock(sk, slot::SEND_RESET)
     } else {
         // No socket (e.g. a SYN to a closed port): the answered packet's device names the
         // namespace.
@@ -1282,7 +1312,7 @@ fn on_drop<C: aya_ebpf::EbpfContext>(
     };
     let mut netns = netns_of_dev(dev, slot::KFREE_SKB);
     if netns == 0 && drop.rx_sk != 0 {
-        netns = netns_of_sock(drop.rx_sk);
+        netns = netns_of_sock(drop.rx_sk, slot::KFREE_SKB);
     }
     event.flow.netns = netns;
     event.reason = drop.reason;
@@ -1333,7 +1363,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
             &transition,
             || true,
             |event| {
-                fill_from_record(event, rec, layout.tuple(), sk);
+                fill_from_record(event, rec, layout.tuple(), sk, slot::SET_STATE);
                 Ok(())
             },
             |_| {},
