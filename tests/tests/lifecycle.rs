@@ -549,9 +549,10 @@ fn accepts_and_close_lifetimes() -> Result<()> {
 
 /// `--max-flows 16` bounds the kernel's socket table too: 40 connections held open at once (80
 /// sockets followed: 40 connecting, 40 accepted) overflow it, and every close observer cannot
-/// report because its socket was evicted is counted in `stop.sockets_evicted`, never silent.
+/// report because its socket was evicted is counted in `stop.sockets_evicted`, never silent; the
+/// flow counter map, also of 16, counts the flows it evicts in `stop.flows_evicted`.
 #[test]
-fn socket_table_evictions_are_counted() -> Result<()> {
+fn socket_table_and_flow_map_evictions_are_counted() -> Result<()> {
     let Some(t) = kernel_test("socket_evictions") else {
         return Ok(());
     };
@@ -603,6 +604,30 @@ fn socket_table_evictions_are_counted() -> Result<()> {
         closes + evicted >= sockets,
         "{sockets} sockets closed, {closes} close events and {evicted} evictions: some closes \
          went missing without being counted"
+    );
+    // The flow counters are bounded by the same 16: each connection is two flows (its connect on
+    // the client, its accept on the server), so at least 80 - 16 of them were evicted, and the
+    // stop record says so. Other flows on the host can only add to both counts.
+    let stop = run.stop()?;
+    let (created, flows_evicted) = (
+        u64_of(stop, "flows_created")?,
+        u64_of(stop, "flows_evicted")?,
+    );
+    let live = stop["flows"].as_array().map_or(0, Vec::len) as u64;
+    note(&format!(
+        "{}: {sockets} flows through a flow map of 16: flows_created {created}, flows_evicted \
+         {flows_evicted}, {live} left in stop.flows",
+        t.name
+    ));
+    ensure!(
+        live <= 16,
+        "a flow map of 16 entries left {live} rows in stop.flows"
+    );
+    ensure!(
+        created >= sockets && flows_evicted >= sockets - 16,
+        "{sockets} distinct flows through a map of 16 must show at least {sockets} created and \
+         {} evicted: got flows_created {created}, flows_evicted {flows_evicted}",
+        sockets - 16
     );
     Ok(())
 }
