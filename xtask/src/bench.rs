@@ -5,7 +5,8 @@
 //!    a refused-connect storm (loopback, in a bench namespace) and a retransmit storm (two
 //!    namespaces joined by veth, 20% of inbound data segments dropped by iptables), with the
 //!    default options and with one-by-one export.
-//! 2. Host slowdown: the refused storm's own rate with and without observer (stats off).
+//! 2. Host slowdown: the refused storm's own rate with and without observer (stats off), and
+//!    in alternated rounds beside the floors (empty and counting bpftrace programs).
 //! 3. Userspace decode + aggregation throughput on one core, and 4. its memory
 //!    (`observer/examples/pipeline_bench.rs`).
 //! 5. Start-up: spawn to `start` record.
@@ -48,6 +49,9 @@ pub struct BenchArgs {
     /// Seconds per storm window.
     #[arg(long, default_value_t = 3.0, value_parser = parse_storm_secs)]
     pub storm_secs: f64,
+    /// Alternated rounds of the slowdown comparison (no observer, observer, the two floors).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub rounds: u32,
     /// Leave out the other tools (bcc, bpftrace, libbpf-tools).
     #[arg(long)]
     pub no_tools: bool,
@@ -159,27 +163,32 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         ..Report::default()
     };
 
-    say("[1/6] start-up: spawn to `start` record");
+    say("[1/7] start-up: spawn to `start` record");
     report.startup = measure_startup(&bins)?;
-    say("[2/6] userspace: decode + aggregation on one core");
+    say("[2/7] userspace: decode + aggregation on one core");
     report.pipeline = measure_pipeline(&bins)?;
-    say("[3/6] refused-connect storm: observer default / one-by-one / none");
+    say("[3/7] refused-connect storm: observer default / one-by-one / none");
     report.refused = measure_refused(&bins, args, &stats)?;
-    say("[4/6] retransmit storm: observer default / one-by-one");
+    say("[4/7] retransmit storm: observer default / one-by-one");
     report.retrans = measure_retrans(&bins, args, &stats)?;
     if args.no_tools {
-        say("[5/6] other tools: skipped (--no-tools)");
+        say("[5/7] other tools: skipped (--no-tools)");
     } else {
-        say("[5/6] other tools: bcc, bpftrace, libbpf-tools");
+        say("[5/7] other tools: bcc, bpftrace, libbpf-tools");
         report.tools = measure_tools(&bins, args, &stats)?;
     }
+    say(&format!(
+        "[6/7] slowdown in {} alternated rounds: none / observer / floors",
+        args.rounds
+    ));
+    (report.alternated_none, report.alternated) = measure_alternated(&bins, args, &stats)?;
     drop(stats);
     report.machine.load_end = read_trimmed("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default();
     report.elapsed = began.elapsed();
 
-    say("[6/6] report");
+    say("[7/7] report");
     let markdown = report.render();
     print!("{markdown}");
     let output = args
@@ -1262,6 +1271,43 @@ struct ToolSpec {
 /// In a tool's argv: the observer binary under test.
 const OBSERVER_ARGV0: &str = "@observer";
 
+/// The floor for any tool on classic tracepoints: empty programs on the tracepoints a refused
+/// connect hits (what the kernel spends building records and calling BPF, nothing more).
+const FLOOR_EMPTY: ToolSpec = ToolSpec {
+    label: "floor: bpftrace, empty programs on the same 4 tracepoints",
+    package: "bpftrace",
+    installs: "/usr/bin/bpftrace",
+    argv: &[
+        "bpftrace",
+        "-e",
+        "tracepoint:sock:inet_sock_set_state {} tracepoint:skb:kfree_skb {} \
+         tracepoint:tcp:tcp_send_reset {} tracepoint:tcp:tcp_receive_reset {}",
+    ],
+};
+
+/// The floor for anything that counts per event: one per-CPU counter per program.
+const FLOOR_COUNTER: ToolSpec = ToolSpec {
+    label: "floor: bpftrace, a counter per event (`@[cpu] = count()`) on the same 4 tracepoints",
+    package: "bpftrace",
+    installs: "/usr/bin/bpftrace",
+    argv: &[
+        "bpftrace",
+        "-e",
+        "tracepoint:sock:inet_sock_set_state { @a[cpu] = count(); } \
+         tracepoint:skb:kfree_skb { @b[cpu] = count(); } \
+         tracepoint:tcp:tcp_send_reset { @c[cpu] = count(); } \
+         tracepoint:tcp:tcp_receive_reset { @d[cpu] = count(); }",
+    ],
+};
+
+/// observer with its default options, started like the other tools (alternated rounds).
+const OBSERVER_DEFAULT: ToolSpec = ToolSpec {
+    label: "observer, default options",
+    package: "observer",
+    installs: "/",
+    argv: &[OBSERVER_ARGV0, "run", "--duration", "600"],
+};
+
 const TOOLS: &[ToolSpec] = &[
     // observer itself on raw tracepoints: what skipping the classic record saves.
     ToolSpec {
@@ -1313,33 +1359,8 @@ const TOOLS: &[ToolSpec] = &[
         installs: "/usr/sbin/tcplife",
         argv: &["tcplife"],
     },
-    // The floor for any tool on classic tracepoints: empty programs on the tracepoints a refused
-    // connect hits (what the kernel spends building records and calling BPF, nothing more).
-    ToolSpec {
-        label: "floor: bpftrace, empty programs on the same 4 tracepoints",
-        package: "bpftrace",
-        installs: "/usr/bin/bpftrace",
-        argv: &[
-            "bpftrace",
-            "-e",
-            "tracepoint:sock:inet_sock_set_state {} tracepoint:skb:kfree_skb {} \
-             tracepoint:tcp:tcp_send_reset {} tracepoint:tcp:tcp_receive_reset {}",
-        ],
-    },
-    // The floor for anything that counts per event: one per-CPU counter per program.
-    ToolSpec {
-        label: "floor: bpftrace, a counter per event (`@[cpu] = count()`) on the same 4 tracepoints",
-        package: "bpftrace",
-        installs: "/usr/bin/bpftrace",
-        argv: &[
-            "bpftrace",
-            "-e",
-            "tracepoint:sock:inet_sock_set_state { @a[cpu] = count(); } \
-             tracepoint:skb:kfree_skb { @b[cpu] = count(); } \
-             tracepoint:tcp:tcp_send_reset { @c[cpu] = count(); } \
-             tracepoint:tcp:tcp_receive_reset { @d[cpu] = count(); }",
-        ],
-    },
+    FLOOR_EMPTY,
+    FLOOR_COUNTER,
     ToolSpec {
         label: "bpftrace one-liner: `tracepoint:skb:kfree_skb { @[args->reason] = count(); }`",
         package: "bpftrace",
@@ -1458,6 +1479,81 @@ fn measure_tools(bins: &Bins, args: &BenchArgs, stats: &BpfStats) -> Result<Vec<
         });
     }
     Ok(results)
+}
+
+/// One configuration of the alternated rounds: its storm runs (stats off), and each round's run
+/// without anything attached.
+#[derive(Debug)]
+struct AlternatedRow {
+    label: &'static str,
+    rate: Vec<Window>,
+    paired_none: Vec<Window>,
+    /// Why it was left out after a failed start.
+    not_started: Option<String>,
+}
+
+/// The slowdown comparison in alternated rounds: each round runs the refused storm with nothing
+/// attached, with observer (default options) and with the two floors, one after the other, so
+/// that a drift in the machine's background load hits every configuration alike. The floors
+/// need bpftrace (installed by the tools step); without it, or with `--no-tools`, they are
+/// left out.
+fn measure_alternated(
+    bins: &Bins,
+    args: &BenchArgs,
+    stats: &BpfStats,
+) -> Result<(Vec<Window>, Vec<AlternatedRow>)> {
+    let ns = Netns::create(&netns_name("a"))?;
+    let storm = refused_args(args.storm_secs);
+    let secs = args.storm_secs;
+    let mut specs = vec![&OBSERVER_DEFAULT];
+    if !args.no_tools {
+        specs.extend([&FLOOR_EMPTY, &FLOOR_COUNTER]);
+    }
+    let mut rows: Vec<AlternatedRow> = specs
+        .iter()
+        .map(|spec| AlternatedRow {
+            label: spec.label,
+            rate: Vec::new(),
+            paired_none: Vec::new(),
+            not_started: (!Path::new(spec.installs).exists())
+                .then(|| format!("not installed ({})", spec.installs)),
+        })
+        .collect();
+    let mut none_runs = Vec::new();
+    for round in 0..args.rounds {
+        check_interrupted()?;
+        let none = storm_window(&ns, bins, &storm, None, stats, false, secs)?;
+        let mut line = format!("round {}: none {}", round + 1, int(none.rate()));
+        for (spec, row) in specs.iter().zip(rows.iter_mut()) {
+            if row.not_started.is_some() {
+                continue;
+            }
+            let mut started = match start_tool(spec, &bins.observer)? {
+                Ok(started) => started,
+                Err(why) => {
+                    say(&format!("{}: not started: {why}", spec.label));
+                    row.not_started = Some(why);
+                    continue;
+                }
+            };
+            let names = prog_names(prog_counters(started.proc.pid)?.keys().copied());
+            let watched = Some((started.proc.pid, &names));
+            let rate = storm_window(&ns, bins, &storm, watched, stats, false, secs);
+            started.proc.stop(Duration::from_secs(5));
+            let rate = rate?;
+            let _ = write!(line, "; {} {}", short_label(spec.label), int(rate.rate()));
+            row.rate.push(rate);
+            row.paired_none.push(none.clone());
+        }
+        say(&format!("alternated {line} connects/s"));
+        none_runs.push(none);
+    }
+    Ok((none_runs, rows))
+}
+
+/// "observer, default options" -> "observer"; "floor: bpftrace, empty ..." -> "floor".
+fn short_label(label: &str) -> &str {
+    label.split([',', ':']).next().unwrap_or(label)
 }
 
 /// apt-get installs a package unless told not to; fails with a sentence for the report.
@@ -1852,6 +1948,8 @@ struct Report {
     refused: Refused,
     retrans: Retrans,
     tools: Vec<ToolResult>,
+    alternated_none: Vec<Window>,
+    alternated: Vec<AlternatedRow>,
     elapsed: Duration,
 }
 
@@ -1881,6 +1979,10 @@ impl Report {
             {
                 all.extend([cost.as_ref(), none.as_ref(), rate.as_ref()]);
             }
+        }
+        all.extend(&self.alternated_none);
+        for row in &self.alternated {
+            all.extend(&row.rate);
         }
         all
     }
@@ -2001,6 +2103,22 @@ impl Report {
             target: "(comparison)".to_owned(),
             status: String::new(),
         });
+        let alternated = self.alternated_slowdowns();
+        if !alternated.is_empty() {
+            rows.push(SummaryRow {
+                what: format!(
+                    "2. host slowdown, refused storm, {} alternated rounds (slowdown of medians)",
+                    self.alternated_none.len()
+                ),
+                result: alternated
+                    .iter()
+                    .map(|(label, slow)| format!("{label}: {}", pct(*slow)))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                target: "(comparison)".to_owned(),
+                status: String::new(),
+            });
+        }
         if let Some(v) = self.pipeline_run("engine") {
             let eps = v["events_per_sec"].as_f64().unwrap_or(0.0);
             rows.push(SummaryRow {
@@ -2328,6 +2446,76 @@ impl Report {
             }
         }
         let _ = writeln!(s);
+        self.render_alternated(s);
+    }
+
+    fn render_alternated(&self, s: &mut String) {
+        if self.alternated_none.is_empty() {
+            return;
+        }
+        let rounds = self.alternated_none.len();
+        let _ = writeln!(
+            s,
+            "### Alternated rounds
+"
+        );
+        let _ = writeln!(
+            s,
+            "{rounds} rounds; each runs the storm ({:.0} s, statistics off) with nothing attached, \
+             then with each configuration below in turn, so that a drift in the machine's load \
+             hits every configuration alike. The floors bound what any tool on these classic \
+             tracepoints can reach: empty programs pay only for the kernel's record building and \
+             the program call, the counter rows for one map update per event on top.\n",
+            self.storm_secs
+        );
+        let _ = writeln!(
+            s,
+            "| configuration | connects/s, median (runs) | slowdown of medians | paired slowdown, median (runs) | CPU µs per connect, median (vs none) |"
+        );
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|");
+        let none = Self::rates(&self.alternated_none);
+        let cpu_none = cpu_per_connect(&self.alternated_none).median();
+        let _ = writeln!(
+            s,
+            "| no observer | {} ({}) | – | – | {cpu_none:.2} |",
+            int(none.median()),
+            none.show(int),
+        );
+        for row in &self.alternated {
+            if row.rate.is_empty() {
+                let why = row.not_started.as_deref().unwrap_or("no runs");
+                let _ = writeln!(s, "| {} | {why} | – | – | – |", row.label);
+                continue;
+            }
+            let rates = Self::rates(&row.rate);
+            let paired = paired_slowdowns(&row.paired_none, &row.rate);
+            let cpu = cpu_per_connect(&row.rate).median();
+            let _ = writeln!(
+                s,
+                "| {} | {} ({}) | {} | {} ({}) | {cpu:.2} ({:+.0}%) |",
+                row.label,
+                int(rates.median()),
+                rates.show(int),
+                pct((none.median() - rates.median()) / none.median() * 100.0),
+                pct(paired.median()),
+                paired.show(pct),
+                (cpu / cpu_none - 1.0) * 100.0
+            );
+        }
+        let _ = writeln!(s);
+    }
+
+    /// Slowdown of the medians in the alternated rounds, per configuration that ran.
+    fn alternated_slowdowns(&self) -> Vec<(&'static str, f64)> {
+        let none = Self::rates(&self.alternated_none).median();
+        self.alternated
+            .iter()
+            .filter(|row| !row.rate.is_empty())
+            .map(|row| {
+                let rate = Self::rates(&row.rate).median();
+                (row.label, (none - rate) / none * 100.0)
+            })
+            .collect()
     }
 
     fn render_pipeline(&self, s: &mut String) {
