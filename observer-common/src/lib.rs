@@ -498,12 +498,10 @@ pub struct MapStats {
     /// Followed sockets lost to a full `SOCKETS` set: evicted for a newer one, or not
     /// admitted when another CPU took the way first. Each loses that connection's report.
     pub sockets_evicted: u64,
-    /// Sockets the programs started following (a connect starting, a connection accepted).
-    pub sockets_tracked: u64,
     /// `NETNS_DROPS` entries created.
     pub netns_drops_created: u64,
 }
-const _: () = assert!(size_of::<MapStats>() == 24);
+const _: () = assert!(size_of::<MapStats>() == 16);
 
 /// Key of the per-namespace drop counters: which namespace, which reason.
 #[repr(C)]

@@ -470,7 +470,6 @@ fn entry<K, V>(map: &LruHashMap<K, V>, key: &K, init: V) -> Option<(*mut V, bool
 #[derive(Clone, Copy)]
 enum MapStat {
     SocketsEvicted,
-    SocketsTracked,
     NetnsDropsCreated,
 }
 
@@ -485,7 +484,6 @@ fn count_map_stat(stat: MapStat) {
     unsafe {
         let field = match stat {
             MapStat::SocketsEvicted => &raw mut (*stats).sockets_evicted,
-            MapStat::SocketsTracked => &raw mut (*stats).sockets_tracked,
             MapStat::NetnsDropsCreated => &raw mut (*stats).netns_drops_created,
         };
         atomic_add(field, 1);
@@ -548,12 +546,12 @@ fn followed_socket(sk: u64) -> *mut SocketState {
     found
 }
 
-/// Starts following socket `sk`. A way already holding it is a socket freed without a close we
-/// saw, whose address was reused: its state is replaced. In a full set, the way opened longest
-/// ago is evicted and counted: that connection's report is lost.
+/// Starts following socket `sk`, whose [`followed_socket`] lookup the caller made: `existing`.
+/// A way already holding it is a socket freed without a close we saw, whose address was
+/// reused: its state is replaced. In a full set, the way opened longest ago is evicted and
+/// counted: that connection's report is lost.
 #[inline(always)]
-fn track_socket(sk: u64, state: &SocketState) {
-    let existing = followed_socket(sk);
+fn track_socket(sk: u64, existing: *mut SocketState, state: &SocketState) {
     if !existing.is_null() {
         // SAFETY: a live map value of this socket.
         unsafe { *existing = *state };
@@ -572,7 +570,6 @@ fn track_socket(sk: u64, state: &SocketState) {
             let way = &raw mut (*set).ways[i];
             if claim_way(way, 0, sk) {
                 (*way).state = *state;
-                count_map_stat(MapStat::SocketsTracked);
                 return;
             }
             let opened = (*way).state.opened_ns;
@@ -592,7 +589,6 @@ fn track_socket(sk: u64, state: &SocketState) {
         // unfollowed, which the eviction just counted stands for.
         if victim != 0 && claim_way(way, victim, sk) {
             (*way).state = *state;
-            count_map_stat(MapStat::SocketsTracked);
         }
     }
 }
@@ -1443,7 +1439,7 @@ fn on_set_state<C: aya_ebpf::EbpfContext>(
             active: 1,
             _pad: 0,
         };
-        track_socket(sk, &state);
+        track_socket(sk, followed_socket(sk), &state);
         return Ok(());
     }
     let (kind, counter) = match (old, new) {
@@ -1478,12 +1474,11 @@ fn on_set_state<C: aya_ebpf::EbpfContext>(
     match kind {
         event_kind::CONNECT => {
             if !known.is_null() {
-                let s = known;
                 // SAFETY: live map value of this socket.
                 unsafe {
-                    event.duration_ns = now.wrapping_sub((*s).opened_ns);
-                    event.aux32 = (*s).syn_retransmits;
-                    (*s).established_ns = now;
+                    event.duration_ns = now.wrapping_sub((*known).opened_ns);
+                    event.aux32 = (*known).syn_retransmits;
+                    (*known).established_ns = now;
                 }
             }
         }
@@ -1499,11 +1494,10 @@ fn on_set_state<C: aya_ebpf::EbpfContext>(
                 event.aux8 = connect_outcome::TIMEOUT;
             }
             if !known.is_null() {
-                let s = known;
                 // SAFETY: live map value of this socket.
                 unsafe {
-                    event.duration_ns = now.wrapping_sub((*s).opened_ns);
-                    event.aux32 = (*s).syn_retransmits;
+                    event.duration_ns = now.wrapping_sub((*known).opened_ns);
+                    event.aux32 = (*known).syn_retransmits;
                 }
                 untrack_socket(sk);
             }
@@ -1522,20 +1516,19 @@ fn on_set_state<C: aya_ebpf::EbpfContext>(
                 active: 0,
                 _pad: 0,
             };
-            track_socket(sk, &state);
+            track_socket(sk, known, &state);
         }
         _ => {
             if !known.is_null() {
-                let s = known;
                 // SAFETY: live map value of this socket.
                 unsafe {
-                    let since = if (*s).established_ns != 0 {
-                        (*s).established_ns
+                    let since = if (*known).established_ns != 0 {
+                        (*known).established_ns
                     } else {
-                        (*s).opened_ns
+                        (*known).opened_ns
                     };
                     event.duration_ns = now.wrapping_sub(since);
-                    event.aux8 = (*s).active;
+                    event.aux8 = (*known).active;
                 }
             }
             untrack_socket(sk);

@@ -588,7 +588,8 @@ fn socket_table_and_flow_map_evictions_are_counted() -> Result<()> {
     let sockets = 2 * ports.len() as u64;
     let closes = (run.events("close", &server_side(&topo, false, PORT)?).len()
         + run.events("close", &client_side(&topo, false, PORT)?).len()) as u64;
-    let evicted = u64_of(run.stop()?, "sockets_evicted")?;
+    let stop = run.stop()?;
+    let evicted = u64_of(stop, "sockets_evicted")?;
     note(&format!(
         "{}: {sockets} sockets followed in a table of 16: {closes} close events, \
          stop.sockets_evicted {evicted}",
@@ -608,7 +609,6 @@ fn socket_table_and_flow_map_evictions_are_counted() -> Result<()> {
     // The flow counters are bounded by the same 16: each connection is two flows (its connect on
     // the client, its accept on the server), so at least 80 - 16 of them were evicted, and the
     // stop record says so. Other flows on the host can only add to both counts.
-    let stop = run.stop()?;
     let (created, flows_evicted) = (
         u64_of(stop, "flows_created")?,
         u64_of(stop, "flows_evicted")?,

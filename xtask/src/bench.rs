@@ -1201,14 +1201,12 @@ fn measure_retrans(bins: &Bins, args: &BenchArgs, stats: &BpfStats) -> Result<Re
     if !args.no_tools {
         for tool in RETRANS_FLOORS {
             check_interrupted()?;
-            let outcome = match start_tool(tool, &bins.observer)? {
+            let measured = with_tool(tool, &bins.observer, |watched| {
+                storm_window(&client, bins, &storm, watched, stats, true, args.storm_secs)
+            })?;
+            let outcome = match measured {
                 Err(why) => ToolOutcome::NotStarted(why),
-                Ok(mut started) => {
-                    let names = prog_names(prog_counters(started.proc.pid)?.keys().copied());
-                    let watched = Some((started.proc.pid, &names));
-                    let cost =
-                        storm_window(&client, bins, &storm, watched, stats, true, args.storm_secs)?;
-                    started.proc.stop(Duration::from_secs(5));
+                Ok((programs, cost)) => {
                     let all = total(&cost.progs);
                     say(&format!(
                         "retransmit storm, {}: {} ns/event over {} events",
@@ -1217,7 +1215,7 @@ fn measure_retrans(bins: &Bins, args: &BenchArgs, stats: &BpfStats) -> Result<Re
                         int(all.run_cnt as f64)
                     ));
                     ToolOutcome::Measured {
-                        programs: names.into_values().collect(),
+                        programs,
                         cost: Box::new(cost),
                         none: Box::default(),
                         rate: Box::default(),
@@ -1432,6 +1430,7 @@ fn measure_tools(bins: &Bins, args: &BenchArgs, stats: &BpfStats) -> Result<Vec<
         }
     }
     let ns = Netns::create(&netns_name("t"))?;
+    let storm = refused_args(args.storm_secs);
     let mut results = Vec::new();
     for tool in TOOLS {
         check_interrupted()?;
@@ -1442,18 +1441,17 @@ fn measure_tools(bins: &Bins, args: &BenchArgs, stats: &BpfStats) -> Result<Vec<
             });
             continue;
         }
-        let outcome = match start_tool(tool, &bins.observer)? {
+        let measured = with_tool(tool, &bins.observer, |watched| {
+            let rate = storm_window(&ns, bins, &storm, watched, stats, false, args.storm_secs)?;
+            let cost = storm_window(&ns, bins, &storm, watched, stats, true, args.storm_secs)?;
+            Ok((rate, cost))
+        })?;
+        let outcome = match measured {
             Err(why) => {
                 say(&format!("{}: not started: {why}", tool.label));
                 ToolOutcome::NotStarted(why)
             }
-            Ok(mut started) => {
-                let names = prog_names(prog_counters(started.proc.pid)?.keys().copied());
-                let storm = refused_args(args.storm_secs);
-                let watched = Some((started.proc.pid, &names));
-                let rate = storm_window(&ns, bins, &storm, watched, stats, false, args.storm_secs)?;
-                let cost = storm_window(&ns, bins, &storm, watched, stats, true, args.storm_secs)?;
-                started.proc.stop(Duration::from_secs(5));
+            Ok((programs, (rate, cost))) => {
                 // Paired with a run without it, right after.
                 let none = storm_window(&ns, bins, &storm, None, stats, false, args.storm_secs)?;
                 let all = total(&cost.progs);
@@ -1466,7 +1464,7 @@ fn measure_tools(bins: &Bins, args: &BenchArgs, stats: &BpfStats) -> Result<Vec<
                     int(all.run_cnt as f64),
                 ));
                 ToolOutcome::Measured {
-                    programs: names.into_values().collect(),
+                    programs,
                     cost: Box::new(cost),
                     none: Box::new(none),
                     rate: Box::new(rate),
@@ -1528,19 +1526,17 @@ fn measure_alternated(
             if row.not_started.is_some() {
                 continue;
             }
-            let mut started = match start_tool(spec, &bins.observer)? {
-                Ok(started) => started,
+            let measured = with_tool(spec, &bins.observer, |watched| {
+                storm_window(&ns, bins, &storm, watched, stats, false, secs)
+            })?;
+            let rate = match measured {
+                Ok((_, rate)) => rate,
                 Err(why) => {
                     say(&format!("{}: not started: {why}", spec.label));
                     row.not_started = Some(why);
                     continue;
                 }
             };
-            let names = prog_names(prog_counters(started.proc.pid)?.keys().copied());
-            let watched = Some((started.proc.pid, &names));
-            let rate = storm_window(&ns, bins, &storm, watched, stats, false, secs);
-            started.proc.stop(Duration::from_secs(5));
-            let rate = rate?;
             let _ = write!(line, "; {} {}", short_label(spec.label), int(rate.rate()));
             row.rate.push(rate);
             row.paired_none.push(none.clone());
@@ -1590,6 +1586,27 @@ fn install_package(package: &str, no_install: bool) -> Result<()> {
 struct StartedTool {
     proc: Proc,
     _stdout: Option<JoinHandle<String>>,
+}
+
+/// The names of a started tool's programs, and what `measure` made of storms run while it
+/// was attached (it gets the tool's pid and program names, as `storm_window` watches them).
+type Attached<T> = (Vec<String>, T);
+
+/// Starts `tool`, runs `measure` while it is attached, and stops it (`Ok(Err(why))`: it did
+/// not start).
+fn with_tool<T>(
+    tool: &ToolSpec,
+    observer: &Path,
+    measure: impl FnOnce(Option<(u32, &BTreeMap<u32, String>)>) -> Result<T>,
+) -> Result<std::result::Result<Attached<T>, String>> {
+    let mut started = match start_tool(tool, observer)? {
+        Ok(started) => started,
+        Err(why) => return Ok(Err(why)),
+    };
+    let names = prog_names(prog_counters(started.proc.pid)?.keys().copied());
+    let measured = measure(Some((started.proc.pid, &names)));
+    started.proc.stop(Duration::from_secs(5));
+    Ok(Ok((names.into_values().collect(), measured?)))
 }
 
 /// Starts a tool and waits until it holds BPF programs and has run for a second with them
@@ -2004,8 +2021,7 @@ impl Report {
     }
 
     fn slowdown(&self, rate: f64) -> f64 {
-        let base = self.baseline_rate();
-        (base - rate) / base * 100.0
+        slowdown_pct(self.baseline_rate(), rate)
     }
 
     fn pipeline_run(&self, mode: &str) -> Option<&Value> {
@@ -2496,7 +2512,7 @@ impl Report {
                 row.label,
                 int(rates.median()),
                 rates.show(int),
-                pct((none.median() - rates.median()) / none.median() * 100.0),
+                pct(slowdown_pct(none.median(), rates.median())),
                 pct(paired.median()),
                 paired.show(pct),
                 (cpu / cpu_none - 1.0) * 100.0
@@ -2512,8 +2528,10 @@ impl Report {
             .iter()
             .filter(|row| !row.rate.is_empty())
             .map(|row| {
-                let rate = Self::rates(&row.rate).median();
-                (row.label, (none - rate) / none * 100.0)
+                (
+                    row.label,
+                    slowdown_pct(none, Self::rates(&row.rate).median()),
+                )
             })
             .collect()
     }
@@ -2736,13 +2754,18 @@ fn paired_slowdowns(none: &[Window], with: &[Window]) -> Runs {
     Runs {
         values: pairs
             .iter()
-            .map(|(n, w)| (n.rate() - w.rate()) / n.rate() * 100.0)
+            .map(|(n, w)| slowdown_pct(n.rate(), w.rate()))
             .collect(),
         marked: pairs
             .iter()
             .map(|(n, w)| !n.others.is_empty() || !w.others.is_empty())
             .collect(),
     }
+}
+
+/// How much slower `rate` is than `base`, in percent.
+fn slowdown_pct(base: f64, rate: f64) -> f64 {
+    (base - rate) / base * 100.0
 }
 
 /// The watched programs' run time per connect of the storm, µs, per (cost) run.
