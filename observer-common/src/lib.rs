@@ -130,20 +130,18 @@ pub struct FlowCounters {
     pub drops: u64,
     pub resets_sent: u64,
     pub resets_received: u64,
-    /// Active opens that reached ESTABLISHED.
+    /// Active opens that reached ESTABLISHED with trouble (SYN retransmits, or slow): healthy
+    /// connects, accepts and closes are counted per peer and listener (`ServiceStats`).
     pub connects: u64,
     pub connects_refused: u64,
     pub connects_timed_out: u64,
-    /// Passive opens that reached ESTABLISHED.
-    pub accepts: u64,
-    pub closes: u64,
     /// Start (CLOCK_BOOTTIME ns) of the flow's current export window.
     pub window_start_ns: u64,
     /// Events exported in the current window.
     pub window_exported: u32,
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<FlowCounters>() == 128);
+const _: () = assert!(size_of::<FlowCounters>() == 112);
 
 /// One exported event (a perf sample). `flow_count` is the flow's running total for this kind
 /// (segments for retransmits), read from the kernel map right after this event was counted.
@@ -399,8 +397,11 @@ pub struct ExportBudget {
     /// Bit mask of [`event_kind`]s that are exported at all (the others are only counted).
     pub kinds: u32,
     pub _pad: u32,
+    /// A connect slower than this is trouble: counted per flow and exported even when
+    /// `connect` is not an exported kind (0: no threshold).
+    pub slow_connect_ns: u64,
 }
-const _: () = assert!(size_of::<ExportBudget>() == 24);
+const _: () = assert!(size_of::<ExportBudget>() == 32);
 
 impl Default for ExportBudget {
     fn default() -> Self {
@@ -410,6 +411,7 @@ impl Default for ExportBudget {
             per_cpu: 0,
             kinds: u32::MAX,
             _pad: 0,
+            slow_connect_ns: 0,
         }
     }
 }
@@ -424,6 +426,89 @@ pub struct CpuBudget {
 }
 const _: () = assert!(size_of::<CpuBudget>() == 16);
 
+/// What a [`ServiceKey`] names.
+pub mod service_role {
+    /// A remote service this host connects to (its address and port).
+    pub const PEER: u8 = 1;
+    /// A local listener (its address and port) that accepts connections.
+    pub const LISTENER: u8 = 2;
+}
+
+/// Key of the connection aggregates (`SERVICES`): a peer this host connects to, or a local
+/// listener, in one network namespace. Healthy connections are counted here, never per flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// The peer's address (peers) or the listener's local address (listeners), IPv4-mapped.
+    pub addr: [u8; 16],
+    pub port: u16,
+    /// One of [`service_role`].
+    pub role: u8,
+    pub _pad: u8,
+    pub netns: u32,
+}
+const _: () = assert!(size_of::<ServiceKey>() == 24);
+
+/// Buckets of the aggregates' log2 histograms. Bucket 0 holds values under 1 µs, bucket `i`
+/// values in `[2^(i-1), 2^i)` µs, the last bucket everything from `2^30` µs (about 18 minutes).
+pub const HISTOGRAM_BUCKETS: usize = 32;
+
+/// The log2 histogram bucket of a duration in nanoseconds (see [`HISTOGRAM_BUCKETS`]).
+#[inline(always)]
+pub fn histogram_bucket(ns: u64) -> usize {
+    let us = ns / 1_000;
+    let bucket = (u64::BITS - us.leading_zeros()) as usize;
+    if bucket < HISTOGRAM_BUCKETS {
+        bucket
+    } else {
+        HISTOGRAM_BUCKETS - 1
+    }
+}
+
+/// Exact connection counts of one [`ServiceKey`], kept by the kernel in `SERVICES` (atomic adds).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// Connects that reached ESTABLISHED (peers), or accepted connections (listeners).
+    pub established: u64,
+    /// Connects answered by a RST (peers).
+    pub refused: u64,
+    /// Connects that closed in SYN_SENT without a RST (peers).
+    pub timed_out: u64,
+    /// SYN retransmits of the connects that were established (peers).
+    pub syn_retransmits: u64,
+    /// Connects slower than the slow-connect threshold (peers; exported as trouble).
+    pub slow: u64,
+    /// Followed connections that closed (their lifetimes are in `lifetime`).
+    pub closes: u64,
+    /// Sum of `handshake` in µs: connect latency (peers), handshake RTT (listeners).
+    pub handshake_sum_us: u64,
+    /// Sum of `lifetime` in µs.
+    pub lifetime_sum_us: u64,
+    /// Log2 histogram of connect latency (peers) or the handshake's RTT sample (listeners).
+    pub handshake: [u64; HISTOGRAM_BUCKETS],
+    /// Log2 histogram of connection lifetimes, established to close.
+    pub lifetime: [u64; HISTOGRAM_BUCKETS],
+}
+const _: () = assert!(size_of::<ServiceStats>() == 64 + 16 * HISTOGRAM_BUCKETS);
+
+impl Default for ServiceStats {
+    fn default() -> Self {
+        Self {
+            established: 0,
+            refused: 0,
+            timed_out: 0,
+            syn_retransmits: 0,
+            slow: 0,
+            closes: 0,
+            handshake_sum_us: 0,
+            lifetime_sum_us: 0,
+            handshake: [0; HISTOGRAM_BUCKETS],
+            lifetime: [0; HISTOGRAM_BUCKETS],
+        }
+    }
+}
+
 /// Per-socket state kept between state changes (connect latency, outcome, lifetime).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -437,9 +522,14 @@ pub struct SocketState {
     pub reset_received: u8,
     /// Non-zero for active opens.
     pub active: u8,
-    pub _pad: u16,
+    /// Non-zero once `service` is set (at ESTABLISHED): the close adds to that aggregate
+    /// without reading the socket again.
+    pub has_service: u8,
+    pub _pad: u8,
+    /// The aggregate this connection is counted in.
+    pub service: ServiceKey,
 }
-const _: () = assert!(size_of::<SocketState>() == 24);
+const _: () = assert!(size_of::<SocketState>() == 48);
 
 /// Ways of one set of the socket table.
 pub const SOCKET_WAYS: usize = 4;
@@ -451,7 +541,7 @@ pub struct SocketWay {
     pub sk: u64,
     pub state: SocketState,
 }
-const _: () = assert!(size_of::<SocketWay>() == 32);
+const _: () = assert!(size_of::<SocketWay>() == 56);
 
 /// One set of the `SOCKETS` table: a socket lives in the set its address hashes to
 /// ([`socket_set`]), in any free way. An array of sets costs no hash-map operation (no bucket
@@ -461,7 +551,7 @@ const _: () = assert!(size_of::<SocketWay>() == 32);
 pub struct SocketSet {
     pub ways: [SocketWay; SOCKET_WAYS],
 }
-const _: () = assert!(size_of::<SocketSet>() == 128);
+const _: () = assert!(size_of::<SocketSet>() == 224);
 
 /// Index of the set of socket `sk` in a table of `mask + 1` sets (a power of two). Socket
 /// addresses are slab-aligned, so their low bits are not spread: a multiplicative hash is.
@@ -500,8 +590,11 @@ pub struct MapStats {
     pub sockets_evicted: u64,
     /// `NETNS_DROPS` entries created.
     pub netns_drops_created: u64,
+    /// `SERVICES` entries created (evictions are derived like the flow map's).
+    pub services_created: u64,
+    pub _reserved: u64,
 }
-const _: () = assert!(size_of::<MapStats>() == 16);
+const _: () = assert!(size_of::<MapStats>() == 32);
 
 /// Key of the per-namespace drop counters: which namespace, which reason.
 #[repr(C)]
@@ -619,7 +712,7 @@ pub struct KernelConfig {
     pub raw: RawLayout,
     pub tables: TableSizes,
 }
-const _: () = assert!(size_of::<KernelConfig>() == 264);
+const _: () = assert!(size_of::<KernelConfig>() == 272);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -644,11 +737,27 @@ mod pod {
     unsafe impl aya::Pod for super::CpuBudget {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NetnsReason {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ServiceStats {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn histogram_buckets_are_log2_microseconds() {
+        assert_eq!(histogram_bucket(0), 0);
+        assert_eq!(histogram_bucket(999), 0);
+        assert_eq!(histogram_bucket(1_000), 1);
+        assert_eq!(histogram_bucket(1_999), 1);
+        assert_eq!(histogram_bucket(2_000), 2);
+        assert_eq!(histogram_bucket(1_000_000), 10); // 1 ms: [512, 1024) µs
+        assert_eq!(histogram_bucket(1_000_000_000), 20); // 1 s
+        assert_eq!(histogram_bucket(u64::MAX), HISTOGRAM_BUCKETS - 1);
+    }
 
     #[test]
     fn socket_tables_are_powers_of_two_with_room_for_the_entries() {

@@ -1,7 +1,10 @@
 //! Exact counting: per-flow counters for flows with trouble, per-kind statistics, and what the
 //! programs did to their bounded tables.
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use core::{
+    borrow::Borrow,
+    intrinsics::{AtomicOrdering, atomic_xadd},
+};
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -56,7 +59,11 @@ pub(crate) unsafe fn atomic_add(slot: *mut u64, amount: u64) {
 /// it. Several CPUs may race to create an entry: NOEXIST keeps the first, the others simply
 /// look it up again.
 #[inline(always)]
-pub(crate) fn entry<K, V>(map: &LruHashMap<K, V>, key: &K, init: V) -> Option<(*mut V, bool)> {
+pub(crate) fn entry<K, V>(
+    map: &LruHashMap<K, V>,
+    key: &K,
+    init: impl Borrow<V>,
+) -> Option<(*mut V, bool)> {
     if let Some(value) = map.get_ptr_mut(key) {
         return Some((value, false));
     }
@@ -69,6 +76,7 @@ pub(crate) fn entry<K, V>(map: &LruHashMap<K, V>, key: &K, init: V) -> Option<(*
 pub(crate) enum MapStat {
     SocketsEvicted,
     NetnsDropsCreated,
+    ServicesCreated,
 }
 
 /// Adds one to a [`MapStats`] field of this CPU. Atomic: raw programs can interrupt each other
@@ -83,6 +91,7 @@ pub(crate) fn count_map_stat(stat: MapStat) {
         let field = match stat {
             MapStat::SocketsEvicted => &raw mut (*stats).sockets_evicted,
             MapStat::NetnsDropsCreated => &raw mut (*stats).netns_drops_created,
+            MapStat::ServicesCreated => &raw mut (*stats).services_created,
         };
         atomic_add(field, 1);
     }
@@ -101,8 +110,6 @@ pub(crate) enum Counter {
     Connects,
     ConnectsRefused,
     ConnectsTimedOut,
-    Accepts,
-    Closes,
 }
 
 /// Pointer to the counter `counter` inside `c`.
@@ -124,8 +131,6 @@ pub(crate) unsafe fn slot(c: *mut FlowCounters, counter: Counter) -> *mut u64 {
             Counter::Connects => &raw mut (*c).connects,
             Counter::ConnectsRefused => &raw mut (*c).connects_refused,
             Counter::ConnectsTimedOut => &raw mut (*c).connects_timed_out,
-            Counter::Accepts => &raw mut (*c).accepts,
-            Counter::Closes => &raw mut (*c).closes,
         }
     }
 }
@@ -188,7 +193,7 @@ pub(crate) fn count_flow(
 /// exported and the budgets allow.
 #[inline(always)]
 pub(crate) fn record<C: aya_ebpf::EbpfContext>(ctx: &C, event: &mut TcpEvent, counter: Counter) {
-    record_with(ctx, event, counter, |_| {});
+    record_with(ctx, event, counter, false, |_| {});
 }
 
 /// [`record`], with `complete` filling in what only an exported event needs (a field the
@@ -198,6 +203,7 @@ pub(crate) fn record_with<C: aya_ebpf::EbpfContext>(
     ctx: &C,
     event: &mut TcpEvent,
     counter: Counter,
+    export_anyway: bool,
     complete: impl FnOnce(&mut TcpEvent),
 ) {
     let Some(stats) = stats(event.kind) else {
@@ -215,9 +221,7 @@ pub(crate) fn record_with<C: aya_ebpf::EbpfContext>(
         // Not counted per flow (the map update failed): still export it, so the event stream
         // stays complete, and say so in `map_full`.
         stats.map_full += 1;
-        if config!(budget.kinds) & (1u32 << event.kind) != 0
-            && cpu_budget_allows(event.timestamp_ns)
-        {
+        if (export_anyway || exports_kind(event.kind)) && cpu_budget_allows(event.timestamp_ns) {
             event.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
             event.timestamp_ns = now_ns();
             complete(event);
@@ -229,8 +233,7 @@ pub(crate) fn record_with<C: aya_ebpf::EbpfContext>(
         return;
     };
     stats.counted += amount;
-    let kind_exported = config!(budget.kinds) & (1u32 << event.kind) != 0;
-    if !kind_exported {
+    if !export_anyway && !exports_kind(event.kind) {
         return;
     }
     if !flow_allows {
@@ -247,6 +250,44 @@ pub(crate) fn record_with<C: aya_ebpf::EbpfContext>(
     event.flow_count = total;
     event.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // Counting and the budgets ran on the tick clock; an exported event gets the exact time.
+    event.timestamp_ns = now_ns();
+    complete(event);
+    output(ctx, event);
+    stats.exported += 1;
+}
+
+/// Whether events of `kind` are exported at all (`--export-kinds`).
+#[inline(always)]
+pub(crate) fn exports_kind(kind: u8) -> bool {
+    config!(budget.kinds) & (1u32 << kind) != 0
+}
+
+/// Counts a healthy lifecycle event of `kind` in the per-CPU statistics only: its aggregate in
+/// `SERVICES` has counted it, and it gets no flow entry. Returns the statistics when the kind
+/// is exported, for [`export_healthy`].
+#[inline(always)]
+pub(crate) fn count_healthy(kind: u8) -> Option<&'static mut KindStats> {
+    let stats = stats(kind)?;
+    stats.seen += 1;
+    stats.counted += 1;
+    exports_kind(kind).then_some(stats)
+}
+
+/// Exports a healthy lifecycle event counted by [`count_healthy`], within this CPU's budget
+/// (healthy events have no flow entry, so no per-flow budget); `complete` fills in what only an
+/// exported event needs.
+#[inline(always)]
+pub(crate) fn export_healthy<C: aya_ebpf::EbpfContext>(
+    ctx: &C,
+    stats: &mut KindStats,
+    event: &mut TcpEvent,
+    complete: impl FnOnce(&mut TcpEvent),
+) {
+    if !cpu_budget_allows(event.timestamp_ns) {
+        stats.suppressed += 1;
+        return;
+    }
+    event.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
     event.timestamp_ns = now_ns();
     complete(event);
     output(ctx, event);

@@ -44,6 +44,7 @@ mod hooks;
 mod netns;
 mod packet;
 mod reads;
+mod services;
 mod sock;
 mod socket_table;
 

@@ -85,7 +85,12 @@ pub struct RunArgs {
     /// spread over many flows (the kernel still counts everything). 0: no limit.
     #[arg(long, value_name = "N", default_value_t = config::DEFAULT_EXPORT_PER_CPU)]
     pub export_per_cpu: u32,
-    /// Event kinds exported as records, comma-separated: `default` (all but `close`), `all`,
+    /// A connect slower than this many milliseconds is trouble: counted per flow and exported
+    /// as a `connect` record even when `connect` is not an exported kind. 0: no threshold.
+    #[arg(long, value_name = "MS", default_value_t = config::DEFAULT_SLOW_CONNECT_MS)]
+    pub slow_connect_ms: u32,
+    /// Event kinds exported as records, comma-separated: `default` (trouble only: all but the
+    /// healthy `connect`, `accept` and `close`, which are counted per peer and listener), `all`,
     /// or names (retransmit, syn_retransmit, synack_retransmit, drop, reset_sent,
     /// reset_received, connect, connect_failed, accept, close); `-NAME` removes one.
     #[arg(long, value_name = "KINDS", default_value = config::DEFAULT_EXPORT_KINDS, value_parser = parse_export_kinds)]
@@ -149,6 +154,7 @@ pub fn explicit_flags(args: &RunArgs, matches: &ArgMatches) -> Config {
         export_per_flow,
         max_flows,
         export_per_cpu,
+        slow_connect_ms,
         export_kinds,
         drop_reasons,
         perf_pages,
@@ -162,6 +168,7 @@ pub fn explicit_flags(args: &RunArgs, matches: &ArgMatches) -> Config {
     Config {
         export_per_flow: given("export_per_flow").then_some(*export_per_flow),
         export_per_cpu: given("export_per_cpu").then_some(*export_per_cpu),
+        slow_connect_ms: given("slow_connect_ms").then_some(*slow_connect_ms),
         max_flows: given("max_flows").then_some(*max_flows),
         export_kinds: given("export_kinds").then(|| export_kinds.clone()),
         drop_reasons: given("drop_reasons").then(|| drop_reasons.clone()),
@@ -491,6 +498,7 @@ mod tests {
             Config {
                 export_per_flow: Some(0),
                 export_per_cpu: Some(5),
+                slow_connect_ms: None,
                 max_flows: Some(32),
                 export_kinds: Some("all".to_owned()),
                 drop_reasons: Some("all".to_owned()),
@@ -532,6 +540,7 @@ export_per_cpu = 9
         let settings = Settings::resolve(&Config::default()).expect("defaults");
         assert_eq!(args.export_per_flow, settings.export_per_flow);
         assert_eq!(args.export_per_cpu, settings.export_per_cpu);
+        assert_eq!(args.slow_connect_ms, settings.slow_connect_ms);
         assert_eq!(args.max_flows, settings.max_flows);
         assert_eq!(args.export_kinds, settings.export_kinds);
         assert_eq!(args.drop_reasons, settings.drop_reasons);

@@ -37,6 +37,8 @@ pub const DEFAULT_PATH: &str = "/etc/observer/observer.toml";
 /// Built-in defaults (the flags' defaults).
 pub const DEFAULT_EXPORT_PER_FLOW: u32 = 10;
 pub const DEFAULT_EXPORT_PER_CPU: u32 = 500;
+/// A connect slower than this (ms) is trouble: counted per flow and exported.
+pub const DEFAULT_SLOW_CONNECT_MS: u32 = 500;
 pub const DEFAULT_MAX_FLOWS: u32 = 65_536;
 pub const DEFAULT_EXPORT_KINDS: &str = "default";
 pub const DEFAULT_DROP_REASONS: &str = "default";
@@ -149,6 +151,7 @@ impl fmt::Display for OutputTarget {
 pub struct Config {
     pub export_per_flow: Option<u32>,
     pub export_per_cpu: Option<u32>,
+    pub slow_connect_ms: Option<u32>,
     pub max_flows: Option<u32>,
     pub export_kinds: Option<String>,
     pub drop_reasons: Option<String>,
@@ -176,6 +179,7 @@ pub struct OutputConfig {
 pub struct Settings {
     pub export_per_flow: u32,
     pub export_per_cpu: u32,
+    pub slow_connect_ms: u32,
     pub max_flows: u32,
     /// As written (`default,-close`), for messages.
     pub export_kinds: String,
@@ -208,6 +212,7 @@ pub struct OutputSettings {
 struct RawConfig {
     export_per_flow: Option<Spanned<u32>>,
     export_per_cpu: Option<Spanned<u32>>,
+    slow_connect_ms: Option<Spanned<u32>>,
     max_flows: Option<Spanned<u32>>,
     export_kinds: Option<Spanned<String>>,
     drop_reasons: Option<Spanned<String>>,
@@ -252,6 +257,7 @@ impl Config {
         let RawConfig {
             export_per_flow,
             export_per_cpu,
+            slow_connect_ms,
             max_flows,
             export_kinds,
             drop_reasons,
@@ -328,6 +334,7 @@ impl Config {
         Ok(Config {
             export_per_flow: export_per_flow.map(Spanned::into_inner),
             export_per_cpu: export_per_cpu.map(Spanned::into_inner),
+            slow_connect_ms: slow_connect_ms.map(Spanned::into_inner),
             max_flows,
             export_kinds,
             drop_reasons,
@@ -349,6 +356,7 @@ impl Config {
         let Config {
             export_per_flow,
             export_per_cpu,
+            slow_connect_ms,
             max_flows,
             export_kinds,
             drop_reasons,
@@ -367,6 +375,7 @@ impl Config {
         Config {
             export_per_flow: export_per_flow.or(self.export_per_flow),
             export_per_cpu: export_per_cpu.or(self.export_per_cpu),
+            slow_connect_ms: slow_connect_ms.or(self.slow_connect_ms),
             max_flows: max_flows.or(self.max_flows),
             export_kinds: export_kinds.clone().or_else(|| self.export_kinds.clone()),
             drop_reasons: drop_reasons.clone().or_else(|| self.drop_reasons.clone()),
@@ -392,6 +401,7 @@ impl Settings {
         let Config {
             export_per_flow,
             export_per_cpu,
+            slow_connect_ms,
             max_flows,
             export_kinds,
             drop_reasons,
@@ -421,6 +431,7 @@ impl Settings {
         Ok(Settings {
             export_per_flow: export_per_flow.unwrap_or(DEFAULT_EXPORT_PER_FLOW),
             export_per_cpu: export_per_cpu.unwrap_or(DEFAULT_EXPORT_PER_CPU),
+            slow_connect_ms: slow_connect_ms.unwrap_or(DEFAULT_SLOW_CONNECT_MS),
             max_flows,
             export_kinds,
             export_kinds_mask,
@@ -445,6 +456,7 @@ impl Settings {
         LoadOptions {
             export_per_flow: self.export_per_flow,
             export_per_cpu: self.export_per_cpu,
+            slow_connect_ms: self.slow_connect_ms,
             export_kinds: self.export_kinds_mask,
             max_flows: self.max_flows,
             drop_reasons: self.drop_reasons.clone(),
@@ -458,6 +470,7 @@ impl Settings {
         let Settings {
             export_per_flow,
             export_per_cpu,
+            slow_connect_ms,
             max_flows,
             export_kinds,
             export_kinds_mask,
@@ -477,6 +490,7 @@ impl Settings {
         };
         note(*export_per_flow != new.export_per_flow, "export_per_flow");
         note(*export_per_cpu != new.export_per_cpu, "export_per_cpu");
+        note(*slow_connect_ms != new.slow_connect_ms, "slow_connect_ms");
         note(*max_flows != new.max_flows, "max_flows");
         note(
             *export_kinds_mask != new.export_kinds_mask || *export_kinds != new.export_kinds,
@@ -514,10 +528,14 @@ pub fn export_kinds_mask(spec: &str) -> Result<u32, String> {
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         match item {
             "all" => mask |= EventKind::ALL.into_iter().map(bit).fold(0, |a, b| a | b),
+            // Trouble only: healthy connects, accepts and closes are counted per peer and
+            // listener in the kernel; slow and retransmitted connects are exported regardless.
             "default" => {
                 mask |= EventKind::ALL
                     .into_iter()
-                    .filter(|k| *k != EventKind::Close)
+                    .filter(|k| {
+                        !matches!(k, EventKind::Close | EventKind::Connect | EventKind::Accept)
+                    })
                     .map(bit)
                     .fold(0, |a, b| a | b)
             }
@@ -727,6 +745,7 @@ mod tests {
             r#"
 export_per_flow = 0
 export_per_cpu = 500
+slow_connect_ms = 250
 max_flows = 1024
 export_kinds = "all,-close"
 drop_reasons = "default,-NO_SOCKET"
@@ -749,6 +768,7 @@ per_second = 10
         .expect("valid");
         assert_eq!(config.export_per_flow, Some(0));
         assert_eq!(config.export_per_cpu, Some(500));
+        assert_eq!(config.slow_connect_ms, Some(250));
         assert_eq!(config.max_flows, Some(1024));
         assert_eq!(config.export_kinds.as_deref(), Some("all,-close"));
         assert_eq!(config.drop_reasons.as_deref(), Some("default,-NO_SOCKET"));
@@ -914,6 +934,7 @@ per_second = 10
         assert_eq!(settings.max_flows, 1024);
         assert_eq!(settings.output.keep, 2);
         assert_eq!(settings.export_per_cpu, DEFAULT_EXPORT_PER_CPU);
+        assert_eq!(settings.slow_connect_ms, DEFAULT_SLOW_CONNECT_MS);
         assert_eq!(settings.output.target, OutputTarget::Stdout);
         assert_eq!(settings.output.max_bytes, DEFAULT_MAX_BYTES);
         assert_eq!(

@@ -41,14 +41,15 @@ use crate::{
     enrich::symbols::KernelSymbols,
     enrich::sysctl,
     kernel::{
-        loader::{self, LoadOptions, Loaded},
+        loader::{self, LoadOptions, Loaded, MapEvictions},
         perf_ring::{self, PerfRing, Record},
     },
     reconcile::Reconciler,
     record::{
         EventRecord, FlowRecord, KindTotals, LostRecord, Names, ReasonCount, SCHEMA_VERSION,
-        StartRecord, StopRecord, SysctlChangeRecord,
+        STOP_FLOWS, STOP_SERVICES, StartRecord, StopRecord, SysctlChangeRecord,
     },
+    services::top_services,
     sink::json::{JsonLines, SinkError},
 };
 
@@ -886,10 +887,15 @@ fn stop_record(
     // Slot 0 counts flow entries the kernel created; the LRU map evicted those not live now.
     let flows_created = stats[0].counted;
     // Not worth losing the whole record over: said on stderr instead.
-    let (sockets_evicted, netns_drops_evicted) = loaded.map_evictions().unwrap_or_else(|e| {
+    let evictions = loaded.map_evictions().unwrap_or_else(|e| {
         eprintln!("observer: warning: cannot count the kernel maps' evictions: {e:#}");
-        (0, 0)
+        MapEvictions::default()
     });
+    let services = loaded.services().unwrap_or_else(|e| {
+        eprintln!("observer: warning: cannot read the peer and listener aggregates: {e:#}");
+        Vec::new()
+    });
+    let (services, services_omitted) = top_services(&services, STOP_SERVICES);
     let mut totals = BTreeMap::new();
     for (kind, name) in KERNEL_KINDS {
         let s = stats[usize::from(kind)];
@@ -945,13 +951,19 @@ fn stop_record(
                 connects: c.connects,
                 connects_refused: c.connects_refused,
                 connects_timed_out: c.connects_timed_out,
-                accepts: c.accepts,
-                closes: c.closes,
                 suppressed: c.suppressed,
             }
         })
         .collect();
-    flows.sort_by_key(|f| (f.saddr, f.sport, f.daddr, f.dport, f.netns));
+    let flows_held = flows.len() as u64;
+    // The most trouble first; ties in address order, so that a record is reproducible.
+    flows.sort_by(|a, b| {
+        b.trouble().cmp(&a.trouble()).then_with(|| {
+            (a.saddr, a.sport, a.daddr, a.dport, a.netns)
+                .cmp(&(b.saddr, b.sport, b.daddr, b.dport, b.netns))
+        })
+    });
+    flows.truncate(STOP_FLOWS);
     Ok(StopRecord {
         kind: "stop",
         time: clock.now_rfc3339(),
@@ -963,9 +975,9 @@ fn stop_record(
         context_undelivered: 0,
         missed_runs: loaded.missed_runs(),
         flows_created,
-        flows_evicted: flows_created.saturating_sub(flows.len() as u64),
-        sockets_evicted,
-        netns_drops_evicted,
+        flows_evicted: flows_created.saturating_sub(flows_held),
+        sockets_evicted: evictions.sockets,
+        netns_drops_evicted: evictions.netns_drops,
         drop_reasons: loaded
             .drop_reason_counts()?
             .into_iter()
@@ -975,7 +987,11 @@ fn stop_record(
                 count,
             })
             .collect(),
+        flows_omitted: flows_held - flows.len() as u64,
         flows,
+        services,
+        services_omitted,
+        services_evicted: evictions.services,
         listeners: Vec::new(),
         netfilter_rules: Vec::new(),
         engine: None,

@@ -50,7 +50,7 @@ impl Flow {
     }
 }
 
-fn unmap(bytes: [u8; 16]) -> IpAddr {
+pub fn unmap(bytes: [u8; 16]) -> IpAddr {
     let v6 = Ipv6Addr::from(bytes);
     match v6.to_ipv4_mapped() {
         Some(v4) => IpAddr::V4(v4),

@@ -18,5 +18,6 @@ pub mod metrics;
 pub mod privileges;
 pub mod reconcile;
 pub mod record;
+pub mod services;
 pub mod sink;
 pub mod top;

@@ -299,12 +299,41 @@ pub struct FlowRecord {
     pub drops: u64,
     pub resets_sent: u64,
     pub resets_received: u64,
+    /// Connects with trouble (SYN retransmits, or slower than `--slow-connect-ms`); healthy
+    /// ones are counted in `stop.services`.
     pub connects: u64,
     pub connects_refused: u64,
     pub connects_timed_out: u64,
-    pub accepts: u64,
-    pub closes: u64,
     pub suppressed: u64,
+}
+
+impl FlowRecord {
+    /// How much trouble the flow had: what ranks flows when the `stop` record keeps the top.
+    pub fn trouble(&self) -> u64 {
+        let FlowRecord {
+            retransmit_segs,
+            retransmit_failed,
+            syn_retransmits,
+            synack_retransmits,
+            drops,
+            resets_sent,
+            resets_received,
+            connects,
+            connects_refused,
+            connects_timed_out,
+            ..
+        } = self;
+        retransmit_segs
+            + retransmit_failed
+            + syn_retransmits
+            + synack_retransmits
+            + drops
+            + resets_sent
+            + resets_received
+            + connects
+            + connects_refused
+            + connects_timed_out
+    }
 }
 
 /// Reported drops of one reason.
@@ -314,6 +343,11 @@ pub struct ReasonCount {
     pub code: u32,
     pub count: u64,
 }
+
+/// Flows the `stop` record lists at most (the most trouble first).
+pub const STOP_FLOWS: usize = 500;
+/// Peers and listeners the `stop` record lists at most (the busiest first).
+pub const STOP_SERVICES: usize = 200;
 
 #[derive(Debug, Serialize)]
 pub struct StopRecord {
@@ -347,7 +381,15 @@ pub struct StopRecord {
     pub netns_drops_evicted: u64,
     /// Drops per reason (kernel counters).
     pub drop_reasons: Vec<ReasonCount>,
+    /// The flows with the most trouble (at most [`STOP_FLOWS`]), and how many more the kernel
+    /// still held. Healthy connections have no flow entry: they are in `services`.
     pub flows: Vec<FlowRecord>,
+    pub flows_omitted: u64,
+    /// Exact connection counts per peer and per listener (at most [`STOP_SERVICES`], busiest
+    /// first), how many more there were, and how many the kernel's bounded map evicted.
+    pub services: Vec<crate::services::ServiceRecord>,
+    pub services_omitted: u64,
+    pub services_evicted: u64,
     /// Listener drops over the run (accept-queue overflows, SYN-queue drops).
     pub listeners: Vec<crate::context::ListenerTotal>,
     /// Packets dropped per firewall rule over the run (rules named exactly).

@@ -100,6 +100,40 @@ fn the_flow<'a>(
     }
 }
 
+/// Closes `stream` abortively: SO_LINGER with a zero timeout makes the close send a RST.
+fn abort(stream: std::net::TcpStream) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket fd owned by `stream`, and a pointer to a live `linger` of the size
+    // passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    ensure!(rc == 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    drop(stream);
+    Ok(())
+}
+
+/// Whether `stop.flows` has no row for `filter` with these ports.
+fn no_flow(run: &Run, filter: &Filter, sport: Option<u16>, dport: Option<u16>) -> Result<bool> {
+    Ok(run
+        .flows(&Filter {
+            sport: sport.or(filter.sport),
+            dport: dport.or(filter.dport),
+            ..*filter
+        })?
+        .is_empty())
+}
+
 /// Server: every SYN from each client port is dropped (one rule per port, so each rule's packet
 /// counter is one connection's SYNs). Client: parallel connects over IPv4 and IPv6 that give up
 /// after `T`; each sends its SYN and the retransmits due within `T` (ground truth: rule packets
@@ -386,7 +420,27 @@ fn connect_latency_counts_the_syn_timeout() -> Result<()> {
         e["syn_retransmits"] == 0,
         "port {fast}: syn_retransmits: {e}"
     );
-    for (port, k) in [(slow, 1), (fast, 0)] {
+    // The connect that needed a SYN retransmit is trouble, counted per flow; the fast one is
+    // only in the peer's aggregate.
+    ensure!(
+        no_flow(&run, &client, Some(fast), None)?,
+        "port {fast}: a healthy connect has a row in stop.flows"
+    );
+    let stop = run.stop()?;
+    let client_netns = topo.client.inode()?;
+    let peer = stop["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["role"] == "peer" && r["port"] == LATENCY_PORT && r["netns"] == client_netns)
+        .with_context(|| format!("no peer row for port {LATENCY_PORT} in stop.services: {stop}"))?;
+    ensure!(
+        u64_of(peer, "established")? == active_opens
+            && u64_of(peer, "syn_retransmits")? == syn_retrans,
+        "peer row: established expected {active_opens} (TcpActiveOpens), syn_retransmits \
+         {syn_retrans} (TcpExtTCPSynRetrans): {peer}"
+    );
+    for (port, k) in [(slow, 1)] {
         let f = the_flow(&run, &client, Some(port), None)?;
         for (key, want) in [
             ("connects", 1),
@@ -529,18 +583,67 @@ fn accepts_and_close_lifetimes() -> Result<()> {
             );
         }
     }
+    // Healthy connections have no flow entry: they are counted exactly per listener and per
+    // peer (`stop.services`), against the kernel's own counters.
+    let stop = run.stop()?;
+    let service = |role: &str, netns: u64| -> Result<&Value> {
+        stop["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| {
+                r["role"] == role
+                    && r["addr"] == topo.server_ip(false).to_string()
+                    && r["port"] == ACCEPT_PORT
+                    && r["netns"] == netns
+            })
+            .with_context(|| format!("no {role} row for {to} in stop.services: {stop}"))
+    };
+    let listener_row = service("listener", topo.server.inode()?)?;
+    let peer_row = service("peer", topo.client.inode()?)?;
+    note(&format!(
+        "{}: stop.services listener {listener_row}; peer {peer_row}",
+        t.name
+    ));
+    for (what, row, key, want) in [
+        ("listener", listener_row, "established", passive),
+        ("listener", listener_row, "closes", n),
+        ("peer", peer_row, "established", active),
+        ("peer", peer_row, "attempts", active),
+        ("peer", peer_row, "closes", n),
+        ("peer", peer_row, "refused", 0),
+        ("peer", peer_row, "timed_out", 0),
+    ] {
+        ensure!(
+            u64_of(row, key)? == want,
+            "{what} row: {key} expected {want} (kernel counters): {row}"
+        );
+    }
+    for (what, row) in [("listener", listener_row), ("peer", peer_row)] {
+        let lifetime = &row["lifetime"];
+        ensure!(
+            u64_of(lifetime, "count")? == n,
+            "{what} row: {n} lifetimes expected: {row}"
+        );
+        // Every connection was held open for `hold`: the median's bucket ends above it.
+        let p50 = lifetime["p50_le_ms"].as_f64().context("p50_le_ms")?;
+        ensure!(
+            p50 >= hold.as_secs_f64() * 1000.0,
+            "{what} row: median lifetime bucket ends at {p50} ms, below the {hold:?} hold: {row}"
+        );
+        ensure!(
+            u64_of(&row["handshake"], "count")? == n,
+            "{what} row: {n} handshakes expected: {row}"
+        );
+    }
     for &p in &ports {
-        let sf = the_flow(&run, &server, None, Some(p))?;
-        let cf = the_flow(&run, &client, Some(p), None)?;
-        for (what, f, key) in [
-            ("server", sf, "accepts"),
-            ("server", sf, "closes"),
-            ("client", cf, "connects"),
-            ("client", cf, "closes"),
+        for (what, filter, sport, dport) in [
+            ("server", &server, None, Some(p)),
+            ("client", &client, Some(p), None),
         ] {
             ensure!(
-                u64_of(f, key)? == 1,
-                "port {p}: {what} stop.flows {key} expected 1: {f}"
+                no_flow(&run, filter, sport, dport)?,
+                "port {p}: a healthy connection has a {what} row in stop.flows"
             );
         }
     }
@@ -579,8 +682,13 @@ fn socket_table_and_flow_map_evictions_are_counted() -> Result<()> {
         }
     }
     let accepted = accept_n(&listener, ports.len(), Duration::from_secs(5))?;
+    // The server aborts every connection (a RST each way): trouble, so each connection is a
+    // flow on both sides (reset_sent on the server, reset_received on the client). Healthy
+    // connections would have no flow entry at all.
+    for stream in accepted {
+        abort(stream)?;
+    }
     drop(streams);
-    observer_tests::support::close_after_eof(accepted, Duration::from_secs(5))?;
     wait_until_closed(&topo.client, &ports)?;
     wait_until_closed(&topo.server, &[PORT])?;
     let run = observer.stop()?;
@@ -606,8 +714,8 @@ fn socket_table_and_flow_map_evictions_are_counted() -> Result<()> {
         "{sockets} sockets closed, {closes} close events and {evicted} evictions: some closes \
          went missing without being counted"
     );
-    // The flow counters are bounded by the same 16: each connection is two flows (its connect on
-    // the client, its accept on the server), so at least 80 - 16 of them were evicted, and the
+    // The flow counters are bounded by the same 16: each aborted connection is two flows (its
+    // RST sent on the server, received on the client), so at least 80 - 16 were evicted, and the
     // stop record says so. Other flows on the host can only add to both counts.
     let (created, flows_evicted) = (
         u64_of(stop, "flows_created")?,

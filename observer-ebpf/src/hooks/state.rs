@@ -11,8 +11,9 @@ use observer_common::{
 use crate::{
     abi::{ECONNREFUSED, IPPROTO_TCP, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV},
     clock::now_ns,
-    counting::{Counter, new_event, record_with, run},
+    counting::{Counter, count_healthy, export_healthy, new_event, record_with, run},
     reads::{arg, kread, raw_args, record_of, slot},
+    services::{self, Outcome, listener_of, peer_of},
     sock::{fill_from_record, fill_from_sock},
     socket_table::{followed_socket, track_socket, untrack_socket},
 };
@@ -97,6 +98,11 @@ pub(crate) struct Transition {
 /// `is_tcp` says whether the socket is TCP (the tracepoint also fires for other protocols);
 /// `fill` sets the event's flow and family (its key wildcard is already set). Both are called
 /// only for transitions that count; `complete` only for an event about to be exported.
+///
+/// Healthy connections cost a socket-table claim at the start, one aggregate update in
+/// `SERVICES` at ESTABLISHED and one at the close, and no flow entry or export. Only trouble
+/// (a failed connect, a slow one, one that needed SYN retransmits) is counted per flow and
+/// exported regardless of `--export-kinds`.
 pub(crate) fn on_set_state<C: aya_ebpf::EbpfContext>(
     ctx: &C,
     &Transition { sk, old, new }: &Transition,
@@ -110,30 +116,26 @@ pub(crate) fn on_set_state<C: aya_ebpf::EbpfContext>(
         }
         let state = SocketState {
             opened_ns: now_ns(),
-            established_ns: 0,
-            syn_retransmits: 0,
-            reset_received: 0,
             active: 1,
-            _pad: 0,
+            ..SocketState::default()
         };
         track_socket(sk, followed_socket(sk), &state);
         return Ok(());
     }
-    let (kind, counter) = match (old, new) {
-        (o, TCP_ESTABLISHED) if o == i32::from(TCP_SYN_SENT) => {
-            (event_kind::CONNECT, Counter::Connects)
-        }
-        (TCP_SYN_RECV, TCP_ESTABLISHED) => (event_kind::ACCEPT, Counter::Accepts),
-        (o, TCP_CLOSE) if o == i32::from(TCP_SYN_SENT) => {
-            (event_kind::CONNECT_FAILED, Counter::ConnectsTimedOut)
-        }
-        (_, TCP_CLOSE) => (event_kind::CLOSE, Counter::Closes),
+    let kind = match (old, new) {
+        (o, TCP_ESTABLISHED) if o == i32::from(TCP_SYN_SENT) => event_kind::CONNECT,
+        (TCP_SYN_RECV, TCP_ESTABLISHED) => event_kind::ACCEPT,
+        (o, TCP_CLOSE) if o == i32::from(TCP_SYN_SENT) => event_kind::CONNECT_FAILED,
+        (_, TCP_CLOSE) => event_kind::CLOSE,
         _ => return Ok(()),
     };
     let known = followed_socket(sk);
-    if kind == event_kind::CLOSE && known.is_null() {
-        // Close: report only sockets seen opening, with their lifetime.
-        return Ok(());
+    if kind == event_kind::CLOSE {
+        // Report only sockets seen opening, with their lifetime.
+        if known.is_null() {
+            return Ok(());
+        }
+        return on_close(ctx, sk, known, old, new, fill, complete);
     }
     // Sockets seen opening are TCP already; others are checked now.
     if known.is_null() && !is_tcp() {
@@ -147,16 +149,36 @@ pub(crate) fn on_set_state<C: aya_ebpf::EbpfContext>(
     fill(event)?;
     event.state = new as u8;
     event.old_state = old as u8;
-    let mut counter = counter;
     match kind {
         event_kind::CONNECT => {
+            let mut syn_retransmits = 0;
+            let peer = peer_of(&event.flow);
             if !known.is_null() {
                 // SAFETY: live map value of this socket.
                 unsafe {
                     event.duration_ns = now.wrapping_sub((*known).opened_ns);
-                    event.aux32 = (*known).syn_retransmits;
+                    syn_retransmits = (*known).syn_retransmits;
                     (*known).established_ns = now;
+                    (*known).service = peer;
+                    (*known).has_service = 1;
                 }
+            }
+            event.aux32 = syn_retransmits;
+            let threshold = config!(budget.slow_connect_ns);
+            // Without the socket's start the latency is unknown: not judged slow.
+            let slow = threshold != 0 && !known.is_null() && event.duration_ns >= threshold;
+            services::count(
+                &peer,
+                Outcome::Connected {
+                    latency_ns: event.duration_ns,
+                    syn_retransmits,
+                    slow,
+                },
+            );
+            if slow || syn_retransmits != 0 {
+                record_with(ctx, event, Counter::Connects, slow, complete);
+            } else if let Some(stats) = count_healthy(kind) {
+                export_healthy(ctx, stats, event, complete);
             }
         }
         event_kind::CONNECT_FAILED => {
@@ -164,12 +186,14 @@ pub(crate) fn on_set_state<C: aya_ebpf::EbpfContext>(
             // answering the SYN (an ICMP port unreachable reads the same); anything else
             // (ETIMEDOUT, or none when the application gave up) is a timeout.
             let sk_err: i32 = kread(sk + u64::from(config!(offsets.sock_err))).unwrap_or(0);
-            if sk_err == ECONNREFUSED {
+            let (counter, outcome) = if sk_err == ECONNREFUSED {
                 event.aux8 = connect_outcome::REFUSED;
-                counter = Counter::ConnectsRefused;
+                (Counter::ConnectsRefused, Outcome::Refused)
             } else {
                 event.aux8 = connect_outcome::TIMEOUT;
-            }
+                (Counter::ConnectsTimedOut, Outcome::TimedOut)
+            };
+            services::count(&peer_of(&event.flow), outcome);
             if !known.is_null() {
                 // SAFETY: live map value of this socket.
                 unsafe {
@@ -178,39 +202,71 @@ pub(crate) fn on_set_state<C: aya_ebpf::EbpfContext>(
                 }
                 untrack_socket(sk);
             }
+            record_with(ctx, event, counter, false, complete);
         }
-        event_kind::ACCEPT => {
-            // The handshake's duration as the server measured it: the first RTT sample of the
-            // new socket is taken from SYN-ACK to ACK.
+        _ => {
+            // An accept. The handshake's duration as the server measured it: the first RTT
+            // sample of the new socket is taken from SYN-ACK to ACK.
             let srtt: u32 = kread(sk + u64::from(config!(packet.tcp_srtt_us))).unwrap_or(0);
             event.aux32 = srtt >> 3;
             event.duration_ns = u64::from(srtt >> 3) * 1000;
+            let listener = listener_of(&event.flow);
+            services::count(
+                &listener,
+                Outcome::Accepted {
+                    rtt_ns: event.duration_ns,
+                },
+            );
             let state = SocketState {
                 opened_ns: now,
                 established_ns: now,
-                syn_retransmits: 0,
-                reset_received: 0,
-                active: 0,
-                _pad: 0,
+                has_service: 1,
+                service: listener,
+                ..SocketState::default()
             };
             track_socket(sk, known, &state);
-        }
-        _ => {
-            if !known.is_null() {
-                // SAFETY: live map value of this socket.
-                unsafe {
-                    let since = if (*known).established_ns != 0 {
-                        (*known).established_ns
-                    } else {
-                        (*known).opened_ns
-                    };
-                    event.duration_ns = now.wrapping_sub(since);
-                    event.aux8 = (*known).active;
-                }
+            if let Some(stats) = count_healthy(kind) {
+                export_healthy(ctx, stats, event, complete);
             }
-            untrack_socket(sk);
         }
     }
-    record_with(ctx, event, counter, complete);
+    Ok(())
+}
+
+/// The close of followed socket `sk` (`known`, its socket-table state): its lifetime goes to
+/// its aggregate, read from the table, so the socket itself is read only for an export.
+#[inline(always)]
+fn on_close<C: aya_ebpf::EbpfContext>(
+    ctx: &C,
+    sk: u64,
+    known: *mut SocketState,
+    old: i32,
+    new: i32,
+    fill: impl FnOnce(&mut TcpEvent) -> Result<(), i32>,
+    complete: impl FnOnce(&mut TcpEvent),
+) -> Result<(), i32> {
+    let now = now_ns();
+    // SAFETY: live map value of this socket; copied before the way is freed.
+    let state = unsafe { *known };
+    untrack_socket(sk);
+    let since = if state.established_ns != 0 {
+        state.established_ns
+    } else {
+        state.opened_ns
+    };
+    let lifetime_ns = now.wrapping_sub(since);
+    if state.has_service != 0 {
+        services::count(&state.service, Outcome::Closed { lifetime_ns });
+    }
+    let Some(stats) = count_healthy(event_kind::CLOSE) else {
+        return Ok(());
+    };
+    let event = new_event(event_kind::CLOSE, now, slot::SET_STATE)?;
+    fill(event)?;
+    event.state = new as u8;
+    event.old_state = old as u8;
+    event.duration_ns = lifetime_ns;
+    event.aux8 = state.active;
+    export_healthy(ctx, stats, event, complete);
     Ok(())
 }

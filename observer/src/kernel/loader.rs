@@ -7,8 +7,8 @@ use aya::{
 };
 use observer_common::{
     ExportBudget, FlowCounters, FlowKey, KernelConfig, KindStats, MAX_DROP_REASONS, MapStats,
-    NetnsReason, PacketOffsets, RECORD_MAX, RawArgs, TableSizes, drop_filter, event_kind,
-    socket_sets_for,
+    NetnsReason, PacketOffsets, RECORD_MAX, RawArgs, ServiceKey, ServiceStats, TableSizes,
+    drop_filter, event_kind, socket_sets_for,
 };
 
 use super::{
@@ -42,6 +42,8 @@ pub struct LoadOptions {
     pub export_per_cpu: u32,
     /// Bit mask of `event_kind`s exported at all.
     pub export_kinds: u32,
+    /// Connects slower than this (ms) are trouble (0: none).
+    pub slow_connect_ms: u32,
     /// Capacity of the per-flow counter map.
     pub max_flows: u32,
     /// Drop reasons to report, e.g. `default` or `default,-NO_SOCKET` (see `reasons::select`).
@@ -52,11 +54,17 @@ pub struct LoadOptions {
 
 /// Which of the two programs on each tracepoint to attach.
 ///
-/// Classic is the default: raw programs skip the record the kernel formats for a classic one,
-/// but on this project's storms they measured no cheaper overall (BENCHMARKS.md compares both).
+/// `tuned` is the default: raw programs on the tracepoints that fire for healthy traffic
+/// (every state change, every freed packet), where the raw program ends an uninteresting hit
+/// before it reads any memory and the kernel formats no record; classic ones on the trouble
+/// tracepoints, where raw measured no cheaper on our storms (BENCHMARKS.md compares them).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
+    /// Raw programs on `sock:inet_sock_set_state` and `skb:kfree_skb` (classic where raw
+    /// cannot attach), classic programs on the others.
+    #[default]
+    Tuned,
     /// Raw tracepoints where BTF names the arguments, classic ones otherwise or when a raw
     /// attach fails.
     Auto,
@@ -64,18 +72,28 @@ pub enum AttachMode {
     Raw,
     /// Classic tracepoints only: the formatted record, as `perf` and bpftrace's `tracepoint:`
     /// see it.
-    #[default]
     Classic,
 }
 
 impl AttachMode {
     pub fn as_str(self) -> &'static str {
         match self {
+            AttachMode::Tuned => "tuned",
             AttachMode::Auto => "auto",
             AttachMode::Raw => "raw",
             AttachMode::Classic => "classic",
         }
     }
+}
+
+/// What the bounded kernel tables evicted ([`Loaded::map_evictions`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapEvictions {
+    pub sockets: u64,
+    pub netns_drops: u64,
+    /// `SERVICES` entries created, and evicted.
+    pub services_created: u64,
+    pub services: u64,
 }
 
 /// The loaded programs and their maps. Dropping it detaches everything.
@@ -133,6 +151,7 @@ fn discover(options: &LoadOptions) -> anyhow::Result<Discovery> {
             per_cpu: options.export_per_cpu,
             kinds: options.export_kinds,
             _pad: 0,
+            slow_connect_ns: u64::from(options.slow_connect_ms) * 1_000_000,
         },
         tables: TableSizes {
             socket_sets_mask: socket_sets_for(options.max_flows) - 1,
@@ -362,6 +381,10 @@ fn attach_raw(ebpf: &mut Ebpf, name: &str, event: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The tracepoints `AttachMode::Tuned` attaches raw programs to: they fire for healthy
+/// traffic, and the raw program ends an uninteresting hit on its arguments alone.
+const RAW_BY_DEFAULT: &[&str] = &["inet_sock_set_state", "kfree_skb"];
+
 /// Kind of a program in the `start` record.
 const RAW: &str = "raw_tracepoint";
 const CLASSIC: &str = "tracepoint";
@@ -401,7 +424,10 @@ impl Loaded {
             let program = match mode {
                 AttachMode::Raw => status(&raw_name, RAW, try_raw(&mut self.ebpf)),
                 AttachMode::Classic => status(name, CLASSIC, try_classic(&mut self.ebpf)),
-                AttachMode::Auto => match try_raw(&mut self.ebpf) {
+                AttachMode::Tuned if !RAW_BY_DEFAULT.contains(&event) => {
+                    status(name, CLASSIC, try_classic(&mut self.ebpf))
+                }
+                AttachMode::Auto | AttachMode::Tuned => match try_raw(&mut self.ebpf) {
                     Ok(()) => status(&raw_name, RAW, Ok(())),
                     Err(raw_error) => ProgramStatus {
                         raw_unavailable: Some(format!("{raw_error:#}")),
@@ -555,21 +581,22 @@ impl Loaded {
         Ok(map)
     }
 
-    /// Entries the bounded tables evicted so far: `(sockets, netns_drops)`. The programs count
-    /// socket evictions as they make them; for the `NETNS_DROPS` LRU map they are the entries
-    /// created less those still there. An eviction loses what the entry held: a followed
-    /// connection's start (its close is then not reported), or a namespace's drop count (its
-    /// firewall rules are then not attributed).
-    pub fn map_evictions(&self) -> anyhow::Result<(u64, u64)> {
+    /// Entries the bounded tables evicted so far. The programs count socket evictions as they
+    /// make them; for the LRU maps (`NETNS_DROPS`, `SERVICES`) they are the entries created
+    /// less those still there. An eviction loses what the entry held: a followed connection's
+    /// start (its close is then not reported), a namespace's drop count (its firewall rules
+    /// are then not attributed), or a peer's or listener's connection counts.
+    pub fn map_evictions(&self) -> anyhow::Result<MapEvictions> {
         let map = self
             .ebpf
             .map("MAP_STATS")
             .context("map MAP_STATS is missing")?;
         let array: PerCpuArray<&MapData, MapStats> = PerCpuArray::try_from(map)?;
-        let (mut sockets_evicted, mut netns_created) = (0u64, 0u64);
+        let (mut sockets, mut netns_created, mut services_created) = (0u64, 0u64, 0u64);
         for s in array.get(&0, 0)?.iter() {
-            sockets_evicted += s.sockets_evicted;
+            sockets += s.sockets_evicted;
             netns_created += s.netns_drops_created;
+            services_created += s.services_created;
         }
         let live_netns = match &self.netns_drops {
             Some(map) => map.keys().filter(Result::is_ok).count() as u64,
@@ -582,7 +609,24 @@ impl Loaded {
                 map.keys().filter(Result::is_ok).count() as u64
             }
         };
-        Ok((sockets_evicted, netns_created.saturating_sub(live_netns)))
+        let live_services = self.services()?.len() as u64;
+        Ok(MapEvictions {
+            sockets,
+            netns_drops: netns_created.saturating_sub(live_netns),
+            services_created,
+            services: services_created.saturating_sub(live_services),
+        })
+    }
+
+    /// Every peer and listener aggregate in the kernel's `SERVICES` map.
+    pub fn services(&self) -> anyhow::Result<Vec<(ServiceKey, ServiceStats)>> {
+        let map = self
+            .ebpf
+            .map("SERVICES")
+            .context("map SERVICES is missing")?;
+        let services: BpfHashMap<&MapData, ServiceKey, ServiceStats> = BpfHashMap::try_from(map)?;
+        // An entry evicted while iterating ends its own lookup with an error: skip it.
+        Ok(services.iter().flatten().collect())
     }
 
     /// Reported drops per reason code, summed over CPUs (only non-zero ones).

@@ -111,6 +111,7 @@ impl TopArgs {
         let flags = Config {
             export_per_flow: self.export_per_flow,
             export_per_cpu: self.export_per_cpu,
+            slow_connect_ms: None,
             max_flows: self.max_flows,
             export_kinds: self.export_kinds.clone(),
             drop_reasons: self.drop_reasons.clone(),
