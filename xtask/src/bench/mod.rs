@@ -1,0 +1,301 @@
+//! `cargo xtask bench`: measures what observer costs, in one run, and writes BENCHMARKS.md.
+//!
+//! 1. Kernel cost per event: `kernel.bpf_stats_enabled=1`, run_time_ns / run_cnt of observer's
+//!    own programs (found by the `prog_id:` lines of /proc/<observer>/fdinfo/*), as deltas over
+//!    a refused-connect storm (loopback, in a bench namespace) and a retransmit storm (two
+//!    namespaces joined by veth, 20% of inbound data segments dropped by iptables), with the
+//!    default options and with one-by-one export.
+//! 2. Host slowdown: the refused storm's own rate with and without observer (stats off), and
+//!    in alternated rounds beside the floors (empty and counting bpftrace programs).
+//! 3. Userspace decode + aggregation throughput on one core, and 4. its memory
+//!    (`observer/examples/pipeline_bench.rs`).
+//! 5. Start-up: spawn to `start` record.
+//!
+//! Plus the other tools (bcc, bpftrace, libbpf-tools): do they start here, and what do the ones
+//! that start cost on the same storm.
+//!
+//! Traffic stays on loopback or inside namespaces this command creates (no route out). Every
+//! wait has a deadline, every loop a bound; namespaces (with their iptables rules), the
+//! `kernel.bpf_stats_enabled` sysctl and the processes started here are cleaned up by guards,
+//! on errors and on Ctrl-C too.
+use std::{
+    fs,
+    path::PathBuf,
+    thread::{self},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::{
+    cmd::{self, cargo, is_root, run},
+    setup::setup,
+};
+
+mod harness;
+mod pipeline;
+mod refused;
+mod report;
+mod retrans;
+mod startup;
+mod stats;
+mod tools;
+
+use harness::*;
+use pipeline::measure_pipeline;
+use refused::measure_alternated;
+use refused::measure_refused;
+use report::Report;
+use retrans::measure_retrans;
+use startup::measure_startup;
+use tools::measure_tools;
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Runs of each observer measurement (medians are reported).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=9))]
+    pub runs: u32,
+    /// Seconds per storm window.
+    #[arg(long, default_value_t = 3.0, value_parser = parse_storm_secs)]
+    pub storm_secs: f64,
+    /// Alternated rounds of the slowdown comparison (no observer, observer, the two floors).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub rounds: u32,
+    /// Leave out the other tools (bcc, bpftrace, libbpf-tools).
+    #[arg(long)]
+    pub no_tools: bool,
+    /// Do not apt-get install missing comparison tools (report them as not installed).
+    #[arg(long)]
+    pub no_install: bool,
+    /// Report file (default: BENCHMARKS.md in the workspace root).
+    #[arg(long, value_name = "PATH")]
+    pub output: Option<PathBuf>,
+}
+
+fn parse_storm_secs(s: &str) -> Result<f64, String> {
+    let secs: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if (0.5..=30.0).contains(&secs) {
+        Ok(secs)
+    } else {
+        Err("must be between 0.5 and 30 seconds".to_owned())
+    }
+}
+
+// Targets.
+const TARGET_NS_PER_EVENT: f64 = 400.0;
+const TARGET_SLOWDOWN_PCT: f64 = 3.0;
+const TARGET_EVENTS_PER_SEC: f64 = 2_000_000.0;
+const TARGET_RSS_MIB: f64 = 64.0;
+const TARGET_STARTUP_SECS: f64 = 1.0;
+/// Programs with fewer events than this per window are shown but not judged (too few to time).
+const MIN_EVENTS_JUDGED: u64 = 1_000;
+
+const STARTUP_RUNS: usize = 5;
+const PIPELINE_EVENTS: u64 = 5_000_000;
+const PIPELINE_FLOWS: u32 = 100_000;
+const RETRANS_PORT: u16 = 5001;
+const RETRANS_DROP_PROBABILITY: &str = "0.2";
+const RETRANS_CONNS: u32 = 16;
+/// Load generators and the pipeline benchmark run at this nice value, so that other work on a
+/// busy machine disturbs their rates less (observer itself runs at normal priority).
+const STORM_NICE: &str = "-10";
+/// Longest an observer may take to write `start` before the bench gives up on it.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long another tool may take to start (the brief's `timeout 10`).
+const TOOL_START_TIMEOUT: Duration = Duration::from_secs(10);
+const CMD_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// One-by-one export: every event exported (no budgets, every kind) and the reader woken for
+/// each (`--wakeup-events 1`, as aya's own perf buffers do).
+const ONE_BY_ONE_ARGS: &[&str] = &[
+    "--export-per-flow",
+    "0",
+    "--export-per-cpu",
+    "0",
+    "--export-kinds",
+    "all",
+    "--wakeup-events",
+    "1",
+];
+
+fn say(message: &str) {
+    eprintln!("bench: {message}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry point
+
+pub fn bench(args: &BenchArgs) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "cargo xtask bench needs root: it loads eBPF programs, creates network namespaces and \
+             sets kernel.bpf_stats_enabled. Run it as root (e.g. `sudo -E cargo xtask bench`)"
+        );
+    }
+    install_signal_handlers();
+    setup()?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "observer",
+        "--bins",
+        "--examples",
+    ]))?;
+    let release = cmd::target_dir().join("release");
+    let bins = Bins {
+        observer: release.join("observer"),
+        storm: release.join("examples").join("storm"),
+        pipeline: release.join("examples").join("pipeline_bench"),
+        logs: cmd::target_dir().join("bench"),
+    };
+    for bin in [&bins.observer, &bins.storm, &bins.pipeline] {
+        ensure!(bin.exists(), "{} was not built", bin.display());
+    }
+    fs::create_dir_all(&bins.logs).with_context(|| format!("creating {}", bins.logs.display()))?;
+    remove_stale_namespaces();
+
+    let began = Instant::now();
+    let machine = Machine::read();
+    say(&format!(
+        "machine: {} ({} cores, {:.1} GiB), kernel {}; load average {}",
+        machine.cpu_model, machine.cores, machine.memory_gib, machine.kernel, machine.load_start
+    ));
+    if machine.load1 > 1.0 {
+        say("warning: the machine is busy (load average above 1): numbers will be noisy");
+    }
+    let stats = BpfStats::take()?;
+    let mut report = Report {
+        machine,
+        args_runs: args.runs,
+        storm_secs: args.storm_secs,
+        ..Report::default()
+    };
+
+    say("[1/7] start-up: spawn to `start` record");
+    report.startup = measure_startup(&bins)?;
+    say("[2/7] userspace: decode + aggregation on one core");
+    report.pipeline = measure_pipeline(&bins)?;
+    say("[3/7] refused-connect storm: observer default / one-by-one / none");
+    report.refused = measure_refused(&bins, args, &stats)?;
+    say("[4/7] retransmit storm: observer default / one-by-one");
+    report.retrans = measure_retrans(&bins, args, &stats)?;
+    if args.no_tools {
+        say("[5/7] other tools: skipped (--no-tools)");
+    } else {
+        say("[5/7] other tools: bcc, bpftrace, libbpf-tools");
+        report.tools = measure_tools(&bins, args, &stats)?;
+    }
+    say(&format!(
+        "[6/7] slowdown in {} alternated rounds: none / observer / floors",
+        args.rounds
+    ));
+    (report.alternated_none, report.alternated) = measure_alternated(&bins, args, &stats)?;
+    drop(stats);
+    report.machine.load_end = read_trimmed("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    report.elapsed = began.elapsed();
+
+    say("[7/7] report");
+    let markdown = report.render();
+    print!("{markdown}");
+    let output = args
+        .output
+        .clone()
+        .unwrap_or_else(|| cmd::workspace_root().join("BENCHMARKS.md"));
+    fs::write(&output, &markdown).with_context(|| format!("writing {}", output.display()))?;
+    say(&format!(
+        "wrote {} (measured in {:.0} s)",
+        output.display(),
+        report.elapsed.as_secs_f64()
+    ));
+    Ok(())
+}
+
+struct Bins {
+    observer: PathBuf,
+    storm: PathBuf,
+    pipeline: PathBuf,
+    /// target/bench: observer stderr logs.
+    logs: PathBuf,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Machine
+
+#[derive(Debug, Default)]
+struct Machine {
+    cpu_model: String,
+    cores: usize,
+    memory_gib: f64,
+    kernel: String,
+    virtual_machine: bool,
+    date: String,
+    commit: String,
+    load_start: String,
+    load1: f64,
+    load_end: String,
+}
+
+impl Machine {
+    fn read() -> Self {
+        let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map_or_else(|| "unknown".to_owned(), |(_, v)| v.trim().to_owned());
+        let virtual_machine = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("flags"))
+            .is_some_and(|l| l.split_whitespace().any(|f| f == "hypervisor"));
+        let memory_gib = fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|kib| kib.parse::<f64>().ok())
+            })
+            .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+        let load = read_trimmed("/proc/loadavg").unwrap_or_default();
+        let load1 = load
+            .split_whitespace()
+            .next()
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(0.0);
+        let git =
+            |args: &[&str]| cmd::probe(cmd::command("git").args(args)).map(|s| s.trim().to_owned());
+        let commit = match git(&["rev-parse", "--short", "HEAD"]) {
+            Some(hash) => {
+                let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+                    .is_some_and(|s| !s.is_empty());
+                if dirty {
+                    format!("{hash} + uncommitted changes")
+                } else {
+                    hash
+                }
+            }
+            None => "unknown".to_owned(),
+        };
+        Machine {
+            cpu_model,
+            cores: thread::available_parallelism().map_or(1, |n| n.get()),
+            memory_gib,
+            kernel: read_trimmed("/proc/sys/kernel/osrelease").unwrap_or_default(),
+            virtual_machine,
+            date: cmd::probe(cmd::command("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default(),
+            commit,
+            load_start: load
+                .split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" "),
+            load1,
+            load_end: String::new(),
+        }
+    }
+}
