@@ -10,6 +10,12 @@
 //! 3. Userspace decode + aggregation throughput on one core, and 4. its memory
 //!    (`observer/examples/pipeline_bench.rs`).
 //! 5. Start-up: spawn to `start` record.
+//! 6. The web workload (issue 14): nginx on loopback with one connection per request, loaded
+//!    by wrk, in alternated rounds beside empty programs on the same tracepoints (classic and
+//!    raw) and libbpf-tools tcpstates: throughput (stats off), BPF ns per request per program,
+//!    the daemon's CPU per request and RSS (stats on).
+//!
+//! `--only` runs some of these (e.g. `--only web`); the default is all of them.
 //!
 //! Plus the other tools (bcc, bpftrace, libbpf-tools): do they start here, and what do the ones
 //! that start cost on the same storm.
@@ -19,9 +25,10 @@
 //! `kernel.bpf_stats_enabled` sysctl and the processes started here are cleaned up by guards,
 //! on errors and on Ctrl-C too.
 use std::{
+    collections::BTreeSet,
     fs,
     path::PathBuf,
-    thread::{self},
+    thread,
     time::{Duration, Instant},
 };
 
@@ -32,6 +39,7 @@ use crate::{
     setup::setup,
 };
 
+mod empty_programs;
 mod harness;
 mod pipeline;
 mod refused;
@@ -40,6 +48,7 @@ mod retrans;
 mod startup;
 mod stats;
 mod tools;
+mod web;
 
 use harness::*;
 use pipeline::measure_pipeline;
@@ -49,6 +58,7 @@ use report::Report;
 use retrans::measure_retrans;
 use startup::measure_startup;
 use tools::measure_tools;
+use web::measure_web;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -67,9 +77,56 @@ pub struct BenchArgs {
     /// Do not apt-get install missing comparison tools (report them as not installed).
     #[arg(long)]
     pub no_install: bool,
-    /// Report file (default: BENCHMARKS.md in the workspace root).
+    /// Report file (default: BENCHMARKS.md in the workspace root; with --only,
+    /// target/bench/BENCHMARKS-only.md, so that a partial run leaves BENCHMARKS.md alone).
     #[arg(long, value_name = "PATH")]
     pub output: Option<PathBuf>,
+    /// Run only these workloads (comma-separated; default: all).
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "WORKLOAD")]
+    pub only: Vec<Workload>,
+}
+
+/// The workloads of one bench run, in the order they run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Workload {
+    /// 5. Start-up: spawn to `start` record.
+    Startup,
+    /// 3, 4. Userspace decode + aggregation throughput, and memory with 100,000 flows.
+    #[value(alias = "memory", alias = "userspace")]
+    Pipeline,
+    /// 1, 2. Refused-connect storm: kernel cost per event, host slowdown.
+    Refused,
+    /// 1b. Retransmit storm: kernel cost per event.
+    Retrans,
+    /// The other tools (bcc, bpftrace, libbpf-tools) on the refused storm.
+    Tools,
+    /// 2. Alternated rounds of the refused storm beside the floors.
+    Alternated,
+    /// 6. nginx + wrk, one connection per request.
+    Web,
+}
+
+impl Workload {
+    const ALL: [Workload; 7] = [
+        Workload::Startup,
+        Workload::Pipeline,
+        Workload::Refused,
+        Workload::Retrans,
+        Workload::Tools,
+        Workload::Alternated,
+        Workload::Web,
+    ];
+}
+
+impl BenchArgs {
+    /// The workloads to run: `--only`'s, or all of them.
+    fn workloads(&self) -> BTreeSet<Workload> {
+        if self.only.is_empty() {
+            Workload::ALL.into_iter().collect()
+        } else {
+            self.only.iter().copied().collect()
+        }
+    }
 }
 
 fn parse_storm_secs(s: &str) -> Result<f64, String> {
@@ -87,6 +144,10 @@ const TARGET_SLOWDOWN_PCT: f64 = 3.0;
 const TARGET_EVENTS_PER_SEC: f64 = 2_000_000.0;
 const TARGET_RSS_MIB: f64 = 64.0;
 const TARGET_STARTUP_SECS: f64 = 1.0;
+/// Web workload: BPF ns per request at most this many times the empty classic programs'.
+const TARGET_WEB_FLOOR_RATIO: f64 = 2.0;
+/// Web workload: the daemon's own CPU (utime + stime) per request.
+const TARGET_WEB_DAEMON_NS: f64 = 300.0;
 /// Programs with fewer events than this per window are shown but not judged (too few to time).
 const MIN_EVENTS_JUDGED: u64 = 1_000;
 
@@ -172,38 +233,70 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         ..Report::default()
     };
 
-    say("[1/7] start-up: spawn to `start` record");
-    report.startup = measure_startup(&bins)?;
-    say("[2/7] userspace: decode + aggregation on one core");
-    report.pipeline = measure_pipeline(&bins)?;
-    say("[3/7] refused-connect storm: observer default / one-by-one / none");
-    report.refused = measure_refused(&bins, args, &stats)?;
-    say("[4/7] retransmit storm: observer default / one-by-one");
-    report.retrans = measure_retrans(&bins, args, &stats)?;
-    if args.no_tools {
-        say("[5/7] other tools: skipped (--no-tools)");
-    } else {
-        say("[5/7] other tools: bcc, bpftrace, libbpf-tools");
-        report.tools = measure_tools(&bins, args, &stats)?;
+    let workloads = args.workloads();
+    report.workloads = workloads.clone();
+    let count = workloads.len() + 1;
+    let mut step = 0;
+    let mut next = |what: &str| {
+        step += 1;
+        say(&format!("[{step}/{count}] {what}"));
+    };
+    for workload in &workloads {
+        match workload {
+            Workload::Startup => {
+                next("start-up: spawn to `start` record");
+                report.startup = measure_startup(&bins)?;
+            }
+            Workload::Pipeline => {
+                next("userspace: decode + aggregation on one core");
+                report.pipeline = measure_pipeline(&bins)?;
+            }
+            Workload::Refused => {
+                next("refused-connect storm: observer default / one-by-one / none");
+                report.refused = measure_refused(&bins, args, &stats)?;
+            }
+            Workload::Retrans => {
+                next("retransmit storm: observer default / one-by-one");
+                report.retrans = measure_retrans(&bins, args, &stats)?;
+            }
+            Workload::Tools if args.no_tools => next("other tools: skipped (--no-tools)"),
+            Workload::Tools => {
+                next("other tools: bcc, bpftrace, libbpf-tools");
+                report.tools = measure_tools(&bins, args, &stats)?;
+            }
+            Workload::Alternated => {
+                next(&format!(
+                    "slowdown in {} alternated rounds: none / observer / floors",
+                    args.rounds
+                ));
+                (report.alternated_none, report.alternated) =
+                    measure_alternated(&bins, args, &stats)?;
+            }
+            Workload::Web => {
+                next(&format!(
+                    "web workload in {} alternated rounds: none / observer / empty programs / tcpstates",
+                    args.rounds
+                ));
+                report.web = measure_web(&bins, args, &stats)?;
+            }
+        }
     }
-    say(&format!(
-        "[6/7] slowdown in {} alternated rounds: none / observer / floors",
-        args.rounds
-    ));
-    (report.alternated_none, report.alternated) = measure_alternated(&bins, args, &stats)?;
     drop(stats);
     report.machine.load_end = read_trimmed("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default();
     report.elapsed = began.elapsed();
 
-    say("[7/7] report");
+    next("report");
     let markdown = report.render();
     print!("{markdown}");
-    let output = args
-        .output
-        .clone()
-        .unwrap_or_else(|| cmd::workspace_root().join("BENCHMARKS.md"));
+    let output = args.output.clone().unwrap_or_else(|| {
+        if args.only.is_empty() {
+            cmd::workspace_root().join("BENCHMARKS.md")
+        } else {
+            bins.logs.join("BENCHMARKS-only.md")
+        }
+    });
     fs::write(&output, &markdown).with_context(|| format!("writing {}", output.display()))?;
     say(&format!(
         "wrote {} (measured in {:.0} s)",

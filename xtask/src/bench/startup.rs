@@ -1,4 +1,4 @@
-//! 5. Start-up: spawn to `start` record.
+//! Start-up (section 5): spawn to `start` record.
 use std::time::Duration;
 
 use anyhow::Result;

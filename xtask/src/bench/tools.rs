@@ -199,6 +199,14 @@ pub const OBSERVER_DEFAULT: ToolSpec = ToolSpec {
     argv: &[OBSERVER_ARGV0, "run", "--duration", "600"],
 };
 
+/// libbpf-tools tcpstates (perf output per state change): in the tools and the web workload.
+pub const TCPSTATES: ToolSpec = ToolSpec {
+    label: "libbpf-tools tcpstates",
+    package: "libbpf-tools",
+    installs: "/usr/sbin/tcpstates",
+    argv: &["tcpstates"],
+};
+
 pub const TOOLS: &[ToolSpec] = &[
     // observer itself on raw tracepoints: what skipping the classic record saves.
     ToolSpec {
@@ -238,12 +246,7 @@ pub const TOOLS: &[ToolSpec] = &[
         installs: "/usr/sbin/tcpdrop.bt",
         argv: &["bpftrace", "/usr/sbin/tcpdrop.bt"],
     },
-    ToolSpec {
-        label: "libbpf-tools tcpstates",
-        package: "libbpf-tools",
-        installs: "/usr/sbin/tcpstates",
-        argv: &["tcpstates"],
-    },
+    TCPSTATES,
     ToolSpec {
         label: "libbpf-tools tcplife",
         package: "libbpf-tools",
@@ -375,6 +378,14 @@ pub fn measure_tools(bins: &Bins, args: &BenchArgs, stats: &BpfStats) -> Result<
 /// "observer, default options" -> "observer"; "floor: bpftrace, empty ..." -> "floor".
 pub fn short_label(label: &str) -> &str {
     label.split([',', ':']).next().unwrap_or(label)
+}
+
+/// [`install_package`] when `installs` (a file of the package) is missing.
+pub fn install_package_if_missing(package: &str, installs: &str, no_install: bool) -> Result<()> {
+    if Path::new(installs).exists() {
+        return Ok(());
+    }
+    install_package(package, no_install)
 }
 
 /// apt-get installs a package unless told not to; fails with a sentence for the report.

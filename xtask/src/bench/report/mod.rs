@@ -2,19 +2,21 @@
 //! does no I/O: everything comes from the measured [`Report`].
 
 mod sections;
+mod web;
 use std::{collections::BTreeSet, fmt::Write as _, time::Duration};
 
 use serde_json::Value;
 
 use super::{
     Machine, ONE_BY_ONE_ARGS, RETRANS_CONNS, RETRANS_DROP_PROBABILITY, TARGET_EVENTS_PER_SEC,
-    TARGET_NS_PER_EVENT, TARGET_RSS_MIB, TARGET_SLOWDOWN_PCT, TARGET_STARTUP_SECS,
+    TARGET_NS_PER_EVENT, TARGET_RSS_MIB, TARGET_SLOWDOWN_PCT, TARGET_STARTUP_SECS, Workload,
     pipeline::Pipeline,
     refused::{AlternatedRow, Refused, Window},
     retrans::Retrans,
     startup::Startup,
     stats::*,
     tools::{ToolOutcome, ToolResult},
+    web::Web,
 };
 
 #[derive(Debug, Default)]
@@ -29,6 +31,9 @@ pub struct Report {
     pub tools: Vec<ToolResult>,
     pub alternated_none: Vec<Window>,
     pub alternated: Vec<AlternatedRow>,
+    pub web: Web,
+    /// The workloads measured (`--only`); the others' sections are left out.
+    pub workloads: BTreeSet<Workload>,
     pub elapsed: Duration,
 }
 
@@ -93,18 +98,23 @@ impl Report {
     pub fn summary_rows(&self) -> Vec<SummaryRow> {
         let mut rows = Vec::new();
         let runs = self.args_runs;
-        for (storm, default, one_by_one) in [
+        for (workload, storm, default, one_by_one) in [
             (
+                Workload::Refused,
                 "refused-connect storm",
                 &self.refused.default,
                 &self.refused.one_by_one,
             ),
             (
+                Workload::Retrans,
                 "retransmit storm",
                 &self.retrans.default,
                 &self.retrans.one_by_one,
             ),
         ] {
+            if !self.ran(workload) {
+                continue;
+            }
             let summary = summarize(&default.cost);
             let obo = summarize(&one_by_one.cost);
             if let Some(worst) = worst_judged(&summary) {
@@ -141,46 +151,48 @@ impl Report {
                 });
             }
         }
-        let base = self.baseline_rate();
-        let default_rate = Self::rates(&self.refused.default.rate).median();
-        let obo_rate = Self::rates(&self.refused.one_by_one.rate).median();
-        let slow = self.slowdown(default_rate);
-        rows.push(SummaryRow {
-            what: "2. host slowdown, refused storm, default options".to_owned(),
-            result: format!(
-                "{} ({} → {} connects/s, medians of {} and {runs} runs; paired runs: {}; BPF \
+        if self.ran(Workload::Refused) {
+            let base = self.baseline_rate();
+            let default_rate = Self::rates(&self.refused.default.rate).median();
+            let obo_rate = Self::rates(&self.refused.one_by_one.rate).median();
+            let slow = self.slowdown(default_rate);
+            rows.push(SummaryRow {
+                what: "2. host slowdown, refused storm, default options".to_owned(),
+                result: format!(
+                    "{} ({} → {} connects/s, medians of {} and {runs} runs; paired runs: {}; BPF \
                  time per connect: {:.0}% of a connect's CPU time)",
-                pct(slow),
-                int(base),
-                int(default_rate),
-                self.refused.none.len(),
-                pct(paired_slowdowns(
-                    &self.refused.default.paired_none,
-                    &self.refused.default.rate
-                )
-                .median()),
-                bpf_us_per_connect(&self.refused.default.cost).median()
-                    / cpu_per_connect(&self.refused.none).median()
-                    * 100.0
-            ),
-            target: format!("≤ {}%", TARGET_SLOWDOWN_PCT),
-            status: status(slow <= TARGET_SLOWDOWN_PCT).to_owned(),
-        });
-        rows.push(SummaryRow {
-            what: "2. host slowdown, refused storm, one-by-one export".to_owned(),
-            result: format!(
-                "{} ({} connects/s; paired runs: {})",
-                pct(self.slowdown(obo_rate)),
-                int(obo_rate),
-                pct(paired_slowdowns(
-                    &self.refused.one_by_one.paired_none,
-                    &self.refused.one_by_one.rate
-                )
-                .median())
-            ),
-            target: "(comparison)".to_owned(),
-            status: String::new(),
-        });
+                    pct(slow),
+                    int(base),
+                    int(default_rate),
+                    self.refused.none.len(),
+                    pct(paired_slowdowns(
+                        &self.refused.default.paired_none,
+                        &self.refused.default.rate
+                    )
+                    .median()),
+                    bpf_us_per_connect(&self.refused.default.cost).median()
+                        / cpu_per_connect(&self.refused.none).median()
+                        * 100.0
+                ),
+                target: format!("≤ {}%", TARGET_SLOWDOWN_PCT),
+                status: status(slow <= TARGET_SLOWDOWN_PCT).to_owned(),
+            });
+            rows.push(SummaryRow {
+                what: "2. host slowdown, refused storm, one-by-one export".to_owned(),
+                result: format!(
+                    "{} ({} connects/s; paired runs: {})",
+                    pct(self.slowdown(obo_rate)),
+                    int(obo_rate),
+                    pct(paired_slowdowns(
+                        &self.refused.one_by_one.paired_none,
+                        &self.refused.one_by_one.rate
+                    )
+                    .median())
+                ),
+                target: "(comparison)".to_owned(),
+                status: String::new(),
+            });
+        }
         let alternated = self.alternated_slowdowns();
         if !alternated.is_empty() {
             rows.push(SummaryRow {
@@ -228,20 +240,30 @@ impl Report {
                 status: status(rss <= TARGET_RSS_MIB).to_owned(),
             });
         }
-        let startup = median(&self.startup.secs);
-        rows.push(SummaryRow {
-            what: "5. start-up: spawn to `start` record (load + attach)".to_owned(),
-            result: format!(
-                "{} s (median of {}; {} of {} programs attached)",
-                f3(startup),
-                self.startup.secs.len(),
-                self.startup.attached,
-                self.startup.programs
-            ),
-            target: format!("< {} s", TARGET_STARTUP_SECS),
-            status: status(startup < TARGET_STARTUP_SECS).to_owned(),
-        });
+        if self.ran(Workload::Startup) {
+            let startup = median(&self.startup.secs);
+            rows.push(SummaryRow {
+                what: "5. start-up: spawn to `start` record (load + attach)".to_owned(),
+                result: format!(
+                    "{} s (median of {}; {} of {} programs attached)",
+                    f3(startup),
+                    self.startup.secs.len(),
+                    self.startup.attached,
+                    self.startup.programs
+                ),
+                target: format!("< {} s", TARGET_STARTUP_SECS),
+                status: status(startup < TARGET_STARTUP_SECS).to_owned(),
+            });
+        }
+        if self.ran(Workload::Web) {
+            rows.extend(self.web_summary_rows());
+        }
         rows
+    }
+
+    /// Whether this run measured `workload` (`--only`).
+    pub fn ran(&self, workload: Workload) -> bool {
+        self.workloads.contains(&workload)
     }
 
     pub fn render_summary(&self) -> String {
@@ -311,11 +333,26 @@ impl Report {
                 others.into_iter().collect::<Vec<_>>().join(", ")
             );
         }
-        self.render_kernel_cost(&mut s);
-        self.render_slowdown(&mut s);
-        self.render_pipeline(&mut s);
-        self.render_startup(&mut s);
-        self.render_tools(&mut s);
+        if self.ran(Workload::Refused) || self.ran(Workload::Retrans) {
+            self.render_kernel_cost(&mut s);
+        }
+        if self.ran(Workload::Refused) {
+            self.render_slowdown(&mut s);
+        } else {
+            self.render_alternated(&mut s);
+        }
+        if self.ran(Workload::Pipeline) {
+            self.render_pipeline(&mut s);
+        }
+        if self.ran(Workload::Startup) {
+            self.render_startup(&mut s);
+        }
+        if self.ran(Workload::Tools) {
+            self.render_tools(&mut s);
+        }
+        if self.ran(Workload::Web) {
+            self.render_web(&mut s);
+        }
         self.render_method(&mut s);
         s
     }

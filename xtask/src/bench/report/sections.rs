@@ -5,7 +5,7 @@ use super::Report;
 use crate::bench::{
     MIN_EVENTS_JUDGED, PIPELINE_EVENTS, PIPELINE_FLOWS, STORM_NICE, TARGET_EVENTS_PER_SEC,
     TARGET_NS_PER_EVENT, TARGET_RSS_MIB, TARGET_SLOWDOWN_PCT, TARGET_STARTUP_SECS,
-    TOOL_START_TIMEOUT,
+    TOOL_START_TIMEOUT, Workload,
     harness::{ns_per_event, total},
     stats::*,
     tools::ToolOutcome,
@@ -24,18 +24,23 @@ impl Report {
             self.storm_secs,
             int(MIN_EVENTS_JUDGED as f64)
         );
-        for (title, default, obo) in [
+        for (workload, title, default, obo) in [
             (
+                Workload::Refused,
                 "Refused-connect storm (loopback, in a bench namespace)",
                 &self.refused.default,
                 &self.refused.one_by_one,
             ),
             (
+                Workload::Retrans,
                 "Retransmit storm (veth between two namespaces, 20% of inbound data segments dropped)",
                 &self.retrans.default,
                 &self.retrans.one_by_one,
             ),
         ] {
+            if !self.ran(workload) {
+                continue;
+            }
             let _ = writeln!(s, "### {title}\n");
             let d = summarize(&default.cost);
             let o = summarize(&obo.cost);
