@@ -6,7 +6,8 @@
 //!    namespaces joined by veth, 20% of inbound data segments dropped by iptables), with the
 //!    default options and with one-by-one export.
 //! 2. Host slowdown: the refused storm's own rate with and without observer (stats off), and
-//!    in alternated rounds beside the floors (empty and counting bpftrace programs).
+//!    in alternated rounds beside the floors (empty programs loaded with bpf(2), and counting
+//!    bpftrace programs).
 //! 3. Userspace decode + aggregation throughput on one core, and 4. its memory
 //!    (`observer/examples/pipeline_bench.rs`).
 //! 5. Start-up: spawn to `start` record.
@@ -50,7 +51,7 @@ mod stats;
 mod tools;
 mod web;
 
-use harness::*;
+use harness::{BpfStats, install_signal_handlers, read_trimmed, remove_stale_namespaces};
 use pipeline::measure_pipeline;
 use refused::measure_alternated;
 use refused::measure_refused;

@@ -3,14 +3,25 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    path::Path,
     time::Duration,
 };
 
 use anyhow::{Result, ensure};
 use serde_json::Value;
 
-use super::{BenchArgs, Bins, STORM_NICE, harness::*, say, stats::*, tools::*};
+use super::{
+    BenchArgs, Bins, STORM_NICE,
+    harness::{
+        BpfStats, Netns, ProgDeltas, check_interrupted, deltas, last_json, netns_name,
+        ns_per_event, prog_counters, run_bounded, total, tracing_holders, wait_for_quiet,
+    },
+    say,
+    stats::{int, ns_opt},
+    tools::{
+        EMPTY_CLASSIC, Export, FLOOR_COUNTER, OBSERVER_DEFAULT, Observer, Subject, short_label,
+        with_subject,
+    },
+};
 
 /// One storm run: the storm's own report and, when a process was watched with stats on, the
 /// per-program deltas of its BPF programs.
@@ -176,9 +187,9 @@ pub struct AlternatedRow {
 
 /// The slowdown comparison in alternated rounds: each round runs the refused storm with nothing
 /// attached, with observer (default options) and with the two floors, one after the other, so
-/// that a drift in the machine's background load hits every configuration alike. The floors
-/// need bpftrace (installed by the tools step); without it, or with `--no-tools`, they are
-/// left out.
+/// that a drift in the machine's background load hits every configuration alike. The empty
+/// floor is loaded by this process (bpf(2)); the counter floor needs bpftrace (installed by the
+/// tools step): without it, or with `--no-tools`, it is left out.
 pub fn measure_alternated(
     bins: &Bins,
     args: &BenchArgs,
@@ -187,18 +198,17 @@ pub fn measure_alternated(
     let ns = Netns::create(&netns_name("a"))?;
     let storm = refused_args(args.storm_secs);
     let secs = args.storm_secs;
-    let mut specs = vec![&OBSERVER_DEFAULT];
+    let mut specs = vec![Subject::Tool(&OBSERVER_DEFAULT), EMPTY_CLASSIC];
     if !args.no_tools {
-        specs.extend([&FLOOR_EMPTY, &FLOOR_COUNTER]);
+        specs.push(Subject::Tool(&FLOOR_COUNTER));
     }
     let mut rows: Vec<AlternatedRow> = specs
         .iter()
         .map(|spec| AlternatedRow {
-            label: spec.label,
+            label: spec.label(),
             rate: Vec::new(),
             paired_none: Vec::new(),
-            not_started: (!Path::new(spec.installs).exists())
-                .then(|| format!("not installed ({})", spec.installs)),
+            not_started: spec.missing(),
         })
         .collect();
     let mut none_runs = Vec::new();
@@ -210,18 +220,18 @@ pub fn measure_alternated(
             if row.not_started.is_some() {
                 continue;
             }
-            let measured = with_tool(spec, &bins.observer, |watched| {
+            let measured = with_subject(*spec, &bins.observer, |watched, _| {
                 storm_window(&ns, bins, &storm, watched, stats, false, secs)
             })?;
             let rate = match measured {
                 Ok((_, rate)) => rate,
                 Err(why) => {
-                    say(&format!("{}: not started: {why}", spec.label));
+                    say(&format!("{}: not started: {why}", spec.label()));
                     row.not_started = Some(why);
                     continue;
                 }
             };
-            let _ = write!(line, "; {} {}", short_label(spec.label), int(rate.rate()));
+            let _ = write!(line, "; {} {}", short_label(spec.label()), int(rate.rate()));
             row.rate.push(rate);
             row.paired_none.push(none.clone());
         }

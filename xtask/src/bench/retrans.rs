@@ -6,11 +6,14 @@ use anyhow::{Context, Result, anyhow};
 
 use super::{
     BenchArgs, Bins, RETRANS_CONNS, RETRANS_DROP_PROBABILITY, RETRANS_PORT, STORM_NICE,
-    harness::*,
+    harness::{
+        BpfStats, Netns, Proc, check_interrupted, netns_name, ns_per_event, read_lines,
+        run_checked, total,
+    },
     refused::{ModeRuns, export_label, storm_window},
     say,
-    stats::*,
-    tools::*,
+    stats::{int, ns_opt},
+    tools::{Export, Observer, RETRANS_FLOORS, ToolOutcome, ToolResult, with_subject},
 };
 
 #[derive(Debug, Default)]
@@ -99,9 +102,9 @@ pub fn measure_retrans(bins: &Bins, args: &BenchArgs, stats: &BpfStats) -> Resul
     .to_vec();
     let mut retrans = Retrans::default();
     if !args.no_tools {
-        for tool in RETRANS_FLOORS {
+        for &tool in RETRANS_FLOORS {
             check_interrupted()?;
-            let measured = with_tool(tool, &bins.observer, |watched| {
+            let measured = with_subject(tool, &bins.observer, |watched, _| {
                 storm_window(&client, bins, &storm, watched, stats, true, args.storm_secs)
             })?;
             let outcome = match measured {
@@ -110,7 +113,7 @@ pub fn measure_retrans(bins: &Bins, args: &BenchArgs, stats: &BpfStats) -> Resul
                     let all = total(&cost.progs);
                     say(&format!(
                         "retransmit storm, {}: {} ns/event over {} events",
-                        tool.label,
+                        tool.label(),
                         ns_opt(ns_per_event(all)),
                         int(all.run_cnt as f64)
                     ));
@@ -123,7 +126,7 @@ pub fn measure_retrans(bins: &Bins, args: &BenchArgs, stats: &BpfStats) -> Resul
                 }
             };
             retrans.floors.push(ToolResult {
-                label: tool.label,
+                label: tool.label(),
                 outcome,
             });
         }

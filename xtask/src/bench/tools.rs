@@ -16,10 +16,14 @@ use serde_json::Value;
 
 use super::{
     BenchArgs, Bins, ONE_BY_ONE_ARGS, START_TIMEOUT, TOOL_START_TIMEOUT,
-    harness::*,
+    empty_programs::{Attach, EmptyPrograms},
+    harness::{
+        BpfStats, Lines, Netns, Proc, check_interrupted, netns_name, ns_per_event, prog_counters,
+        prog_names, read_lines, read_tail, run_bounded, run_checked, total,
+    },
     refused::{Window, refused_args, storm_window},
     say,
-    stats::*,
+    stats::{int, ns_opt},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,6 +155,7 @@ pub fn tail_of_file(path: &Path) -> String {
 // ---------------------------------------------------------------------------------------------
 // Other tools
 
+#[derive(Debug)]
 pub struct ToolSpec {
     pub label: &'static str,
     pub package: &'static str,
@@ -267,19 +272,20 @@ pub const TOOLS: &[ToolSpec] = &[
     },
 ];
 
+/// The empty-program floor on classic tracepoints: `mov r0, 0; exit` on each tracepoint
+/// observer uses (what the kernel spends building records and calling BPF, nothing more).
+pub const EMPTY_CLASSIC: Subject = Subject::Empty {
+    label: "floor: empty programs (bpf(2)) on observer's 6 classic tracepoints",
+    how: Attach::Classic,
+};
+
 /// Trivial programs on the tracepoints the retransmit storm hits, measured on it (1 run each).
-pub const RETRANS_FLOORS: &[ToolSpec] = &[
-    ToolSpec {
-        label: "empty programs",
-        package: "bpftrace",
-        installs: "/usr/bin/bpftrace",
-        argv: &[
-            "bpftrace",
-            "-e",
-            "tracepoint:tcp:tcp_retransmit_skb {} tracepoint:skb:kfree_skb {}",
-        ],
+pub const RETRANS_FLOORS: &[Subject] = &[
+    Subject::Empty {
+        label: "empty programs (bpf(2), observer's 6 classic tracepoints)",
+        how: Attach::Classic,
     },
-    ToolSpec {
+    Subject::Tool(&ToolSpec {
         label: "a counter per event (`@[cpu] = count()`)",
         package: "bpftrace",
         installs: "/usr/bin/bpftrace",
@@ -289,7 +295,7 @@ pub const RETRANS_FLOORS: &[ToolSpec] = &[
             "tracepoint:tcp:tcp_retransmit_skb { @a[cpu] = count(); } \
              tracepoint:skb:kfree_skb { @b[cpu] = count(); }",
         ],
-    },
+    }),
 ];
 
 #[derive(Debug)]
@@ -431,18 +437,70 @@ pub type Attached<T> = (Vec<String>, T);
 /// Starts `tool`, runs `measure` while it is attached, and stops it (`Ok(Err(why))`: it did
 /// not start).
 pub fn with_tool<T>(
-    tool: &ToolSpec,
+    tool: &'static ToolSpec,
     observer: &Path,
     measure: impl FnOnce(Option<(u32, &BTreeMap<u32, String>)>) -> Result<T>,
 ) -> Result<std::result::Result<Attached<T>, String>> {
-    let mut started = match start_tool(tool, observer)? {
-        Ok(started) => started,
-        Err(why) => return Ok(Err(why)),
-    };
-    let names = prog_names(prog_counters(started.proc.pid)?.keys().copied());
-    let measured = measure(Some((started.proc.pid, &names)));
-    started.proc.stop(Duration::from_secs(5));
-    Ok(Ok((names.into_values().collect(), measured?)))
+    with_subject(Subject::Tool(tool), observer, |watched, _| measure(watched))
+}
+
+/// What a round attaches: a tool (a process of its own) or empty programs this process loads.
+#[derive(Clone, Copy, Debug)]
+pub enum Subject {
+    Tool(&'static ToolSpec),
+    Empty { label: &'static str, how: Attach },
+}
+
+impl Subject {
+    pub fn label(self) -> &'static str {
+        match self {
+            Subject::Tool(tool) => tool.label,
+            Subject::Empty { label, .. } => label,
+        }
+    }
+
+    /// Why it cannot start here (its package is not installed).
+    pub fn missing(self) -> Option<String> {
+        match self {
+            Subject::Tool(tool) => (!Path::new(tool.installs).exists())
+                .then(|| format!("not installed ({})", tool.installs)),
+            Subject::Empty { .. } => None,
+        }
+    }
+}
+
+/// Attaches `subject`, runs `measure` while it is attached, and detaches it (`Ok(Err(why))`: it
+/// did not start). `measure` gets the process holding the programs with their names (this
+/// process for empty programs) and the daemon's pid (None for empty programs: no daemon).
+pub fn with_subject<T>(
+    subject: Subject,
+    observer: &Path,
+    measure: impl FnOnce(Option<(u32, &BTreeMap<u32, String>)>, Option<u32>) -> Result<T>,
+) -> Result<std::result::Result<Attached<T>, String>> {
+    match subject {
+        Subject::Tool(tool) => {
+            let mut started = match start_tool(tool, observer)? {
+                Ok(started) => started,
+                Err(why) => return Ok(Err(why)),
+            };
+            let pid = started.proc.pid;
+            let names = prog_names(prog_counters(pid)?.keys().copied());
+            let measured = measure(Some((pid, &names)), Some(pid));
+            started.proc.stop(Duration::from_secs(5));
+            Ok(Ok((names.into_values().collect(), measured?)))
+        }
+        Subject::Empty { how, .. } => {
+            check_interrupted()?;
+            let empty = match EmptyPrograms::attach(how) {
+                Ok(empty) => empty,
+                Err(e) => return Ok(Err(format!("{e:#}"))),
+            };
+            let measured = measure(Some((std::process::id(), &empty.names)), None);
+            let names = empty.names.values().cloned().collect();
+            drop(empty);
+            Ok(Ok((names, measured?)))
+        }
+    }
 }
 
 /// Starts a tool and waits until it holds BPF programs and has run for a second with them

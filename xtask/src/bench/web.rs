@@ -17,14 +17,14 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use super::{
     BenchArgs, Bins,
-    empty_programs::{Attach, EmptyPrograms},
+    empty_programs::Attach,
     harness::{
         BpfStats, Proc, ProgDeltas, check_interrupted, deltas, prog_counters, read_tail,
         run_bounded, send_signal, sleep, total, wait_for_quiet,
     },
     say,
     stats::{Runs, int, ns_opt, slowdown_pct},
-    tools::{OBSERVER_DEFAULT, TCPSTATES, ToolSpec, install_package_if_missing, start_tool},
+    tools::{OBSERVER_DEFAULT, Subject, TCPSTATES, install_package_if_missing, with_subject},
 };
 
 /// Seconds of load per run (`wrk -d`).
@@ -70,11 +70,18 @@ impl WebConfig {
         }
     }
 
-    fn tool(self) -> Option<&'static ToolSpec> {
+    fn subject(self) -> Subject {
         match self {
-            WebConfig::Observer => Some(&OBSERVER_DEFAULT),
-            WebConfig::Tcpstates => Some(&TCPSTATES),
-            WebConfig::EmptyClassic | WebConfig::EmptyRaw => None,
+            WebConfig::Observer => Subject::Tool(&OBSERVER_DEFAULT),
+            WebConfig::Tcpstates => Subject::Tool(&TCPSTATES),
+            WebConfig::EmptyClassic => Subject::Empty {
+                label: self.label(),
+                how: Attach::Classic,
+            },
+            WebConfig::EmptyRaw => Subject::Empty {
+                label: self.label(),
+                how: Attach::Raw,
+            },
         }
     }
 }
@@ -216,11 +223,12 @@ pub fn measure_web(bins: &Bins, args: &BenchArgs, stats: &BpfStats) -> Result<We
             if row.not_started.is_some() {
                 continue;
             }
-            let measured = with_config(row.config, &bins.observer, |watched, daemon| {
-                let rate = web_window(nginx.port, watched, daemon, stats, false)?;
-                let cost = web_window(nginx.port, watched, daemon, stats, true)?;
-                Ok((rate, cost))
-            })?;
+            let measured =
+                with_subject(row.config.subject(), &bins.observer, |watched, daemon| {
+                    let rate = web_window(nginx.port, watched, daemon, stats, false)?;
+                    let cost = web_window(nginx.port, watched, daemon, stats, true)?;
+                    Ok((rate, cost))
+                })?;
             let (programs, (rate, cost)) = match measured {
                 Ok(measured) => measured,
                 Err(why) => {
@@ -254,41 +262,6 @@ pub fn measure_web(bins: &Bins, args: &BenchArgs, stats: &BpfStats) -> Result<We
     }
     drop(nginx);
     Ok(web)
-}
-
-/// The names of the programs, and what `measure` made of runs while they were attached.
-type Attached<T> = (Vec<String>, T);
-
-/// Attaches `config`, runs `measure` (given the process holding the programs with their names,
-/// and the daemon's pid if there is one), detaches (`Ok(Err(why))`: it did not start).
-fn with_config<T>(
-    config: WebConfig,
-    observer: &Path,
-    measure: impl FnOnce(Option<(u32, &BTreeMap<u32, String>)>, Option<u32>) -> Result<T>,
-) -> Result<std::result::Result<Attached<T>, String>> {
-    if let Some(tool) = config.tool() {
-        let mut started = match start_tool(tool, observer)? {
-            Ok(started) => started,
-            Err(why) => return Ok(Err(why)),
-        };
-        let pid = started.proc.pid;
-        let names = super::harness::prog_names(prog_counters(pid)?.keys().copied());
-        let measured = measure(Some((pid, &names)), Some(pid));
-        started.proc.stop(Duration::from_secs(5));
-        return Ok(Ok((names.into_values().collect(), measured?)));
-    }
-    let how = match config {
-        WebConfig::EmptyRaw => Attach::Raw,
-        _ => Attach::Classic,
-    };
-    let empty = match EmptyPrograms::attach(how) {
-        Ok(empty) => empty,
-        Err(e) => return Ok(Err(format!("{e:#}"))),
-    };
-    let measured = measure(Some((std::process::id(), &empty.names)), None);
-    let names = empty.names.values().cloned().collect();
-    drop(empty);
-    Ok(Ok((names, measured?)))
 }
 
 /// One wrk run with `watched` (pid, program names) attached or nothing; with `cost`, BPF stats

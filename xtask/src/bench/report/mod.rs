@@ -14,7 +14,10 @@ use super::{
     refused::{AlternatedRow, Refused, Window},
     retrans::Retrans,
     startup::Startup,
-    stats::*,
+    stats::{
+        Runs, all_programs, bpf_us_per_connect, cpu_per_connect, f3, int, median, paired_slowdowns,
+        pct, slowdown_pct, status, summarize, worst_judged,
+    },
     tools::{ToolOutcome, ToolResult},
     web::Web,
 };

@@ -7,7 +7,10 @@ use crate::bench::{
     TARGET_NS_PER_EVENT, TARGET_RSS_MIB, TARGET_SLOWDOWN_PCT, TARGET_STARTUP_SECS,
     TOOL_START_TIMEOUT, Workload,
     harness::{ns_per_event, total},
-    stats::*,
+    stats::{
+        all_programs, bpf_us_per_connect, cpu_per_connect, f3, int, list, mark, median, ns_opt,
+        paired_slowdowns, pct, slowdown_pct, status, stop_summary, summarize,
+    },
     tools::ToolOutcome,
 };
 
@@ -131,8 +134,9 @@ impl Report {
                 .collect();
             let _ = writeln!(
                 s,
-                "Floors on the retransmit storm (bpftrace on `tcp_retransmit_skb` and `kfree_skb`, \
-                 1 run each): {}. At a few thousand events per second every run starts with cold \
+                "Floors on the retransmit storm (empty programs loaded with bpf(2) on observer's \
+                 classic tracepoints, and a bpftrace counter on `tcp_retransmit_skb` and \
+                 `kfree_skb`; 1 run each): {}. At a few thousand events per second every run starts with cold \
                  caches, so even these cost more than on the refused storm.\n",
                 floors.join("; ")
             );
@@ -240,7 +244,9 @@ impl Report {
              then with each configuration below in turn, so that a drift in the machine's load \
              hits every configuration alike. The floors bound what any tool on these classic \
              tracepoints can reach: empty programs pay only for the kernel's record building and \
-             the program call, the counter rows for one map update per event on top.\n",
+             the program call (`mov r0, 0; exit` loaded with bpf(2) and attached to the \
+             tracepoints observer uses), the counter row (bpftrace) for one map update per \
+             event on top.\n",
             self.storm_secs
         );
         let _ = writeln!(

@@ -253,14 +253,24 @@ impl Report {
     }
 
     fn render_web_programs(&self, s: &mut String) {
-        let _ = writeln!(s, "Per program, medians of the CPU rounds:\n");
+        let _ = writeln!(
+            s,
+            "Per program, medians of the CPU rounds (programs that did not run are left out):\n"
+        );
         let _ = writeln!(
             s,
             "| configuration | program | runs per request | ns per run (rounds) | ns per request |"
         );
         let _ = writeln!(s, "|---|---|---:|---:|---:|");
         for row in self.web.rows.iter().filter(|r| !r.cost.is_empty()) {
-            let names: BTreeSet<&String> = row.cost.iter().flat_map(|w| w.progs.keys()).collect();
+            // Programs that never ran (e.g. retransmits on loopback) are left out.
+            let names: BTreeSet<&String> = row
+                .cost
+                .iter()
+                .flat_map(|w| w.progs.iter())
+                .filter(|(_, c)| c.run_cnt > 0)
+                .map(|(name, _)| name)
+                .collect();
             for name in names {
                 let counters = |w: &WebWindow| w.progs.get(name).copied().unwrap_or_default();
                 let per_request = |w: &WebWindow, x: u64| {
