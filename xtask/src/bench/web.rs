@@ -191,7 +191,12 @@ pub fn measure_web(bins: &Bins, args: &BenchArgs, stats: &BpfStats) -> Result<We
     }
     let tcpstates_missing =
         install_package_if_missing(TCPSTATES.package, TCPSTATES.installs, args.no_install).err();
-    let nginx = Nginx::start(&bins.logs.join(format!("nginx-{}", std::process::id())))?;
+    stop_stale_nginx(&bins.logs);
+    let nginx = Nginx::start(
+        &bins
+            .logs
+            .join(format!("{NGINX_DIR_PREFIX}{}", std::process::id())),
+    )?;
     say(&format!(
         "nginx on 127.0.0.1:{} ({NGINX_WORKERS} workers, keepalive_timeout 0, {PAGE_BYTES} byte page)",
         nginx.port
@@ -506,6 +511,42 @@ impl Drop for Nginx {
             }
         }
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// target/bench/nginx-<bench pid>: an nginx prefix of this bench.
+const NGINX_DIR_PREFIX: &str = "nginx-";
+
+/// Stops an nginx left by an earlier bench that was killed (SIGKILL skips the guards): its
+/// prefix is named after the bench's pid, and its nginx.pid names the master.
+fn stop_stale_nginx(logs: &Path) {
+    let Ok(entries) = fs::read_dir(logs) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(bench) = name
+            .strip_prefix(NGINX_DIR_PREFIX)
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if bench == std::process::id() || Path::new(&format!("/proc/{bench}")).exists() {
+            continue;
+        }
+        let master = fs::read_to_string(entry.path().join("nginx.pid"))
+            .ok()
+            .and_then(|pid| pid.trim().parse::<u32>().ok());
+        if let Some(master) = master {
+            let is_nginx = fs::read_to_string(format!("/proc/{master}/comm"))
+                .is_ok_and(|comm| comm.trim() == "nginx");
+            if is_nginx {
+                say(&format!("stopping nginx {master} left by bench {bench}"));
+                // SIGTERM: the master stops its workers.
+                send_signal(master, libc::SIGTERM);
+            }
+        }
+        let _ = fs::remove_dir_all(entry.path());
     }
 }
 
