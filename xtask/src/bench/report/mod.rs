@@ -408,6 +408,17 @@ impl Report {
              with `--attach raw` runs its raw tracepoint programs, which get the tracepoint's \
              arguments without a record being built, on the same storm."
         );
+        if self.ran(Workload::Web) {
+            let _ = writeln!(
+                s,
+                "- Web workload: nginx and wrk share the machine's cores with observer, so the \
+                 throughput of one run moves by several percent between rounds of the same \
+                 configuration; the CPU columns (BPF `run_time_ns` and the daemon's utime + stime, \
+                 per request) are steadier. Requests are wrk's completed requests of the CPU run; \
+                 program runs count every hit of the tracepoints on the host during it. The \
+                 empty floors are this process's programs (no daemon: no daemon CPU or RSS)."
+            );
+        }
         let _ = writeln!(
             s,
             "- The retransmit storm runs at a few thousand events per second: each program run \
