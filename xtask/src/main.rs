@@ -45,8 +45,9 @@ enum Command {
     /// rustfmt check, clippy on the host crates, clippy on the eBPF crate (BPF target).
     Lint,
     /// Setup, build (release, with examples), then measure observer's costs (kernel ns per
-    /// event, host slowdown, userspace throughput and memory, start-up) and the other tools';
-    /// prints a table and writes BENCHMARKS.md. Needs root; about 3 minutes.
+    /// event, host slowdown, userspace throughput and memory, start-up, the nginx web workload)
+    /// and the other tools'; prints a table and writes BENCHMARKS.md. Needs root; about 8
+    /// minutes (`--only web`: about 2).
     Bench(bench::BenchArgs),
 }
 
@@ -112,5 +113,26 @@ mod tests {
         };
         assert!(!no_lint, "--no-lint after -- belongs to cargo test");
         assert_eq!(args, ["--no-lint"]);
+    }
+
+    #[test]
+    fn bench_only_takes_a_list_of_workloads() {
+        use crate::bench::Workload;
+        let Command::Bench(args) = parse(&["bench", "--only", "web,refused", "--rounds", "2"])
+        else {
+            panic!("not bench");
+        };
+        assert_eq!(args.only, [Workload::Web, Workload::Refused]);
+        assert_eq!(args.rounds, 2);
+        let Command::Bench(args) = parse(&["bench", "--only", "memory"]) else {
+            panic!("not bench");
+        };
+        assert_eq!(args.only, [Workload::Pipeline]);
+        let Command::Bench(args) = parse(&["bench"]) else {
+            panic!("not bench");
+        };
+        assert!(args.only.is_empty(), "default: every workload");
+        let argv = ["xtask", "bench", "--only", "nope"];
+        assert!(Cli::try_parse_from(argv).is_err());
     }
 }

@@ -23,6 +23,10 @@ const APT_PACKAGES: &[&str] = &[
     // promtool (`promtool check metrics`) and syslog-ng, for tests/tests/outputs.rs.
     "prometheus",
     "syslog-ng-core",
+    // The web workload of `cargo xtask bench`: nginx, wrk, and libbpf-tools' tcpstates beside it.
+    "nginx-light",
+    "wrk",
+    "libbpf-tools",
 ];
 
 /// The nightly toolchain builds the eBPF crate (`-Z build-std=core`); clippy lints it.
