@@ -726,7 +726,7 @@ mod tests {
         assert!(message.contains("auto"), "{message}");
         assert_eq!(
             Settings::resolve(&Config::default()).map(|s| s.attach).ok(),
-            Some(AttachMode::Classic)
+            Some(AttachMode::Tuned)
         );
     }
 

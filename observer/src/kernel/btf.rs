@@ -825,7 +825,8 @@ mod tests {
         ] {
             let format = tracefs::parse_format(fixture).expect("fixture parses");
             let printed = format.symbolic_values("reason");
-            assert!(printed.len() > 20, "{event}: {printed:?}");
+            // 5.17 had 12 drop reasons; later kernels have many more.
+            assert!(printed.len() > 10, "{event}: {printed:?}");
             let mut names: Vec<&str> = printed.iter().map(|(_, n)| n.as_str()).collect();
             let mut values: Vec<i64> = printed.iter().map(|(v, _)| *v).collect();
             names.sort_unstable();
