@@ -487,7 +487,9 @@ fn quiet_namespaces_open_no_anomaly() -> Result<()> {
     };
     let topo = Topology::new(&t.name, 81)?;
     let (client_ns, server_ns) = (topo.client.inode()?, topo.server.inode()?);
-    let observer = LiveObserver::start(&["--export-per-cpu", "0"])?;
+    // Healthy connects are exported too (not by default), so that the test sees the observer
+    // saw the traffic, and the engine gets every event of it.
+    let observer = LiveObserver::start(&["--export-per-cpu", "0", "--export-kinds", "all"])?;
     let to = SocketAddr::new(topo.server_ip(false), CLEAN_PORT);
     let before = topo.client.counters()?;
     // Five clean 1 MiB transfers spread over 10 s (the span of the rate window), each a new

@@ -40,6 +40,7 @@ const EXACT: &[&str] = &[
 fn exact_args(v6: bool) -> (Vec<&'static str>, &'static str) {
     let mut args = EXACT.to_vec();
     if v6 {
+        args.extend(["--attach", "classic"]);
         (args, "tracepoint")
     } else {
         args.extend(RAW);
