@@ -374,6 +374,10 @@ fn run(args: RunArgs, flags: Config) -> ExitCode {
         }),
         metrics: None,
         watch_output: watch_output(&settings.output),
+        notify: crate::notify::Notifier::from_env().unwrap_or_else(|e| {
+            eprintln!("observer: warning: {e}");
+            None
+        }),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

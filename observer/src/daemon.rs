@@ -99,6 +99,9 @@ pub struct RunOptions {
     /// (`sink::hangup`): the run then stops at once, not at its next write. None: not watched
     /// (a file, or a writer that is not a descriptor).
     pub watch_output: Option<std::os::fd::OwnedFd>,
+    /// The service manager to tell `READY=1` once the programs are attached and the `start`
+    /// record is written, and `STOPPING=1` when the run ends (`notify`; none: not asked).
+    pub notify: Option<crate::notify::Notifier>,
 }
 
 /// What the kernel counted beyond the exported events, per flow and signal, as fed to the
@@ -327,6 +330,16 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
         Err(SinkError::Closed) => StopReason::OutputClosed,
         Err(e) => return Err(e.into()),
         Ok(()) => {
+            if let Some(notifier) = &options.notify {
+                let attached = loaded.programs.iter().filter(|p| p.attached).count();
+                notifier.notify_or_warn(&format!(
+                    "READY=1\n{}",
+                    crate::notify::status_line(&format!(
+                        "{attached} of {} programs attached",
+                        loaded.programs.len()
+                    ))
+                ));
+            }
             output_loop(
                 &mut rx,
                 &mut out,
@@ -339,6 +352,12 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
         }
     };
     drop(watch);
+    if let Some(notifier) = &options.notify {
+        notifier.notify_or_warn(&format!(
+            "STOPPING=1\n{}",
+            crate::notify::status_line(&format!("stopping ({})", reason.name()))
+        ));
+    }
 
     // Drain: the context worker takes a last reading, readers empty their buffers one last
     // time, then the queue is emptied.

@@ -147,6 +147,7 @@ impl TopArgs {
             metrics: None,
             // The output is top's own pipe: its end of it never goes away first.
             watch_output: None,
+            notify: None,
         })
     }
 
