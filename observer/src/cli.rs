@@ -268,6 +268,16 @@ fn open_output(output: &config::OutputSettings) -> anyhow::Result<Box<dyn Write>
     })
 }
 
+/// A copy of stdout's descriptor when the records go there, so that a reader leaving (a pipe
+/// closed, a socket peer gone, a terminal hung up) ends the run at once (`sink::hangup`).
+fn watch_output(output: &config::OutputSettings) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::AsFd as _;
+    match output.target {
+        OutputTarget::Stdout => std::io::stdout().as_fd().try_clone_to_owned().ok(),
+        OutputTarget::File(_) => None,
+    }
+}
+
 fn reasons() -> ExitCode {
     match crate::kernel::list_drop_reasons() {
         Ok(names) => {
@@ -370,6 +380,11 @@ fn run(args: RunArgs, flags: Config) -> ExitCode {
             load: Box::new(move || config::reload(&path, &flags).map_err(|e| e.to_string())),
         }),
         metrics: None,
+        watch_output: watch_output(&settings.output),
+        notify: crate::notify::Notifier::from_env().unwrap_or_else(|e| {
+            eprintln!("observer: warning: {e}");
+            None
+        }),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -50,7 +50,10 @@ use crate::{
         STOP_FLOWS, STOP_SERVICES, StartRecord, StopRecord, SysctlChangeRecord,
     },
     services::top_services,
-    sink::json::{JsonLines, SinkError},
+    sink::{
+        hangup::HangupWatch,
+        json::{JsonLines, SinkError},
+    },
 };
 
 /// Where a SIGHUP reloads the configuration from.
@@ -93,6 +96,13 @@ pub struct RunOptions {
     pub reload: Option<Reload>,
     /// Prometheus metrics the output stage updates (`--metrics`; none: off).
     pub metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    /// A copy of the output's descriptor, watched for a reader that goes away
+    /// (`sink::hangup`): the run then stops at once, not at its next write. None: not watched
+    /// (a file, or a writer that is not a descriptor).
+    pub watch_output: Option<std::os::fd::OwnedFd>,
+    /// The service manager to tell `READY=1` once the programs are attached and the `start`
+    /// record is written, and `STOPPING=1` when the run ends (`notify`; none: not asked).
+    pub notify: Option<crate::notify::Notifier>,
 }
 
 /// What the kernel counted beyond the exported events, per flow and signal, as fed to the
@@ -299,20 +309,56 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
         kind_stats: loaded.kind_stats_handle().ok(),
         metrics: options.metrics.clone(),
     };
+    // The reader of the output leaving is noticed at once (a quiet host may write nothing for
+    // a long time), not only when a write fails.
+    let (gone_tx, gone_rx) = tokio::sync::oneshot::channel();
+    let watch = options.watch_output.and_then(|fd| {
+        HangupWatch::spawn(fd, move || {
+            let _ = gone_tx.send(());
+        })
+        .map_err(|e| {
+            eprintln!("observer: warning: cannot watch the output for a reader that leaves: {e}");
+        })
+        .ok()
+    });
+    let output_gone = async {
+        // Without a watch the sender is gone at once: that is not a hangup.
+        if gone_rx.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
     let reason = match start_written {
         Err(SinkError::Closed) => StopReason::OutputClosed,
         Err(e) => return Err(e.into()),
         Ok(()) => {
+            if let Some(notifier) = &options.notify {
+                let attached = loaded.programs.iter().filter(|p| p.attached).count();
+                notifier.notify_or_warn(&format!(
+                    "READY=1\n{}",
+                    crate::notify::status_line(&format!(
+                        "{attached} of {} programs attached",
+                        loaded.programs.len()
+                    ))
+                ));
+            }
             output_loop(
                 &mut rx,
                 &mut out,
                 options.duration,
                 (sigint, sigterm, sighup),
+                output_gone,
                 options.reload,
             )
             .await?
         }
     };
+    drop(watch);
+    if let Some(notifier) = &options.notify {
+        notifier.notify_or_warn(&format!(
+            "STOPPING=1\n{}",
+            crate::notify::status_line(&format!("stopping ({})", reason.name()))
+        ));
+    }
 
     // Drain: the context worker takes a last reading, readers empty their buffers one last
     // time, then the queue is emptied.
@@ -398,6 +444,7 @@ async fn output_loop<W: Write>(
     out: &mut Output<'_, W>,
     duration: Option<Duration>,
     (mut sigint, mut sigterm, mut sighup): (Signal, Signal, Signal),
+    output_gone: impl std::future::Future<Output = ()>,
     mut reload: Option<Reload>,
 ) -> anyhow::Result<StopReason> {
     let deadline = async {
@@ -407,6 +454,7 @@ async fn output_loop<W: Write>(
         }
     };
     tokio::pin!(deadline);
+    tokio::pin!(output_gone);
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -415,6 +463,7 @@ async fn output_loop<W: Write>(
             _ = sigint.recv() => return Ok(StopReason::Signal),
             _ = sigterm.recv() => return Ok(StopReason::Signal),
             () = &mut deadline => return Ok(StopReason::Duration),
+            () = &mut output_gone => return Ok(StopReason::OutputClosed),
             _ = sighup.recv() => {
                 let record = out.reload(reload.as_mut());
                 if let Err(e) = out.sink.write_now(&record) {

@@ -15,6 +15,7 @@ pub mod decode;
 pub mod enrich;
 pub mod kernel;
 pub mod metrics;
+pub mod notify;
 pub mod privileges;
 pub mod reconcile;
 pub mod record;

@@ -415,6 +415,10 @@ fn systemd_unit_verifies() -> Result<()> {
         unit.contains("ExecStart=/usr/local/bin/observer run --config /etc/observer/observer.toml"),
         "unexpected ExecStart"
     );
+    ensure!(
+        unit.lines().any(|l| l == "Type=notify"),
+        "the unit should wait for observer's READY=1"
+    );
     // verify wants the ExecStart binary to exist: point it at the one under test.
     let bin = observer_bin();
     ensure!(bin.exists(), "{} does not exist", bin.display());
@@ -757,6 +761,216 @@ fn file_output_rotates_at_record_boundaries() -> Result<()> {
                 "{n} `{ty}` records of {CONNECTIONS} (budget or buffers held some back)"
             ));
         }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Readiness (sd_notify)
+
+/// A notification socket the test provides as NOTIFY_SOCKET: a path in a temp dir, or an
+/// abstract name (`@...`). Every message received is kept with whether the output file
+/// already held the start record when it arrived.
+struct NotifySocket {
+    socket: std::os::unix::net::UnixDatagram,
+    /// The value for NOTIFY_SOCKET.
+    address: String,
+}
+
+impl NotifySocket {
+    fn bind(dir: &TempDir, abstract_name: bool) -> Result<Self> {
+        use std::os::{linux::net::SocketAddrExt as _, unix::net::UnixDatagram};
+        let (socket, address) = if abstract_name {
+            let name = dir
+                .path()
+                .file_name()
+                .context("temp dir name")?
+                .to_string_lossy()
+                .into_owned();
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+            (UnixDatagram::bind_addr(&addr)?, format!("@{name}"))
+        } else {
+            let path = dir.path().join("notify.sock");
+            (
+                UnixDatagram::bind(&path)?,
+                path.to_str().context("socket path")?.to_owned(),
+            )
+        };
+        Ok(Self { socket, address })
+    }
+
+    /// The next message within `timeout`, or None.
+    fn receive(&self, timeout: Duration) -> Result<Option<String>> {
+        self.socket.set_read_timeout(Some(timeout))?;
+        let mut buf = [0u8; 4096];
+        match self.socket.recv(&mut buf) {
+            Ok(n) => Ok(Some(String::from_utf8_lossy(&buf[..n]).into_owned())),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e).context("recv on the notify socket"),
+        }
+    }
+
+    /// Messages until one has the line `line`, within `timeout`; each with what `at_receipt`
+    /// said when it arrived.
+    fn until<T>(
+        &self,
+        line: &str,
+        timeout: Duration,
+        mut at_receipt: impl FnMut() -> T,
+    ) -> Result<Vec<(String, T)>> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut got = Vec::new();
+        while std::time::Instant::now() < deadline {
+            if let Some(message) = self.receive(Duration::from_millis(100))? {
+                let seen = at_receipt();
+                let done = message.lines().any(|l| l == line);
+                got.push((message, seen));
+                if done {
+                    return Ok(got);
+                }
+            }
+        }
+        let messages: Vec<&String> = got.iter().map(|(m, _)| m).collect();
+        bail!("no `{line}` within {timeout:?}; received {messages:?}")
+    }
+}
+
+/// The record types in an output file so far.
+fn record_types(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|v| v["type"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// `observer run` with NOTIFY_SOCKET: READY=1 arrives once the start record is written (never
+/// before), STOPPING=1 after SIGINT, and the run ends with its stop record and exit 0.
+fn notify_protocol(test: &str, abstract_name: bool) -> Result<()> {
+    let Some(t) = kernel_test(test) else {
+        return Ok(());
+    };
+    let dir = TempDir::new(&t.name)?;
+    let notify = NotifySocket::bind(&dir, abstract_name)?;
+    let out = dir.path().join("out.ndjson");
+    let stderr_path = dir.path().join("stderr");
+    let child = observer()?
+        .args(["run", "--output"])
+        .arg(format!("file:{}", out.display()))
+        .env("NOTIFY_SOCKET", &notify.address)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&stderr_path)?)
+        .spawn()
+        .context("spawning observer")?;
+    let mut child = KillOnDrop(Some(child));
+    let stderr = || std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    let ready = notify
+        .until("READY=1", START_TIMEOUT, || record_types(&out))
+        .with_context(|| format!("observer stderr:\n{}", stderr()))?;
+    for (message, types) in &ready {
+        ensure!(
+            types.first().map(String::as_str) == Some("start"),
+            "`{message}` arrived before the start record was written (records: {types:?})"
+        );
+    }
+    let (ready_message, _) = ready.last().context("READY=1")?;
+    note(&format!("notify ({}): {ready_message:?}", notify.address));
+    send_signal(child.id()?, libc::SIGINT)?;
+    let stopping = notify
+        .until("STOPPING=1", STOP_TIMEOUT, || ())
+        .with_context(|| format!("observer stderr:\n{}", stderr()))?;
+    let status = wait_child(child.take()?, STOP_TIMEOUT)?;
+    ensure!(
+        status.code() == Some(0),
+        "exit {status}; stderr:\n{}",
+        stderr()
+    );
+    ensure!(
+        record_types(&out).last().map(String::as_str) == Some("stop"),
+        "no stop record at the end of the output"
+    );
+    // Nothing after STOPPING=1 says ready again.
+    while let Some(message) = notify.receive(Duration::from_millis(1))? {
+        ensure!(!message.contains("READY=1"), "READY=1 after STOPPING=1");
+    }
+    note(&format!(
+        "notify at shutdown: {:?}",
+        stopping.last().map(|(m, _)| m)
+    ));
+    Ok(())
+}
+
+/// A child killed and reaped on drop (unless taken).
+struct KillOnDrop(Option<std::process::Child>);
+
+impl KillOnDrop {
+    fn id(&self) -> Result<u32> {
+        self.0
+            .as_ref()
+            .map(std::process::Child::id)
+            .context("reaped")
+    }
+
+    fn take(&mut self) -> Result<&mut std::process::Child> {
+        self.0.as_mut().context("reaped")
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[test]
+fn notify_ready_after_start_and_stopping_at_shutdown() -> Result<()> {
+    notify_protocol("notify_ready_after_start_and_stopping_at_shutdown", false)
+}
+
+#[test]
+fn notify_on_an_abstract_socket() -> Result<()> {
+    notify_protocol("notify_on_an_abstract_socket", true)
+}
+
+/// A start that fails exits non-zero with the reason on stderr, and never says READY=1.
+#[test]
+fn a_failed_start_is_never_ready() -> Result<()> {
+    let Some(t) = kernel_test("a_failed_start_is_never_ready") else {
+        return Ok(());
+    };
+    let dir = TempDir::new(&t.name)?;
+    let notify = NotifySocket::bind(&dir, false)?;
+    let missing = dir.path().join("no/such/dir/out.ndjson");
+    let (status, _, stderr) = run_with_timeout(
+        observer()?
+            .args(["run", "--output"])
+            .arg(format!("file:{}", missing.display()))
+            .env("NOTIFY_SOCKET", &notify.address),
+        START_TIMEOUT,
+    )?;
+    ensure!(!status.success(), "observer started: {status}");
+    ensure!(
+        stderr.contains("no/such/dir/out.ndjson"),
+        "the reason is not on stderr: {stderr}"
+    );
+    // The process is gone: anything it sent is queued on the socket already.
+    while let Some(message) = notify.receive(Duration::from_millis(1))? {
+        ensure!(
+            !message.contains("READY=1"),
+            "a failed start said `{message}`"
+        );
     }
     Ok(())
 }

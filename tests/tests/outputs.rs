@@ -1,5 +1,6 @@
 //! Outputs: the Prometheus metrics endpoint (`--metrics`), a slow and a vanished reader of
-//! stdout (back-pressure, EPIPE), and a real log shipper (syslog-ng) reading the NDJSON.
+//! stdout (back-pressure, EPIPE, a hang-up on a quiet host), readers of `--socket` that leave,
+//! and a real log shipper (syslog-ng) reading the NDJSON.
 //!
 //! Kernel tests: they skip visibly when not root (fail with OBSERVER_REQUIRE_KERNEL_TESTS=1), and
 //! a tool they need (promtool, syslog-ng) missing skips them the same way. Traffic stays on the
@@ -861,6 +862,150 @@ fn a_closed_stdout_ends_the_run_cleanly() -> Result<()> {
     let connects = join(storm);
     outcome?;
     note(&format!("closed pipe: {} refused connects", connects?));
+    Ok(())
+}
+
+/// The stop record observer wrote to stderr because its output was closed.
+fn stop_on_stderr(stderr: &str) -> Result<Value> {
+    let json = stderr
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("observer: the output was closed by its reader; the stop record could not be written to the output: ")
+        })
+        .with_context(|| format!("no stop record on stderr:\n{stderr}"))?;
+    serde_json::from_str(json).context("the stop record on stderr")
+}
+
+/// `observer run | head -c 1` on a quiet host: the reader reads the start record and closes
+/// the pipe while observer has nothing to write. observer notices the hang-up itself (poll on
+/// stdout) and exits 0 within a second, with its stop record (`output_closed`) on stderr.
+#[test]
+fn a_reader_leaving_a_quiet_stdout_ends_the_run_at_once() -> Result<()> {
+    let Some(_t) = kernel_test("a_reader_leaving_a_quiet_stdout_ends_the_run_at_once") else {
+        return Ok(());
+    };
+    // Only SYN retransmits are exported: other traffic on the machine rarely makes one, so
+    // observer has nothing to write once the start record is out.
+    let (mut obs, out) = Running::observer(&["--export-kinds", "syn_retransmit"])?;
+    let mut reader = BufReader::new(out);
+    let mut first = String::new();
+    let (tx, rx) = mpsc::channel();
+    let line_reader = thread::spawn(move || {
+        let read = reader.read_line(&mut first);
+        let _ = tx.send((read.map_err(|e| e.to_string()), first));
+        // The read end is closed when `reader` is dropped here.
+    });
+    let (read, first) = rx.recv_timeout(START_TIMEOUT).map_err(|_| {
+        anyhow!(
+            "no start record within {START_TIMEOUT:?}; stderr:\n{}",
+            obs.stderr()
+        )
+    })?;
+    line_reader
+        .join()
+        .map_err(|_| anyhow!("stdout reader panicked"))?;
+    let closed_at = Instant::now();
+    ensure!(
+        matches!(read, Ok(n) if n > 0) && line_type(first.trim_end()) == Some("start"),
+        "expected the start record, read {read:?}: {first}; stderr:\n{}",
+        obs.stderr()
+    );
+    let status = poll_until(
+        "observer to exit after the reader closed its stdout",
+        Duration::from_secs(5),
+        Duration::from_millis(5),
+        || obs.exited(),
+    )
+    .with_context(|| format!("observer stderr:\n{}", obs.stderr()))?;
+    let took = closed_at.elapsed();
+    let (_, stderr) = obs.wait(STOP_TIMEOUT)?;
+    note(&format!(
+        "quiet closed pipe: exited with {status} {took:?} after the read end closed"
+    ));
+    ensure!(status.code() == Some(0), "exit {status}; stderr:\n{stderr}");
+    ensure!(!stderr.contains("panicked"), "panic on stderr:\n{stderr}");
+    let stop = stop_on_stderr(&stderr)?;
+    ensure!(
+        stop["type"] == "stop" && stop["reason"] == "output_closed",
+        "{stop}"
+    );
+    ensure!(
+        took < Duration::from_secs(1),
+        "observer took {took:?} to notice the closed pipe (at most 1 s)"
+    );
+    Ok(())
+}
+
+/// Readers of `--socket` that connect and leave on a quiet stream do not use up the reader
+/// places (32): after 40 readers came and went, a new reader still gets the start record, the
+/// daemon keeps running, and a reader connected all along gets the stop record.
+#[test]
+fn socket_readers_that_leave_free_their_places() -> Result<()> {
+    let Some(t) = kernel_test("socket_readers_that_leave_free_their_places") else {
+        return Ok(());
+    };
+    let dir = TempDir::new(&t.name)?;
+    let path = dir.path().join("observer.sock");
+    let socket = path.to_str().context("socket path")?;
+    let (mut obs, out) =
+        Running::observer(&["--export-kinds", "syn_retransmit", "--socket", socket])?;
+    let stdout = LineReader::start(out, keep_none);
+    stdout.wait_for("start", START_TIMEOUT)?;
+    // The first line a new reader gets: the start record, or the "too many readers" notice.
+    let first_line = |stream: &std::os::unix::net::UnixStream| -> Result<String> {
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line)?;
+        Ok(line)
+    };
+    let connect = || {
+        std::os::unix::net::UnixStream::connect(&path)
+            .with_context(|| format!("connecting to {}", path.display()))
+    };
+    let staying = connect()?;
+    let greeting = first_line(&staying)?;
+    ensure!(
+        line_type(&greeting) == Some("start"),
+        "first line: {greeting}"
+    );
+    let started = Instant::now();
+    for i in 0..40 {
+        // The place of the reader before is free within a moment: poll for it.
+        let line = poll_until(
+            &format!("reader {i} to get the start record"),
+            Duration::from_secs(5),
+            Duration::from_millis(20),
+            || {
+                let stream = connect()?;
+                let line = first_line(&stream)?;
+                Ok((line_type(&line) == Some("start")).then_some(line))
+            },
+        )?;
+        ensure!(line.ends_with("}\n"), "{line}");
+    }
+    note(&format!(
+        "socket: 40 readers came and went in {:?}",
+        started.elapsed()
+    ));
+    ensure!(obs.exited()?.is_none(), "observer exited: {}", obs.stderr());
+    send_signal(obs.pid()?, libc::SIGINT)?;
+    let (status, stderr) = obs.wait(STOP_TIMEOUT)?;
+    ensure!(status.code() == Some(0), "exit {status}; stderr:\n{stderr}");
+    let seen = stdout.finish(STOP_TIMEOUT)?;
+    ensure!(
+        seen.kept.last().is_some_and(|r| r["type"] == "stop"),
+        "no stop record on stdout; stderr:\n{stderr}"
+    );
+    let mut rest = String::new();
+    let mut staying = BufReader::new(staying);
+    staying
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_secs(5)))?;
+    staying.read_to_string(&mut rest)?;
+    ensure!(
+        rest.lines().last().and_then(line_type) == Some("stop"),
+        "the reader connected all along did not get the stop record: {rest}"
+    );
     Ok(())
 }
 

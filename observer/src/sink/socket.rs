@@ -27,7 +27,7 @@ use std::{
     ffi::CString,
     io::{self, Write},
     os::{
-        fd::{AsRawFd, OwnedFd},
+        fd::{AsFd as _, AsRawFd, OwnedFd},
         unix::{
             fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt},
             net::{UnixListener, UnixStream},
@@ -43,7 +43,7 @@ use std::{
     time::Duration,
 };
 
-use crate::clock::rfc3339_unix_ns;
+use crate::{clock::rfc3339_unix_ns, sink::hangup::hung_up};
 
 /// Where `observer run` serves its records when the socket is enabled without a path.
 pub const DEFAULT_SOCKET_PATH: &str = "/run/observer/observer.sock";
@@ -55,6 +55,8 @@ pub const DEFAULT_QUEUE_BYTES: usize = 4 << 20;
 pub const DEFAULT_MAX_READERS: usize = 32;
 /// How long readers may take to receive what is queued for them when the socket closes.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// How often an idle reader's connection is checked for a reader that left.
+const HANGUP_CHECK: Duration = Duration::from_millis(200);
 /// A line longer than this without a newline is not a record: it is dropped, not buffered.
 const MAX_PARTIAL_LINE: usize = 16 << 20;
 
@@ -166,6 +168,8 @@ pub fn group_id(name: &str) -> Result<u32, SocketError> {
 
 /// One connected reader, as the writer side sees it.
 struct Reader {
+    /// Which connection this is (its thread removes it by this number when the reader leaves).
+    seq: u64,
     tx: mpsc::Sender<Arc<[u8]>>,
     /// Bytes in its queue; its thread subtracts what it wrote.
     queued: Arc<AtomicUsize>,
@@ -371,6 +375,7 @@ impl Drop for SocketBroadcaster {
         let mut finishing = Vec::new();
         for reader in readers {
             let Reader {
+                seq: _,
                 tx,
                 queued: _,
                 stream,
@@ -488,14 +493,14 @@ fn add_reader(stream: UnixStream, shared: &Arc<Shared>, seq: u64) {
     let (tx, rx) = mpsc::channel::<Arc<[u8]>>();
     let queued = Arc::new(AtomicUsize::new(0));
     let thread_queued = Arc::clone(&queued);
+    let thread_shared = Arc::clone(shared);
     let spawned = thread::Builder::new()
         .name(format!("observer-socket-{seq}"))
         .spawn(move || {
-            for chunk in rx {
-                if send_all(&stream, &chunk).is_err() {
-                    return;
-                }
-                thread_queued.fetch_sub(chunk.len(), Ordering::AcqRel);
+            if serve_reader(&stream, &rx, &thread_queued) == Served::ReaderLeft {
+                // Forgotten now, not at the next record: a quiet stream may have none for
+                // long, and a reader that left must not hold one of the `max_readers` places.
+                thread_shared.lock().readers.retain(|r| r.seq != seq);
             }
         });
     let Ok(thread) = spawned else {
@@ -506,12 +511,50 @@ fn add_reader(stream: UnixStream, shared: &Arc<Shared>, seq: u64) {
         let _ = tx.send(Arc::clone(greeting));
     }
     state.readers.push(Reader {
+        seq,
         tx,
         queued,
         stream: handle,
         thread,
         pending_undelivered: 0,
     });
+}
+
+/// How a reader's thread ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Served {
+    /// The reader closed its connection, or a write to it failed.
+    ReaderLeft,
+    /// The broadcaster let go of the reader (shutdown, or it forgot a reader that left).
+    Released,
+}
+
+/// Sends a reader what is queued for it until it leaves or is released. Between records it
+/// looks every `HANGUP_CHECK` for a hang-up: a reader that closes its connection on a quiet
+/// stream is noticed within that time, not at the next record.
+fn serve_reader(
+    stream: &UnixStream,
+    rx: &mpsc::Receiver<Arc<[u8]>>,
+    queued: &AtomicUsize,
+) -> Served {
+    loop {
+        match rx.recv_timeout(HANGUP_CHECK) {
+            Ok(chunk) => {
+                if send_all(stream, &chunk).is_err() {
+                    return Served::ReaderLeft;
+                }
+                queued.fetch_sub(chunk.len(), Ordering::AcqRel);
+            }
+            // Only a hang-up (both directions closed) counts: a reader that shut down just its
+            // sending side (`socat` at the end of its stdin) still reads.
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if hung_up(stream.as_fd(), 0).unwrap_or(true) {
+                    return Served::ReaderLeft;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Served::Released,
+        }
+    }
 }
 
 /// Writes all of `buf`, without SIGPIPE when the reader has gone.
@@ -873,6 +916,35 @@ mod tests {
             reported += missed;
         }
         assert_eq!(reported, tee.socket().undelivered());
+    }
+
+    /// On a quiet stream (nothing broadcast), a reader that closes its connection is
+    /// forgotten within a moment and its place goes to the next reader.
+    #[test]
+    fn a_reader_that_leaves_a_quiet_stream_frees_its_place() {
+        let dir = TempDir::new("quiet");
+        let path = dir.0.join("s.sock");
+        let mut options = SocketOptions::new(&path);
+        options.max_readers = 1;
+        let socket = SocketBroadcaster::bind(options).expect("bind");
+        let mut tee = Tee::new(io::sink(), socket);
+        tee.write_all(b"{\"type\":\"start\"}\n").expect("write");
+        let first = UnixStream::connect(&path).expect("connect");
+        wait_for("the reader", || tee.socket().readers() == 1);
+        // A reader that only stops sending still reads: it keeps its place.
+        first.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        thread::sleep(HANGUP_CHECK * 2);
+        assert_eq!(tee.socket().readers(), 1);
+        let left = Instant::now();
+        drop(first);
+        wait_for("the reader to be forgotten", || tee.socket().readers() == 0);
+        let took = left.elapsed();
+        assert!(took < Duration::from_secs(1), "forgotten after {took:?}");
+        // The next reader gets the start record, not "too many readers".
+        let second = UnixStream::connect(&path).expect("connect");
+        let mut line = String::new();
+        BufReader::new(second).read_line(&mut line).expect("read");
+        assert_eq!(line, "{\"type\":\"start\"}\n");
     }
 
     #[test]

@@ -146,6 +146,9 @@ impl TopArgs {
             // A reload would need the file's path and flags kept; top is restarted instead.
             reload: None,
             metrics: None,
+            // The output is top's own pipe: its end of it never goes away first.
+            watch_output: None,
+            notify: None,
         })
     }
 
