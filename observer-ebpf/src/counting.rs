@@ -222,11 +222,7 @@ pub(crate) fn record_with<C: aya_ebpf::EbpfContext>(
         // stays complete, and say so in `map_full`.
         stats.map_full += 1;
         if (export_anyway || exports_kind(event.kind)) && cpu_budget_allows(event.timestamp_ns) {
-            event.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-            event.timestamp_ns = now_ns();
-            complete(event);
-            output(ctx, event);
-            stats.exported += 1;
+            send(ctx, stats, event, complete);
         } else {
             stats.suppressed += 1;
         }
@@ -248,8 +244,19 @@ pub(crate) fn record_with<C: aya_ebpf::EbpfContext>(
         return;
     }
     event.flow_count = total;
+    send(ctx, stats, event, complete);
+}
+
+/// Hands `event` to userspace: the exporting process, the exact time (counting and the budgets
+/// ran on the tick clock), what only an exported event needs (`complete`), and the count.
+#[inline(always)]
+fn send<C: aya_ebpf::EbpfContext>(
+    ctx: &C,
+    stats: &mut KindStats,
+    event: &mut TcpEvent,
+    complete: impl FnOnce(&mut TcpEvent),
+) {
     event.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // Counting and the budgets ran on the tick clock; an exported event gets the exact time.
     event.timestamp_ns = now_ns();
     complete(event);
     output(ctx, event);
@@ -287,11 +294,7 @@ pub(crate) fn export_healthy<C: aya_ebpf::EbpfContext>(
         stats.suppressed += 1;
         return;
     }
-    event.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    event.timestamp_ns = now_ns();
-    complete(event);
-    output(ctx, event);
-    stats.exported += 1;
+    send(ctx, stats, event, complete);
 }
 
 /// The event in this CPU's scratch buffer of `slot`, with only its kind and time set.
