@@ -787,15 +787,16 @@ fn a_closed_stdout_ends_the_run_cleanly() -> Result<()> {
         Duration::from_secs(30),
         Arc::clone(&stop_storm),
     )?;
-    // Read the start record and 200 more, then close the read end (the thread returns and
-    // drops it).
+    // Read the start record and 50 more, then close the read end (the thread returns and
+    // drops it). The storm's records come through per-flow budgets (its few handshake keys
+    // export 10 each per second), so a loaded machine may take seconds for these.
     let read = Arc::new(AtomicU64::new(0));
     let counter = Arc::clone(&read);
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         let mut lines = BufReader::new(out).lines();
         let mut started = false;
-        while counter.load(Ordering::Relaxed) < 201 {
+        while counter.load(Ordering::Relaxed) < 51 {
             match lines.next() {
                 Some(Ok(line)) => {
                     started |= line_type(&line) == Some("start");
@@ -813,7 +814,7 @@ fn a_closed_stdout_ends_the_run_cleanly() -> Result<()> {
     let outcome = (|| -> Result<()> {
         ensure!(
             started == Ok(true),
-            "no start record and 200 more on stdout ({} read, {started:?}); stderr:\n{}",
+            "no start record and 50 more on stdout ({} read, {started:?}); stderr:\n{}",
             read.load(Ordering::Relaxed),
             obs.stderr()
         );
