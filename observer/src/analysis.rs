@@ -10,10 +10,11 @@ use serde::Serialize;
 
 use crate::{
     aggregate::{
-        AnomalyEvent, AnomalySnapshot, BeforeAfter, ListenerKey, Observation, PeerKey, RowKey,
-        RuleKey, Signal,
+        AnomalyEvent, AnomalySnapshot, BeforeAfter, Engine, ListenerKey, Observation, PeerKey,
+        RowKey, RuleKey, Signal,
     },
-    context::{ContextRecord, SharedContext},
+    cause::{Cause, Surroundings},
+    context::{ContextRecord, NamespaceContext, SharedContext},
     decode::{ConnectOutcome, Detail, Event, EventKind},
     kernel::reasons::ReasonNames,
 };
@@ -197,19 +198,70 @@ pub struct AnomalyRecord {
     pub time: String,
     #[serde(flatten)]
     pub anomaly: AnomalySnapshot,
+    /// What explains it (`null` until evidence does).
+    pub cause: Option<Cause>,
     pub context: AnomalyContext,
 }
 
 impl AnomalyRecord {
-    pub fn new(event: AnomalyEvent, time: String, shared: &SharedContext) -> Self {
+    pub fn new(
+        event: AnomalyEvent,
+        time: String,
+        shared: &SharedContext,
+        cause: Option<Cause>,
+    ) -> Self {
         let AnomalyEvent { phase, anomaly } = event;
         let context = anomaly_context(&anomaly.key, shared);
         Self {
             kind: phase.record_type(),
             time,
             anomaly,
+            cause,
             context,
         }
+    }
+}
+
+/// What the explainer learns from the daemon: the context worker's namespace readings, the
+/// engine's host-wide history, and /proc.
+pub struct DaemonSurroundings<'a> {
+    pub shared: &'a SharedContext,
+    pub engine: &'a Engine,
+}
+
+impl DaemonSurroundings<'_> {
+    fn with_namespace<T>(&self, netns: u32, f: impl FnOnce(&NamespaceContext) -> T) -> Option<T> {
+        let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        shared.get(&u64::from(netns)).map(f)
+    }
+}
+
+impl Surroundings for DaemonSurroundings<'_> {
+    fn netns_name(&self, netns: u32) -> Option<String> {
+        self.with_namespace(netns, |ctx| ctx.name.clone()).flatten()
+    }
+
+    fn sysctl(&self, netns: u32, name: &str) -> Option<String> {
+        self.with_namespace(netns, |ctx| ctx.sysctls.get(name).cloned())
+            .flatten()
+    }
+
+    fn counters_60s(&self, netns: u32) -> BTreeMap<String, u64> {
+        self.with_namespace(netns, |ctx| ctx.counter_deltas(Duration::from_secs(60)))
+            .unwrap_or_default()
+    }
+
+    fn rates_around(&self, signals: &[Signal], at_ns: u64) -> BTreeMap<&'static str, BeforeAfter> {
+        let span = Duration::from_secs(60).as_nanos() as u64;
+        signals
+            .iter()
+            .map(|s| (s.name(), self.engine.rate_before_after(*s, at_ns, span)))
+            .collect()
+    }
+
+    fn process_name(&self, pid: u32) -> Option<String> {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        Some(comm.trim_end().to_owned())
     }
 }
 
@@ -228,7 +280,13 @@ pub fn signals_affected_by(sysctl: &str) -> &'static [Signal] {
             Signal::SynRetransmit,
             Signal::SynackRetransmit,
         ],
-        "tcp_fastopen" | "tcp_syn_retries" => &[Signal::SynRetransmit, Signal::ConnectTimeout],
+        // A server that stops taking fast-open data makes every client retransmit it.
+        "tcp_fastopen" => &[
+            Signal::Retransmit,
+            Signal::SynRetransmit,
+            Signal::ConnectTimeout,
+        ],
+        "tcp_syn_retries" => &[Signal::SynRetransmit, Signal::ConnectTimeout],
         "tcp_synack_retries" => &[Signal::SynackRetransmit],
         "tcp_syncookies" | "tcp_max_syn_backlog" | "somaxconn" => {
             &[Signal::ListenOverflow, Signal::SynQueueDrop]

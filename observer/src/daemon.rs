@@ -4,7 +4,7 @@
 //! The perf-buffer readers never wait on the output: they decode into a bounded queue and count
 //! what does not fit, so a slow consumer costs records (reported), never kernel-side drops.
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     io::Write,
     sync::mpsc as std_mpsc,
     sync::{
@@ -25,11 +25,12 @@ use tokio::{
 
 use aya::maps::HashMap as BpfHashMap;
 use aya::maps::PerCpuArray;
-use observer_common::{FlowCounters, FlowKey, KindStats};
+use observer_common::{FlowCounters, FlowKey, KindStats, ServiceKey, ServiceStats, service_role};
 
 use crate::{
-    aggregate::{AnomalyEvent, Engine, EngineConfig},
-    analysis::{self, AnomalyRecord, ReasonCache, SysctlEffectRecord},
+    aggregate::{AnomalyEvent, Engine, EngineConfig, PeerKey, Phase},
+    analysis::{self, AnomalyRecord, DaemonSurroundings, ReasonCache, SysctlEffectRecord},
+    cause::{self, Cause, CauseKind, Evidence},
     clock::BootClock,
     config::{self, Settings},
     context::{
@@ -49,7 +50,7 @@ use crate::{
         EventRecord, FlowRecord, KindTotals, LostRecord, Names, ReasonCount, SCHEMA_VERSION,
         STOP_FLOWS, STOP_SERVICES, StartRecord, StopRecord, SysctlChangeRecord,
     },
-    services::top_services,
+    services::{ConnectionDeltas, top_services},
     sink::{
         hangup::HangupWatch,
         json::{JsonLines, SinkError},
@@ -308,6 +309,10 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
         },
         kind_stats: loaded.kind_stats_handle().ok(),
         metrics: options.metrics.clone(),
+        evidence: Evidence::default(),
+        unexplained: HashMap::new(),
+        services: loaded.services_handle().ok(),
+        connections: ConnectionDeltas::default(),
     };
     // The reader of the output leaving is noticed at once (a quiet host may write nothing for
     // a long time), not only when a write fails.
@@ -527,6 +532,20 @@ struct Output<'a, W: Write> {
     flow_map: Option<BpfHashMap<MapData, FlowKey, FlowCounters>>,
     kind_stats: Option<PerCpuArray<MapData, KindStats>>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// What explains anomalies, from every record on its way out.
+    evidence: Evidence,
+    /// Open anomalies whose cause is not final yet (none, or a rule not named yet), by id,
+    /// with what their last record said.
+    unexplained: HashMap<u64, Option<CauseKind>>,
+    /// The kernel's per-peer aggregates: connections, the denominators of ratio signals.
+    services: Option<BpfHashMap<MapData, ServiceKey, ServiceStats>>,
+    connections: ConnectionDeltas,
+}
+
+/// A cause that may still change into a better one: a firewall drop whose rule the context
+/// worker has not named yet.
+fn cause_is_provisional(cause: &Cause) -> bool {
+    cause.kind == CauseKind::NetfilterRule && cause.evidence["rule"].is_null()
 }
 
 /// How often suppressed events are reconciled into the engine.
@@ -552,6 +571,7 @@ impl<W: Write> Output<'_, W> {
                 self.ask_for_causes(&event);
                 let mut record = EventRecord::new(&event, self.clock, self.names);
                 record.owner = self.owner_of(&event.flow);
+                self.evidence.note_event(event.boot_ns, &record);
                 if let Some(metrics) = &self.metrics {
                     metrics.event(record.kind, record.reason.as_deref());
                     metrics.peer_event(record.daddr, record.kind);
@@ -574,6 +594,7 @@ impl<W: Write> Output<'_, W> {
                 for obs in analysis::context_observations(&record) {
                     self.engine.observe(now, obs);
                 }
+                self.evidence.note_context(now, &record);
                 match record {
                     ContextRecord::ListenerDrops(r) => {
                         if let Some(metrics) = &self.metrics {
@@ -665,8 +686,11 @@ impl<W: Write> Output<'_, W> {
             self.reported_undelivered = undelivered;
         }
         self.reconcile(now, false)?;
+        self.feed_connections(now);
         let events = self.engine.tick(now);
         self.write_anomalies(events)?;
+        self.write_new_causes()?;
+        self.evidence.expire(now);
         if let Some(metrics) = &self.metrics {
             metrics.anomalies_open(self.engine.stats().open_anomalies);
         }
@@ -780,13 +804,86 @@ impl<W: Write> Output<'_, W> {
         let time = self.clock.now_rfc3339();
         for event in events {
             self.anomaly_records += 1;
-            if let (Some(metrics), crate::aggregate::Phase::Open) = (&self.metrics, event.phase) {
+            if let (Some(metrics), Phase::Open) = (&self.metrics, event.phase) {
                 metrics.anomaly_opened(event.anomaly.kind.name());
             }
-            self.sink
-                .write(&AnomalyRecord::new(event, time.clone(), &self.shared))?;
+            let cause = self.explain(&event.anomaly);
+            let id = event.anomaly.id;
+            if event.phase == Phase::Close {
+                self.unexplained.remove(&id);
+            } else if cause.as_ref().is_none_or(cause_is_provisional) {
+                self.unexplained
+                    .insert(id, cause.as_ref().map(|c| c.kind));
+            } else {
+                self.unexplained.remove(&id);
+            }
+            self.sink.write(&AnomalyRecord::new(
+                event,
+                time.clone(),
+                &self.shared,
+                cause,
+            ))?;
         }
         Ok(())
+    }
+
+    fn explain(&self, anomaly: &crate::aggregate::AnomalySnapshot) -> Option<Cause> {
+        let around = DaemonSurroundings {
+            shared: &self.shared,
+            engine: &self.engine,
+        };
+        cause::explain(&self.evidence, anomaly, &around)
+    }
+
+    /// An open anomaly whose cause was not known (or not final) when it was last written gets
+    /// an `anomaly_update` as soon as evidence explains it, not at its next update interval.
+    fn write_new_causes(&mut self) -> Result<(), SinkError> {
+        if self.unexplained.is_empty() {
+            return Ok(());
+        }
+        let mut updates = Vec::new();
+        for anomaly in self.engine.open_anomalies() {
+            let Some(said) = self.unexplained.get(&anomaly.id) else {
+                continue;
+            };
+            let Some(cause) = self.explain(&anomaly) else {
+                continue;
+            };
+            if *said != Some(cause.kind) || !cause_is_provisional(&cause) {
+                updates.push(AnomalyEvent {
+                    phase: Phase::Update,
+                    anomaly,
+                });
+            }
+        }
+        self.write_anomalies(updates)
+    }
+
+    /// Feeds the engine the connections each troubled peer made since the last reading (the
+    /// denominators of ratio signals). Read only while the engine has peer rows: a host with
+    /// no trouble pays nothing for it.
+    fn feed_connections(&mut self, now: u64) {
+        let Some(map) = &self.services else {
+            return;
+        };
+        if self.engine.stats().peers.rows == 0 {
+            self.connections.forget();
+            return;
+        }
+        let readings = map.iter().flatten().filter_map(|(key, stats)| {
+            (key.role == service_role::PEER).then(|| {
+                let peer = PeerKey {
+                    netns: key.netns,
+                    addr: crate::decode::unmap(key.addr),
+                };
+                (peer, key.port, stats.established + stats.refused + stats.timed_out)
+            })
+        });
+        for (peer, connections) in self.connections.update(now, readings) {
+            if self.engine.has_peer(&peer) {
+                self.engine.observe_connections(now, peer, connections);
+            }
+        }
     }
 
     fn write_effect(

@@ -5,6 +5,7 @@
 //! together; `cli` is the command line.
 pub mod aggregate;
 pub mod analysis;
+pub mod cause;
 pub mod check;
 pub mod cli;
 pub mod clock;

@@ -5,12 +5,15 @@
 //! log2 histograms of connect latency / handshake RTT and of lifetimes). This module turns those
 //! entries into the `stop` record's `services` rows; it is pure, so tests drive it directly.
 
-use std::net::IpAddr;
+use std::{collections::HashMap, net::IpAddr};
 
 use observer_common::{HISTOGRAM_BUCKETS, ServiceKey, ServiceStats, service_role};
 use serde::Serialize;
 
-use crate::decode::{Family, unmap};
+use crate::{
+    aggregate::PeerKey,
+    decode::{Family, unmap},
+};
 
 /// A distribution from a log2 histogram of microseconds.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -150,6 +153,61 @@ pub fn top_services(
     (rows, omitted)
 }
 
+/// Connections per peer since the previous reading of the kernel's aggregates: what the
+/// engine's ratio signals divide by.
+///
+/// Readings more than [`MAX_GAP_NS`] apart (the daemon reads only while some peer has trouble)
+/// set a new baseline instead of reporting the whole gap as one second's connections.
+#[derive(Debug, Default)]
+pub struct ConnectionDeltas {
+    /// Attempts per (peer, port) at the last reading.
+    last: HashMap<(PeerKey, u16), u64>,
+    last_read_ns: Option<u64>,
+}
+
+/// Readings further apart than this start over from a baseline.
+pub const MAX_GAP_NS: u64 = 2_500_000_000;
+
+impl ConnectionDeltas {
+    /// Takes a reading of (peer, port, attempts so far) and returns, per peer, the attempts
+    /// since the previous one (peers with none are left out).
+    pub fn update(
+        &mut self,
+        now_ns: u64,
+        readings: impl IntoIterator<Item = (PeerKey, u16, u64)>,
+    ) -> Vec<(PeerKey, u64)> {
+        let continuous = self
+            .last_read_ns
+            .is_some_and(|at| now_ns.saturating_sub(at) <= MAX_GAP_NS);
+        self.last_read_ns = Some(now_ns);
+        let mut now: HashMap<(PeerKey, u16), u64> = HashMap::new();
+        let mut deltas: HashMap<PeerKey, u64> = HashMap::new();
+        for (peer, port, attempts) in readings {
+            // An entry the LRU map evicted and re-created starts again from zero.
+            let before = self.last.get(&(peer, port)).copied();
+            let delta = match before {
+                Some(before) if attempts >= before => attempts - before,
+                Some(_) => attempts,
+                None => attempts,
+            };
+            if continuous && delta > 0 {
+                *deltas.entry(peer).or_default() += delta;
+            }
+            now.insert((peer, port), attempts);
+        }
+        self.last = now;
+        let mut deltas: Vec<_> = deltas.into_iter().collect();
+        deltas.sort_by_key(|(peer, _)| (peer.netns, peer.addr));
+        deltas
+    }
+
+    /// Drops the baseline (no reading for a while: the next one starts over).
+    pub fn forget(&mut self) {
+        self.last.clear();
+        self.last_read_ns = None;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use observer_common::histogram_bucket;
@@ -242,5 +300,34 @@ mod tests {
         assert_eq!(established, vec![5, 4, 3]);
         let (rows, omitted) = top_services(&entries, 10);
         assert_eq!((rows.len(), omitted), (5, 0));
+    }
+
+    #[test]
+    fn connection_deltas_count_what_happened_between_readings() {
+        let peer = PeerKey {
+            netns: 7,
+            addr: IpAddr::from([10, 0, 0, 2]),
+        };
+        let mut deltas = ConnectionDeltas::default();
+        // The first reading is a baseline: history before it is not "this second".
+        assert!(deltas.update(1_000_000_000, [(peer, 80, 500), (peer, 443, 10)]).is_empty());
+        assert_eq!(
+            deltas.update(2_000_000_000, [(peer, 80, 503), (peer, 443, 12)]),
+            vec![(peer, 5)]
+        );
+        // A re-created entry (evicted by the LRU map) counts from zero; a new one in full.
+        let other = PeerKey {
+            netns: 7,
+            addr: IpAddr::from([10, 0, 0, 3]),
+        };
+        assert_eq!(
+            deltas.update(3_000_000_000, [(peer, 80, 2), (other, 80, 4)]),
+            vec![(peer, 2), (other, 4)]
+        );
+        // After a gap the reading is a new baseline.
+        assert!(deltas.update(10_000_000_000, [(peer, 80, 50)]).is_empty());
+        deltas.forget();
+        assert!(deltas.update(11_000_000_000, [(peer, 80, 60)]).is_empty());
+        assert_eq!(deltas.update(12_000_000_000, [(peer, 80, 61)]), vec![(peer, 1)]);
     }
 }

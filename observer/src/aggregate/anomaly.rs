@@ -165,6 +165,19 @@ pub struct KindThresholds {
     /// The rate must exceed `baseline_factor × baseline + floor`; default the close rate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub floor_per_sec: Option<f64>,
+    /// Also opens when, over the 60 s window, the signals per connection of the row (peer)
+    /// reach this ratio, whatever the absolute rate: a small service whose every connection
+    /// fails. `None`: rates only. Needs `ratio_min_count` signals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio_open: Option<f64>,
+    /// The fewest signals in the 60 s window for a ratio to count (one failure in two
+    /// connections is no anomaly).
+    #[serde(default = "default_ratio_min_count")]
+    pub ratio_min_count: u64,
+}
+
+fn default_ratio_min_count() -> u64 {
+    5
 }
 
 fn enabled_by_default() -> bool {
@@ -179,7 +192,21 @@ impl KindThresholds {
             open_per_sec,
             close_per_sec: None,
             floor_per_sec: None,
+            ratio_open: None,
+            ratio_min_count: 5,
         }
+    }
+
+    /// Also opening at `ratio` signals per connection, given `min_count` signals in 60 s.
+    pub const fn or_per_connection(mut self, ratio: f64, min_count: u64) -> Self {
+        self.ratio_open = Some(ratio);
+        self.ratio_min_count = min_count;
+        self
+    }
+
+    /// The ratio below which a ratio-opened anomaly counts as subsided (half the open ratio).
+    pub fn ratio_close(&self) -> Option<f64> {
+        self.ratio_open.map(|r| r / 2.0)
     }
 
     /// The close rate in effect.
@@ -230,14 +257,16 @@ impl Default for Thresholds {
     fn default() -> Self {
         Self {
             flow_retransmit_spike: KindThresholds::opening_at(10.0),
-            peer_retransmit_spike: KindThresholds::opening_at(20.0),
-            connect_trouble: KindThresholds::opening_at(1.0),
+            // Ratios: retransmitted segments, SYN retransmits, resets and failures per connection
+            // to the peer (connections from the kernel's per-peer aggregates).
+            peer_retransmit_spike: KindThresholds::opening_at(20.0).or_per_connection(0.5, 10),
+            connect_trouble: KindThresholds::opening_at(1.0).or_per_connection(0.5, 5),
             handshakes_not_completing: KindThresholds::opening_at(1.0),
             listen_overflow: KindThresholds::opening_at(0.5),
             syn_queue_drops: KindThresholds::opening_at(0.5),
             netfilter_drops: KindThresholds::opening_at(20.0),
-            reset_storm: KindThresholds::opening_at(5.0),
-            failed_connects: KindThresholds::opening_at(1.0),
+            reset_storm: KindThresholds::opening_at(5.0).or_per_connection(0.5, 5),
+            failed_connects: KindThresholds::opening_at(1.0).or_per_connection(0.5, 5),
             stale_connections: KindThresholds::opening_at(0.5),
             packet_drops: KindThresholds::opening_at(10.0),
             baseline_factor: 3.0,
@@ -319,6 +348,8 @@ impl Thresholds {
                 open_per_sec,
                 close_per_sec: _,
                 floor_per_sec: _,
+                ratio_open,
+                ratio_min_count,
             } = *thresholds;
             let close = thresholds.close_threshold_per_sec();
             let floor = thresholds.floor_threshold_per_sec();
@@ -343,6 +374,29 @@ impl Thresholds {
                     floor,
                     "must be zero or a positive number",
                 );
+            }
+            if let Some(ratio) = ratio_open {
+                if kind.table() != TableId::Peers {
+                    return fail(
+                        format!("{name}.ratio_open"),
+                        ratio,
+                        "only kinds on peers have a per-connection ratio",
+                    );
+                }
+                if !(ratio.is_finite() && ratio > 0.0) {
+                    return fail(
+                        format!("{name}.ratio_open"),
+                        ratio,
+                        "must be a positive number",
+                    );
+                }
+                if ratio_min_count == 0 {
+                    return fail(
+                        format!("{name}.ratio_min_count"),
+                        0.0,
+                        "must be at least 1",
+                    );
+                }
             }
         }
         if !(baseline_factor.is_finite() && *baseline_factor >= 1.0) {
@@ -421,6 +475,12 @@ pub struct AnomalySnapshot {
     pub counts: WindowCounts,
     /// Rate over the 10 s window, per second: what the thresholds are compared with.
     pub rate_per_sec: f64,
+    /// What opened it: the absolute rate, or the signals per connection.
+    pub opened_by: OpenedBy,
+    /// The signals per connection over the 60 s window, for kinds with a ratio and rows with
+    /// connections counted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_connection: Option<PerConnection>,
     /// Highest 10 s rate seen at a tick since opening.
     pub peak_rate_per_sec: f64,
     /// Count of the signals since the key was first seen.
@@ -453,6 +513,53 @@ fn is_zero(count: &u64) -> bool {
     *count == 0
 }
 
+/// What made an anomaly open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpenedBy {
+    /// The rate reached `open_per_sec` and departed from the baseline.
+    Rate,
+    /// The signals per connection reached `ratio_open`.
+    Ratio,
+}
+
+/// Signals per connection over the 60 s window.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct PerConnection {
+    /// The kind's signals in the window.
+    pub count: u64,
+    /// Connections to the peer in the window: established, refused and timed out.
+    pub connections: u64,
+    pub ratio: f64,
+    pub open_ratio: f64,
+}
+
+impl PerConnection {
+    /// The ratio on `row`, if the kind has one and the row counted connections.
+    pub(crate) fn of_row<K: TableKey>(
+        row: &Row<K>,
+        mask: u16,
+        open_ratio: Option<f64>,
+        now_sec: u32,
+    ) -> Option<Self> {
+        let open_ratio = open_ratio?;
+        let connections = row.count_last(Signal::Connection.bit(), now_sec, RATIO_WINDOW_SECS);
+        if connections == 0 {
+            return None;
+        }
+        let count = row.count_last(mask, now_sec, RATIO_WINDOW_SECS);
+        Some(Self {
+            count,
+            connections,
+            ratio: count as f64 / connections as f64,
+            open_ratio,
+        })
+    }
+}
+
+/// The window ratios are taken over, in seconds.
+pub(crate) const RATIO_WINDOW_SECS: u32 = 60;
+
 /// One step of an anomaly's life: what `Engine::tick` returns.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct AnomalyEvent {
@@ -471,6 +578,7 @@ pub(crate) struct OpenAnomaly {
     /// Since when the rate has been below the close threshold, if it is.
     pub(crate) below_since_ns: Option<u64>,
     pub(crate) peak_rate_per_sec: f64,
+    pub(crate) opened_by: OpenedBy,
 }
 
 /// The end of an anomaly, for [`snapshot`].
@@ -495,6 +603,7 @@ pub(crate) fn snapshot<K: TableKey>(
         reported_ns: _,
         below_since_ns: _,
         peak_rate_per_sec,
+        opened_by,
     } = *anomaly;
     let mask = kind.signal_mask();
     let counts = row.counts(mask, now_sec);
@@ -547,6 +656,8 @@ pub(crate) fn snapshot<K: TableKey>(
         signals: kind.signals(),
         counts,
         rate_per_sec: counts.rate_per_sec(Window::Last10s),
+        opened_by,
+        per_connection: PerConnection::of_row(row, mask, thresholds.ratio_open, now_sec),
         peak_rate_per_sec,
         lifetime_count: row.total(mask),
         baseline_per_sec: row.baseline_per_sec(mask),

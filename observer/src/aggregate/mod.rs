@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 pub use self::{
     anomaly::{
         AnomalyEvent, AnomalyKind, AnomalySnapshot, CloseReason, ConfigError, KindThresholds,
-        Phase, ReasonCount, Thresholds,
+        OpenedBy, PerConnection, Phase, ReasonCount, Thresholds,
     },
     keys::{ListenerKey, PeerKey, RowKey, RuleKey, TableId},
     view::{RowView, SignalView, SortKey},
@@ -90,10 +90,14 @@ pub enum Signal {
     /// Connections the daemon's sweep found stale; report each connection once, when it turns
     /// stale, not at every sweep (the rates are of connections turning stale).
     StaleConnection,
+    /// Connections to a peer (established, refused or timed out): the denominator of ratio
+    /// signals, from the kernel's per-peer aggregates. Counted only on rows that already exist
+    /// ([`Engine::observe_connections`]): healthy peers get no row.
+    Connection,
 }
 
 impl Signal {
-    pub const ALL: [Signal; 12] = [
+    pub const ALL: [Signal; 13] = [
         Signal::Retransmit,
         Signal::SynRetransmit,
         Signal::SynackRetransmit,
@@ -106,6 +110,7 @@ impl Signal {
         Signal::ListenOverflow,
         Signal::SynQueueDrop,
         Signal::StaleConnection,
+        Signal::Connection,
     ];
 
     pub(crate) const COUNT: usize = Self::ALL.len();
@@ -125,6 +130,7 @@ impl Signal {
             Signal::ListenOverflow => "listen_overflow",
             Signal::SynQueueDrop => "syn_queue_drop",
             Signal::StaleConnection => "stale_connection",
+            Signal::Connection => "connection",
         }
     }
 
@@ -398,6 +404,26 @@ impl Engine {
         }
     }
 
+    /// Counts `connections` to `peer` (the denominator of ratio signals) if the peer already
+    /// has a row: a peer with no trouble gets none, and its connections cost nothing here.
+    pub fn observe_connections(&mut self, now_ns: u64, peer: PeerKey, connections: u64) {
+        let now_ns = self.advance(now_ns);
+        let sample = Sample {
+            signal: Signal::Connection,
+            amount: connections,
+            now_ns,
+            now_sec: second_of(now_ns),
+            exemplar: None,
+            reason: None,
+        };
+        self.peers.record_existing(&peer, &sample);
+    }
+
+    /// Whether `peer` has a row (the daemon feeds connections only to those).
+    pub fn has_peer(&self, peer: &PeerKey) -> bool {
+        self.peers.slot_of(peer).is_some()
+    }
+
     /// Ends the anomalies of a row evicted from a full table: nothing follows them any more,
     /// and an anomaly must not stay open silently.
     #[cold]
@@ -596,6 +622,19 @@ fn baseline_alpha(
     alpha.clamp(0.0, 1.0) as f32
 }
 
+/// The shortest span a rate may open on: a storm opens its anomaly within this many completed
+/// seconds of its first symptom instead of waiting to fill the 10 s window, while one burst
+/// of a few events still spreads over three seconds.
+const OPENING_SPAN_SECS: u32 = 3;
+
+/// The rate an anomaly opens on: the 10 s rate, or the rate over the last
+/// [`OPENING_SPAN_SECS`] when that is higher (trouble that has just begun).
+fn opening_rate<K: TableKey>(row: &Row<K>, mask: u16, now_sec: u32) -> f64 {
+    let short = row.count_last(mask, now_sec, OPENING_SPAN_SECS) as f64
+        / f64::from(OPENING_SPAN_SECS);
+    row.rate_per_sec(mask, Window::Last10s, now_sec).max(short)
+}
+
 /// Baselines below this are zero: keeps idle rows out of subnormal floats.
 const NEGLIGIBLE_RATE: f32 = 1e-6;
 
@@ -629,14 +668,22 @@ impl TickPass<'_> {
                 return;
             }
             let rate = row.rate_per_sec(mask, Window::Last10s, self.now_sec);
-            if rate < thresholds.open_per_sec {
-                return;
-            }
             let departure = self.thresholds.baseline_factor * row.baseline_per_sec(mask)
                 + thresholds.floor_threshold_per_sec();
-            if rate <= departure {
+            let rate_opens = opening_rate(row, mask, self.now_sec) >= thresholds.open_per_sec
+                && rate.max(opening_rate(row, mask, self.now_sec)) > departure;
+            let ratio_opens = || {
+                PerConnection::of_row(row, mask, thresholds.ratio_open, self.now_sec).is_some_and(
+                    |r| r.count >= thresholds.ratio_min_count && r.ratio >= r.open_ratio,
+                )
+            };
+            let opened_by = if rate_opens {
+                OpenedBy::Rate
+            } else if ratio_opens() {
+                OpenedBy::Ratio
+            } else {
                 return;
-            }
+            };
             let anomaly = OpenAnomaly {
                 id: *self.next_anomaly_id,
                 kind,
@@ -644,6 +691,7 @@ impl TickPass<'_> {
                 reported_ns: self.now_ns,
                 below_since_ns: None,
                 peak_rate_per_sec: rate,
+                opened_by,
             };
             *self.next_anomaly_id += 1;
             row.open_kinds |= kind.bit();
@@ -659,7 +707,15 @@ impl TickPass<'_> {
         };
         let rate = row.rate_per_sec(mask, Window::Last10s, self.now_sec);
         anomaly.peak_rate_per_sec = anomaly.peak_rate_per_sec.max(rate);
-        if rate < thresholds.close_threshold_per_sec() {
+        // A ratio keeps its anomaly open while the signals go on at half the open ratio.
+        let ratio_holds = || {
+            thresholds.ratio_close().is_some_and(|close| {
+                row.count_last(mask, self.now_sec, Window::Last10s.secs()) > 0
+                    && PerConnection::of_row(row, mask, thresholds.ratio_open, self.now_sec)
+                        .is_some_and(|r| r.ratio >= close)
+            })
+        };
+        if rate < thresholds.close_threshold_per_sec() && !ratio_holds() {
             let below_since_ns = *anomaly.below_since_ns.get_or_insert(self.now_ns);
             let hold_ns = self
                 .thresholds

@@ -335,13 +335,22 @@ impl<K: TableKey> Table<K> {
         self.rows.get(slot as usize)
     }
 
-    #[cfg(test)]
     pub(crate) fn slot_of(&self, key: &K) -> Option<u32> {
         let hash = hash_key(&self.hasher, key);
         let rows = &self.rows;
         self.index
             .find(hash, |&slot| rows[slot as usize].key == *key)
             .copied()
+    }
+
+    /// Counts `sample` on `key`'s row if it exists; false otherwise. Does not change the row's
+    /// recency: only what created the row keeps it.
+    pub(crate) fn record_existing(&mut self, key: &K, sample: &Sample<'_>) -> bool {
+        let Some(slot) = self.slot_of(key) else {
+            return false;
+        };
+        self.rows[slot as usize].record(sample, false);
+        true
     }
 
     /// Counts `sample` on `key`'s row, creating it if needed. When the table is full, the least

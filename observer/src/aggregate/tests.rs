@@ -395,19 +395,22 @@ fn combined_signals_and_reasons() {
         .collect();
     assert_eq!(storm.len(), 1, "{events:?}");
     let anomaly = &storm[0].anomaly;
-    // Opens at the second tick (8/s over 10 s), with two seconds of reasons.
+    // Opens at the first tick (40 in the first second: 13/s over the 3 s opening span), with
+    // that second's reasons.
+    assert_eq!(storm[0].phase, Phase::Open);
     assert_eq!(anomaly.counts.last_1s, 40, "sent and received summed");
-    assert_eq!(anomaly.lifetime_count, 80);
+    assert_eq!(anomaly.lifetime_count, 40);
+    assert_eq!(anomaly.opened_by, OpenedBy::Rate);
     assert_eq!(
         anomaly.reasons,
         vec![
             ReasonCount {
                 reason: no_socket,
-                count: 60
+                count: 30
             },
             ReasonCount {
                 reason: not_specified,
-                count: 20
+                count: 10
             },
         ]
     );
@@ -712,4 +715,138 @@ fn snapshots_flatten_into_the_daemons_records() -> Result<(), serde_json::Error>
 fn the_engine_can_move_to_another_thread() {
     fn assert_send<T: Send>() {}
     assert_send::<Engine>();
+}
+
+#[test]
+fn a_storm_opens_within_its_first_seconds() {
+    let mut engine = engine_with(Thresholds::default());
+    // 2 SYN retransmits a second to one peer (threshold 1/s): the 10 s rate reaches the
+    // threshold only after 5 s, the 3 s opening span after 2.
+    let mut opened_at = None;
+    for sec in 0..10u64 {
+        for i in 0..2u16 {
+            engine.observe(
+                T0 + sec * SEC + u64::from(i) * 100 * MS,
+                Observation::new(Signal::SynRetransmit, 1).with_flow(flow(9, 40000 + i)),
+            );
+        }
+        let events = engine.tick(T0 + (sec + 1) * SEC);
+        if events
+            .iter()
+            .any(|e| e.phase == Phase::Open && e.anomaly.kind == AnomalyKind::ConnectTrouble)
+        {
+            opened_at = Some(sec + 1);
+            break;
+        }
+    }
+    assert_eq!(opened_at, Some(2), "opens at the tick after 2 completed seconds");
+}
+
+#[test]
+fn one_burst_below_the_opening_span_opens_nothing() {
+    let mut engine = engine_with(Thresholds::default());
+    // Two SYN retransmits in one second, then nothing: 0.67/s over 3 s, below 1/s.
+    for i in 0..2u16 {
+        engine.observe(
+            T0 + u64::from(i) * MS,
+            Observation::new(Signal::SynRetransmit, 1).with_flow(flow(9, 40000 + i)),
+        );
+    }
+    for sec in 1..15u64 {
+        assert!(engine.tick(T0 + sec * SEC).is_empty());
+    }
+}
+
+/// `failures` resets received on `connections` connections to peer 7, in the second at `sec`.
+fn resets_on_connections(engine: &mut Engine, sec: u64, failures: u16, connections: u64) {
+    for i in 0..failures {
+        engine.observe(
+            T0 + sec * SEC + u64::from(i) * MS,
+            Observation::new(Signal::ResetReceived, 1).with_flow(flow(7, 41000 + i)),
+        );
+    }
+    engine.observe_connections(T0 + sec * SEC + 500 * MS, peer_of(7), connections);
+}
+
+#[test]
+fn every_connection_reset_opens_by_ratio_below_the_rate_threshold() {
+    let mut engine = engine_with(quick_thresholds());
+    // 2 resets a second (reset_storm opens at 5/s) on 2 connections a second.
+    let mut opened = None;
+    for sec in 0..5u64 {
+        resets_on_connections(&mut engine, sec, 2, 2);
+        let events = engine.tick(T0 + (sec + 1) * SEC);
+        if let Some(e) = events
+            .into_iter()
+            .find(|e| e.phase == Phase::Open && e.anomaly.kind == AnomalyKind::ResetStorm)
+        {
+            opened = Some((sec + 1, e));
+            break;
+        }
+    }
+    let Some((at, event)) = opened else {
+        panic!("no reset_storm opened");
+    };
+    // Three seconds: 6 resets (at least ratio_min_count 5) on 6 connections.
+    assert_eq!(at, 3);
+    assert_eq!(event.anomaly.opened_by, OpenedBy::Ratio);
+    assert_eq!(
+        event.anomaly.per_connection,
+        Some(PerConnection {
+            count: 6,
+            connections: 6,
+            ratio: 1.0,
+            open_ratio: 0.5
+        })
+    );
+    // It stays open while every connection still fails, though the rate is under the close
+    // threshold (2.5/s); it closes once they stop.
+    for sec in 3..20u64 {
+        resets_on_connections(&mut engine, sec, 2, 2);
+        let events = engine.tick(T0 + (sec + 1) * SEC);
+        assert!(
+            events.iter().all(|e| e.phase != Phase::Close),
+            "closed at {sec}: {events:?}"
+        );
+    }
+    let mut closed = false;
+    for sec in 20..80u64 {
+        engine.observe_connections(T0 + sec * SEC, peer_of(7), 2);
+        if engine
+            .tick(T0 + (sec + 1) * SEC)
+            .iter()
+            .any(|e| e.phase == Phase::Close)
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed);
+}
+
+#[test]
+fn one_failure_in_two_connections_is_no_anomaly() {
+    let mut engine = engine_with(quick_thresholds());
+    // One reset a second on four connections a second for a minute: 1 in 4, under the open
+    // ratio of 0.5 (and 1/s, under the open rate).
+    for sec in 0..60u64 {
+        resets_on_connections(&mut engine, sec, 1, 4);
+        assert!(engine.tick(T0 + (sec + 1) * SEC).is_empty(), "at {sec}");
+    }
+    // Few failures: 4 resets on 4 connections, below the minimum count of 5.
+    let mut engine = engine_with(quick_thresholds());
+    for sec in 0..4u64 {
+        resets_on_connections(&mut engine, sec, 1, 1);
+    }
+    for sec in 0..60u64 {
+        assert!(engine.tick(T0 + (sec + 1) * SEC).is_empty(), "at {sec}");
+    }
+}
+
+#[test]
+fn connections_do_not_create_rows() {
+    let mut engine = engine_with(Thresholds::default());
+    engine.observe_connections(T0, peer_of(3), 100);
+    assert!(!engine.has_peer(&peer_of(3)));
+    assert_eq!(engine.stats().peers.rows, 0);
 }

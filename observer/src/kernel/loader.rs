@@ -553,6 +553,19 @@ impl Loaded {
         Ok(BpfHashMap::try_from(aya::maps::Map::LruHashMap(owned))?)
     }
 
+    /// A second, owned handle on the peer and listener aggregates, for the output stage's
+    /// ratio denominators.
+    pub fn services_handle(&self) -> anyhow::Result<BpfHashMap<MapData, ServiceKey, ServiceStats>> {
+        let map = self
+            .ebpf
+            .map("SERVICES")
+            .context("map SERVICES is missing")?;
+        let services: BpfHashMap<&MapData, ServiceKey, ServiceStats> = BpfHashMap::try_from(map)?;
+        let id = aya::maps::IterableMap::map(&services).info()?.id();
+        let owned = MapData::from_id(id).context("opening SERVICES by id")?;
+        Ok(BpfHashMap::try_from(aya::maps::Map::LruHashMap(owned))?)
+    }
+
     /// A second, owned handle on the per-kind statistics.
     pub fn kind_stats_handle(&self) -> anyhow::Result<PerCpuArray<MapData, KindStats>> {
         let map = self
