@@ -54,6 +54,9 @@ pub enum Command {
     /// run fully, 1 when it runs degraded (the WARN lines say what is missing), 2 when it
     /// cannot run (the FAIL lines say why).
     Check(CheckArgs),
+    /// Write the man pages or a shell completion script (for packagers: `cargo xtask package`).
+    #[command(hide = true)]
+    Generate(crate::generate::GenerateArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -232,6 +235,7 @@ pub fn main() -> ExitCode {
         Command::Reasons => reasons(),
         Command::Check(args) => check_command(&args),
         Command::Top(args) => crate::top::main(args),
+        Command::Generate(args) => crate::generate::main(&args),
     }
 }
 

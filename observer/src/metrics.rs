@@ -198,6 +198,7 @@ impl Metrics {
             anomalies_opened.clone(),
         );
         registry.register_collector(Box::new(ProcessCollector));
+        registry.register_collector(Box::new(TcpSegmentsCollector));
         Self {
             registry,
             events,
@@ -408,6 +409,44 @@ impl Collector for ProcessCollector {
                 gauge.metric_type(),
             )?;
             gauge.encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
+/// The kernel's TCP segment counters (`Tcp: OutSegs`, `RetransSegs`) of observer's own network
+/// namespace (the host's, for the packaged service), read from `/proc/self/net/snmp` at each
+/// scrape: the denominator and numerator of a retransmit ratio, exact and independent of the
+/// export budgets. `/proc/self/net` follows the main thread, which never leaves that namespace.
+#[derive(Debug)]
+struct TcpSegmentsCollector;
+
+/// (metric, `/proc/net/snmp` counter, help) of [`TcpSegmentsCollector`].
+const TCP_SEGMENT_COUNTERS: [(&str, &str, &str); 2] = [
+    (
+        "observer_tcp_segments_sent",
+        "TcpOutSegs",
+        "TCP segments the host sent (Tcp OutSegs of observer's network namespace), retransmits excluded.",
+    ),
+    (
+        "observer_tcp_segments_retransmitted",
+        "TcpRetransSegs",
+        "TCP segments the host retransmitted (Tcp RetransSegs of observer's network namespace).",
+    ),
+];
+
+impl Collector for TcpSegmentsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(text) = std::fs::read_to_string("/proc/self/net/snmp") else {
+            return Ok(());
+        };
+        let counters = crate::enrich::counters::parse_netstat(&text);
+        for (name, counter, help) in TCP_SEGMENT_COUNTERS {
+            if let Some(&value) = counters.get(counter) {
+                let counter = ConstCounter::new(value);
+                let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+                counter.encode(metric)?;
+            }
         }
         Ok(())
     }
@@ -686,11 +725,12 @@ mod tests {
         let open = m.encode(Format::OpenMetrics);
         assert!(open.ends_with("# EOF\n"), "{open}");
         assert!(open.contains("# TYPE observer_events counter\n"), "{open}");
-        // The same samples (the process's own figures move between two encodings).
+        // The same samples (the process's own figures and the host's segment counters move
+        // between two encodings).
         let own = |text: &str| -> Vec<String> {
             sample_lines(text)
                 .into_iter()
-                .filter(|l| !l.starts_with("process_"))
+                .filter(|l| !l.starts_with("process_") && !l.starts_with("observer_tcp_segments"))
                 .map(str::to_owned)
                 .collect()
         };
@@ -756,6 +796,34 @@ mod tests {
         let own = Metrics::new().encode(Format::Prometheus);
         assert!(own.contains("\nprocess_cpu_seconds_total "), "{own}");
         assert!(own.contains("\nprocess_resident_memory_bytes "), "{own}");
+    }
+
+    #[test]
+    fn tcp_segment_counters_are_the_kernels() {
+        let read = |name: &str| -> u64 {
+            let text = std::fs::read_to_string("/proc/self/net/snmp").expect("snmp");
+            crate::enrich::counters::parse_netstat(&text)[name]
+        };
+        let before = (read("TcpOutSegs"), read("TcpRetransSegs"));
+        let text = Metrics::new().encode(Format::Prometheus);
+        let after = (read("TcpOutSegs"), read("TcpRetransSegs"));
+        let value = |metric: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{metric} ")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {metric} in {text}"))
+        };
+        let sent = value("observer_tcp_segments_sent_total");
+        let retransmitted = value("observer_tcp_segments_retransmitted_total");
+        assert!(
+            (before.0..=after.0).contains(&sent),
+            "{sent} not in {before:?}..{after:?}"
+        );
+        assert!(
+            (before.1..=after.1).contains(&retransmitted),
+            "{retransmitted} not in {before:?}..{after:?}"
+        );
+        assert!(text.contains("# TYPE observer_tcp_segments_sent_total counter\n"));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 mod bench;
 mod cmd;
+mod package;
 mod setup;
 mod tasks;
 
@@ -49,6 +50,10 @@ enum Command {
     /// and the other tools'; prints a table and writes BENCHMARKS.md. Needs root; about 8
     /// minutes (`--only web`: about 2).
     Bench(bench::BenchArgs),
+    /// Setup, build (release), then the Debian package target/package/observer_VERSION_ARCH.deb
+    /// (dpkg-deb): the binary, the systemd unit, the configuration as a conffile, docs, man
+    /// pages and shell completions.
+    Package,
 }
 
 fn main() -> ExitCode {
@@ -60,6 +65,7 @@ fn main() -> ExitCode {
         Command::Test { no_lint, args } => tasks::test(!no_lint, &args),
         Command::Lint => tasks::lint(),
         Command::Bench(args) => bench::bench(&args),
+        Command::Package => package::package(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -23,6 +23,9 @@ const APT_PACKAGES: &[&str] = &[
     // promtool (`promtool check metrics`) and syslog-ng, for tests/tests/outputs.rs.
     "prometheus",
     "syslog-ng-core",
+    // `cargo xtask package`: dpkg-shlibdeps (the package's Depends), strip.
+    "dpkg-dev",
+    "binutils",
     // The web workload of `cargo xtask bench`: nginx, wrk, and libbpf-tools' tcpstates beside it.
     "nginx-light",
     "wrk",

@@ -17,7 +17,7 @@ pub fn build() -> Result<()> {
     build_release()
 }
 
-fn build_release() -> Result<()> {
+pub fn build_release() -> Result<()> {
     run(cargo().args(["build", "--release", "-p", "observer"]))
 }
 
