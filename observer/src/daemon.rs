@@ -812,8 +812,7 @@ impl<W: Write> Output<'_, W> {
             if event.phase == Phase::Close {
                 self.unexplained.remove(&id);
             } else if cause.as_ref().is_none_or(cause_is_provisional) {
-                self.unexplained
-                    .insert(id, cause.as_ref().map(|c| c.kind));
+                self.unexplained.insert(id, cause.as_ref().map(|c| c.kind));
             } else {
                 self.unexplained.remove(&id);
             }
@@ -860,23 +859,24 @@ impl<W: Write> Output<'_, W> {
     }
 
     /// Feeds the engine the connections each troubled peer made since the last reading (the
-    /// denominators of ratio signals). Read only while the engine has peer rows: a host with
-    /// no trouble pays nothing for it.
+    /// denominators of ratio signals). Read every second, trouble or not, so that a peer's
+    /// first failure is set against the connections of the same second; the map has an entry
+    /// per peer and listener, not per connection, so this costs two syscalls per service.
     fn feed_connections(&mut self, now: u64) {
         let Some(map) = &self.services else {
             return;
         };
-        if self.engine.stats().peers.rows == 0 {
-            self.connections.forget();
-            return;
-        }
         let readings = map.iter().flatten().filter_map(|(key, stats)| {
             (key.role == service_role::PEER).then(|| {
                 let peer = PeerKey {
                     netns: key.netns,
                     addr: crate::decode::unmap(key.addr),
                 };
-                (peer, key.port, stats.established + stats.refused + stats.timed_out)
+                (
+                    peer,
+                    key.port,
+                    stats.established + stats.refused + stats.timed_out,
+                )
             })
         });
         for (peer, connections) in self.connections.update(now, readings) {

@@ -310,7 +310,11 @@ mod tests {
         };
         let mut deltas = ConnectionDeltas::default();
         // The first reading is a baseline: history before it is not "this second".
-        assert!(deltas.update(1_000_000_000, [(peer, 80, 500), (peer, 443, 10)]).is_empty());
+        assert!(
+            deltas
+                .update(1_000_000_000, [(peer, 80, 500), (peer, 443, 10)])
+                .is_empty()
+        );
         assert_eq!(
             deltas.update(2_000_000_000, [(peer, 80, 503), (peer, 443, 12)]),
             vec![(peer, 5)]
@@ -328,6 +332,9 @@ mod tests {
         assert!(deltas.update(10_000_000_000, [(peer, 80, 50)]).is_empty());
         deltas.forget();
         assert!(deltas.update(11_000_000_000, [(peer, 80, 60)]).is_empty());
-        assert_eq!(deltas.update(12_000_000_000, [(peer, 80, 61)]), vec![(peer, 1)]);
+        assert_eq!(
+            deltas.update(12_000_000_000, [(peer, 80, 61)]),
+            vec![(peer, 1)]
+        );
     }
 }

@@ -391,11 +391,7 @@ impl Thresholds {
                     );
                 }
                 if ratio_min_count == 0 {
-                    return fail(
-                        format!("{name}.ratio_min_count"),
-                        0.0,
-                        "must be at least 1",
-                    );
+                    return fail(format!("{name}.ratio_min_count"), 0.0, "must be at least 1");
                 }
             }
         }

@@ -630,8 +630,8 @@ const OPENING_SPAN_SECS: u32 = 3;
 /// The rate an anomaly opens on: the 10 s rate, or the rate over the last
 /// [`OPENING_SPAN_SECS`] when that is higher (trouble that has just begun).
 fn opening_rate<K: TableKey>(row: &Row<K>, mask: u16, now_sec: u32) -> f64 {
-    let short = row.count_last(mask, now_sec, OPENING_SPAN_SECS) as f64
-        / f64::from(OPENING_SPAN_SECS);
+    let short =
+        row.count_last(mask, now_sec, OPENING_SPAN_SECS) as f64 / f64::from(OPENING_SPAN_SECS);
     row.rate_per_sec(mask, Window::Last10s, now_sec).max(short)
 }
 

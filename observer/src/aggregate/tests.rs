@@ -739,7 +739,11 @@ fn a_storm_opens_within_its_first_seconds() {
             break;
         }
     }
-    assert_eq!(opened_at, Some(2), "opens at the tick after 2 completed seconds");
+    assert_eq!(
+        opened_at,
+        Some(2),
+        "opens at the tick after 2 completed seconds"
+    );
 }
 
 #[test]

@@ -380,10 +380,7 @@ fn asymmetric_route(
         .find(|((_, peer, local), _)| scope.involves(*local, *peer))?;
     let r = &seen.value;
     let netns = u32::try_from(r.netns).unwrap_or(0);
-    let via = r
-        .gateway
-        .map(|g| format!(" via {g}"))
-        .unwrap_or_default();
+    let via = r.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
     let rp = r
         .rp_filter_in
         .map(|v| format!(", rp_filter {v} on {}", r.in_ifname))

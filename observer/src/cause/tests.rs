@@ -4,8 +4,8 @@ use std::{collections::BTreeMap, net::IpAddr};
 use super::*;
 use crate::{
     aggregate::{
-        AnomalyKind, AnomalySnapshot, Engine, EngineConfig, ListenerKey, Observation, Phase, Signal,
-        Thresholds,
+        AnomalyKind, AnomalySnapshot, Engine, EngineConfig, ListenerKey, Observation, Phase,
+        Signal, Thresholds,
     },
     context::{AsymmetricRouteRecord, ContextRecord, StaleConnectionsRecord},
     decode::{Family, Flow},
@@ -219,7 +219,11 @@ fn a_clients_syn_retransmits_are_explained_by_the_servers_rule() {
     };
     assert_eq!(cause.kind, CauseKind::NetfilterRule);
     assert!(cause.evidence["rule"].is_null(), "{cause:?}");
-    assert!(cause.summary.contains("not identified yet"), "{}", cause.summary);
+    assert!(
+        cause.summary.contains("not identified yet"),
+        "{}",
+        cause.summary
+    );
     evidence.note_context(T0 + SEC, &netfilter_record(35));
     let Some(cause) = explain(&evidence, &connect_trouble, &around()) else {
         panic!("no cause");
@@ -230,7 +234,11 @@ fn a_clients_syn_retransmits_are_explained_by_the_servers_rule() {
     assert_eq!(cause.evidence["dropped"], 35);
     assert_eq!(cause.evidence["syns_dropped"], 35);
     assert_eq!(cause.evidence["netns"], SERVER_NS);
-    assert!(cause.summary.contains("`tcp dport 8080 counter drop`"), "{}", cause.summary);
+    assert!(
+        cause.summary.contains("`tcp dport 8080 counter drop`"),
+        "{}",
+        cause.summary
+    );
     assert!(cause.summary.contains("netns srv"), "{}", cause.summary);
     assert!(cause.summary.contains("35 SYNs"), "{}", cause.summary);
 }
@@ -263,7 +271,9 @@ fn evidence_from_before_the_lookback_explains_nothing() {
     let flow = server_side(client_flow(40000));
     evidence.note_event(
         T0 - 5 * 60 * SEC,
-        &record("drop", flow, |r| r.reason = Some("NETFILTER_DROP".to_owned())),
+        &record("drop", flow, |r| {
+            r.reason = Some("NETFILTER_DROP".to_owned())
+        }),
     );
     assert_eq!(explain(&evidence, &connect_trouble, &around()), None);
 }
@@ -452,7 +462,9 @@ fn a_sysctl_changed_in_the_servers_namespace_explains_client_retransmits() {
     assert_eq!(cause.evidence["old"], "3");
     assert_eq!(cause.evidence["new"], "0");
     assert!(
-        cause.summary.contains("net.ipv4.tcp_fastopen changed 3 -> 0 in netns srv")
+        cause
+            .summary
+            .contains("net.ipv4.tcp_fastopen changed 3 -> 0 in netns srv")
             && cause.summary.contains("retransmit 24 -> 393 per minute"),
         "{}",
         cause.summary
@@ -491,8 +503,15 @@ fn paws_drops_explain_retransmits_with_the_counters() {
     };
     assert_eq!(cause.kind, CauseKind::Paws);
     assert_eq!(cause.evidence["dropped"], 12);
-    assert_eq!(cause.evidence["extra"]["paws_counters_60s"]["TcpExtPAWSEstab"], 7);
-    assert!(cause.summary.contains("timestamps went backwards"), "{}", cause.summary);
+    assert_eq!(
+        cause.evidence["extra"]["paws_counters_60s"]["TcpExtPAWSEstab"],
+        7
+    );
+    assert!(
+        cause.summary.contains("timestamps went backwards"),
+        "{}",
+        cause.summary
+    );
 }
 
 #[test]
