@@ -157,7 +157,10 @@ struct ReloadRecord {
 #[derive(Debug)]
 enum Incoming {
     Event(Event),
-    Lost { cpu: u32, count: u64 },
+    Lost {
+        cpu: u32,
+        count: u64,
+    },
     /// Boxed: context records are rare and much larger than events.
     Context(Box<ContextRecord>),
 }
@@ -242,7 +245,11 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
         Arc::clone(&shared_context),
         Arc::clone(&owner_cache),
         request_rx,
-        move |record| context_tx.try_send(Incoming::Context(Box::new(record))).is_ok(),
+        move |record| {
+            context_tx
+                .try_send(Incoming::Context(Box::new(record)))
+                .is_ok()
+        },
     )
     .context("starting the context worker")?;
 
