@@ -17,11 +17,16 @@ use proptest::prelude::*;
 /// within seconds on a small machine.
 pub const CASES: u32 = 256;
 
-/// The configuration of every parser property: [`CASES`] cases, no regression files written
-/// into the source tree (a failure found is fixed and kept as a unit test instead).
+/// The configuration of every parser property: [`CASES`] cases (`PROPTEST_CASES` in the
+/// environment asks for more, for a longer search), no regression files written into the source
+/// tree (a failure found is fixed and kept as a unit test instead).
 pub fn config() -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(CASES);
     ProptestConfig {
-        cases: CASES,
+        cases,
         failure_persistence: None,
         ..ProptestConfig::default()
     }
