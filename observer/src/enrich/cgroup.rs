@@ -456,3 +456,50 @@ mod tests {
         assert_eq!(read_service(Path::new("/nonexistent/observer")), None);
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    //! `/proc/PID/cgroup` and `/proc/self/mountinfo` of any shape, and cgroup paths the parser
+    //! does not know: a path (or none) and what it names, never a panic.
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::prop_support::{self, assert_bounded};
+
+    const PROC_CGROUP: &str = "12:pids:/system.slice/nginx.service\n1:name=systemd:/system.slice/nginx.service\n0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b2c3d_4e5f_6a7b_8c9d_0e1f2a3b4c5d.slice/cri-containerd-4f1c2a9e3b7d8c6a5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d.scope\n";
+    const MOUNTINFO: &str = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw\n";
+
+    fn check(text: &str) -> Result<(), TestCaseError> {
+        let service = assert_bounded(text.len(), 16, 4096, || {
+            proc_cgroup_path(text).map(parse_path)
+        })?;
+        if let Some(service) = service {
+            prop_assert!(text.contains(&service.cgroup));
+            let _ = service.label();
+        }
+        let _ = parse_path(text).label();
+        let _ = cgroup2_mount(text);
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(prop_support::config())]
+
+        #[test]
+        fn arbitrary_text_never_panics(text in "(?s).{0,300}") {
+            check(&text)?;
+        }
+
+        #[test]
+        fn path_shaped_text_never_panics(
+            path in r"(/(kubepods|docker|pod[0-9a-f_-]{0,40}|[a-z@:_.-]{0,12}(\.service|\.scope|\.slice)?|[0-9a-f]{12,64}|[a-z-]{0,16}-[0-9a-f]{0,70}\.scope|[a-z]{0,8}:[a-z-]{0,14}:[0-9a-f]{0,64})){0,8}",
+        ) {
+            check(&format!("0::{path}\n"))?;
+        }
+
+        #[test]
+        fn mutated_proc_files_never_panic(text in prop_support::mutated_text(&[PROC_CGROUP, MOUNTINFO])) {
+            check(&text)?;
+        }
+    }
+}

@@ -738,3 +738,6 @@ mod tests {
         assert_eq!(m((server, 81), (client, 4000)), None);
     }
 }
+
+#[cfg(test)]
+mod proptests;
