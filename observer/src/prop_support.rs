@@ -52,10 +52,40 @@ pub enum Edit {
 
 /// Tokens that mean something to the text and JSON parsers.
 const TOKENS: &[&str] = &[
-    "\n", "\0", ":", ";", ",", " ", "\t", "-", "[", "]", "{", "}", "\"", "\\", "=", "-1", "0",
-    "4294967296", "18446744073709551616", "99999999999999999999999", "null", "true", "1e400",
-    "0x", "\u{fffd}", "offset:", "size:", "field:", "REC->", "__print_symbolic(", "\"nftables\"",
-    "[[", "-A ", "-c 1 2",
+    "\n",
+    "\0",
+    ":",
+    ";",
+    ",",
+    " ",
+    "\t",
+    "-",
+    "[",
+    "]",
+    "{",
+    "}",
+    "\"",
+    "\\",
+    "=",
+    "-1",
+    "0",
+    "4294967296",
+    "18446744073709551616",
+    "99999999999999999999999",
+    "null",
+    "true",
+    "1e400",
+    "0x",
+    "\u{fffd}",
+    "offset:",
+    "size:",
+    "field:",
+    "REC->",
+    "__print_symbolic(",
+    "\"nftables\"",
+    "[[",
+    "-A ",
+    "-c 1 2",
 ];
 
 fn edit() -> impl Strategy<Value = Edit> {
@@ -135,9 +165,7 @@ pub fn apply(valid: &[u8], edits: &[Edit]) -> Vec<u8> {
 pub fn mutated(valid: Vec<Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
     let count = valid.len().max(1);
     (0..count, prop::collection::vec(edit(), 1..8)).prop_map(move |(which, edits)| {
-        valid
-            .get(which)
-            .map_or_else(Vec::new, |v| apply(v, &edits))
+        valid.get(which).map_or_else(Vec::new, |v| apply(v, &edits))
     })
 }
 

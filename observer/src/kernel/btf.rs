@@ -173,11 +173,10 @@ impl KernelBtf {
     /// Parses raw BTF bytes (`label` names them in errors): for tests and embedded blobs.
     pub fn from_bytes(bytes: &[u8], label: &str) -> Result<Self, BtfError> {
         let path = PathBuf::from(label);
-        header::check(bytes, bytes.len() as u64)
-            .map_err(|reason| BtfError::BadHeader {
-                path: path.clone(),
-                reason,
-            })?;
+        header::check(bytes, bytes.len() as u64).map_err(|reason| BtfError::BadHeader {
+            path: path.clone(),
+            reason,
+        })?;
         let btf = Btf::from_bytes(bytes).map_err(|error| BtfError::FileError {
             path: path.clone(),
             error,

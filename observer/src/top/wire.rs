@@ -1021,3 +1021,6 @@ mod tests {
         assert_eq!(parse_time("yesterday"), None);
     }
 }
+
+#[cfg(test)]
+mod proptests;

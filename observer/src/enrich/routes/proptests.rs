@@ -41,7 +41,10 @@ fn valid_datagram() -> Vec<u8> {
     let inner = NetlinkPayload::InnerMessage;
     let mut buf = serialize(1, inner(RouteNetlinkMessage::NewRoute(route)));
     buf.extend(serialize(1, inner(RouteNetlinkMessage::NewLink(link))));
-    buf.extend(serialize(1, inner(RouteNetlinkMessage::NewAddress(address))));
+    buf.extend(serialize(
+        1,
+        inner(RouteNetlinkMessage::NewAddress(address)),
+    ));
     buf.extend(serialize(1, NetlinkPayload::Done(DoneMessage::default())));
     buf
 }

@@ -76,7 +76,10 @@ fn valid_datagram() -> Vec<u8> {
             vec![Nla::MemInfo(meminfo), Nla::TcpInfo(info)],
         )),
     );
-    buf.extend(message(7, inner(response(libc::AF_INET6 as u8, 10, vec![]))));
+    buf.extend(message(
+        7,
+        inner(response(libc::AF_INET6 as u8, 10, vec![])),
+    ));
     buf.extend(message(7, NetlinkPayload::Done(DoneMessage::default())));
     buf
 }

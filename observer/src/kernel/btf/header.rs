@@ -30,7 +30,11 @@ pub fn check(prefix: &[u8], total_len: u64) -> Result<(), String> {
     let word = |at: usize| {
         let bytes = [header[at], header[at + 1], header[at + 2], header[at + 3]];
         let native = u32::from_ne_bytes(bytes);
-        u64::from(if big_endian { native.swap_bytes() } else { native })
+        u64::from(if big_endian {
+            native.swap_bytes()
+        } else {
+            native
+        })
     };
     let (hdr_len, type_off, type_len, str_off, str_len) =
         (word(4), word(8), word(12), word(16), word(20));

@@ -57,7 +57,13 @@ fn small_blob() -> Vec<u8> {
     let mut blob = Vec::new();
     blob.extend(0xeb9f_u16.to_le_bytes());
     blob.extend([1, 0]);
-    for word in [24, 0, type_bytes.len() as u32, type_bytes.len() as u32, s.0.len() as u32] {
+    for word in [
+        24,
+        0,
+        type_bytes.len() as u32,
+        type_bytes.len() as u32,
+        s.0.len() as u32,
+    ] {
         blob.extend(word.to_le_bytes());
     }
     blob.extend(type_bytes);

@@ -35,7 +35,11 @@ fn read(ring: &[u8], tail: u64, head: u64) -> Result<Parsed, TestCaseError> {
         parse_records(ring, tail, head, &mut scratch, |_| seen += 1)
     })?;
     prop_assert_eq!(parsed.records, seen);
-    prop_assert!(scratch.capacity() <= 65_536, "scratch grew to {}", scratch.capacity());
+    prop_assert!(
+        scratch.capacity() <= 65_536,
+        "scratch grew to {}",
+        scratch.capacity()
+    );
     // Everything up to `head` is consumed, whatever it held.
     prop_assert_eq!(parsed.tail, head);
     Ok(parsed)
