@@ -1048,3 +1048,6 @@ per_second = 10
         assert_eq!(line_column("x", 99), (1, 2));
     }
 }
+
+#[cfg(test)]
+mod proptests;

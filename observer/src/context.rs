@@ -94,6 +94,9 @@ pub enum ContextRequest {
 pub struct OwnerBrief {
     pub pid: u32,
     pub comm: String,
+    /// The process's cgroup and the unit, container and pod it names (`cgroup`, `unit`, ...).
+    #[serde(flatten)]
+    pub service: Option<crate::enrich::cgroup::Service>,
 }
 
 /// Owners found per flow (`None`: the socket is gone or no process holds it).
@@ -598,6 +601,7 @@ impl WorkerState {
                     .map(|o| OwnerBrief {
                         pid: o.pid,
                         comm: o.comm.clone(),
+                        service: o.service.clone(),
                     });
                 found.push((flow, owner));
             }

@@ -158,8 +158,12 @@ struct ReloadRecord {
 #[derive(Debug)]
 enum Incoming {
     Event(Event),
-    Lost { cpu: u32, count: u64 },
-    Context(ContextRecord),
+    Lost {
+        cpu: u32,
+        count: u64,
+    },
+    /// Boxed: context records are rare and much larger than events.
+    Context(Box<ContextRecord>),
 }
 
 /// Counters the readers share with the output loop.
@@ -242,7 +246,11 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
         Arc::clone(&shared_context),
         Arc::clone(&owner_cache),
         request_rx,
-        move |record| context_tx.try_send(Incoming::Context(record)).is_ok(),
+        move |record| {
+            context_tx
+                .try_send(Incoming::Context(Box::new(record)))
+                .is_ok()
+        },
     )
     .context("starting the context worker")?;
 
@@ -575,6 +583,13 @@ impl<W: Write> Output<'_, W> {
                 if let Some(metrics) = &self.metrics {
                     metrics.event(record.kind, record.reason.as_deref());
                     metrics.peer_event(record.daddr, record.kind);
+                    if let Some(unit) = record
+                        .owner
+                        .as_ref()
+                        .and_then(|o| o.service.as_ref()?.unit.as_deref())
+                    {
+                        metrics.unit_event(unit, record.kind);
+                    }
                 }
                 self.sink.write(&record)
             }
@@ -590,6 +605,7 @@ impl<W: Write> Output<'_, W> {
                 })
             }
             Incoming::Context(record) => {
+                let record = *record;
                 let now = BootClock::boot_now_ns();
                 for obs in analysis::context_observations(&record) {
                     self.engine.observe(now, obs);
@@ -609,7 +625,13 @@ impl<W: Write> Output<'_, W> {
                         self.sink.write(&r)
                     }
                     ContextRecord::NetfilterDrop(r) => self.sink.write(&r),
-                    ContextRecord::StaleConnections(r) => self.sink.write(&r),
+                    ContextRecord::StaleConnections(r) => {
+                        if let Some(metrics) = &self.metrics {
+                            let unit = r.group.service.as_ref().and_then(|s| s.unit.as_deref());
+                            metrics.stale_connections(unit, r.group.newly_stale);
+                        }
+                        self.sink.write(&r)
+                    }
                     ContextRecord::AsymmetricRoute(r) => self.sink.write(&r),
                     ContextRecord::SysctlChange(r) => {
                         let due = now + SYSCTL_EFFECT_SPAN.as_nanos() as u64;

@@ -532,3 +532,6 @@ mod tests {
         assert_eq!(tcp_state_name(200), "UNKNOWN");
     }
 }
+
+#[cfg(test)]
+mod proptests;

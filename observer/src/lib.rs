@@ -19,6 +19,8 @@ pub mod kernel;
 pub mod metrics;
 pub mod notify;
 pub mod privileges;
+#[cfg(test)]
+pub(crate) mod prop_support;
 pub mod reconcile;
 pub mod record;
 pub mod services;

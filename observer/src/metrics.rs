@@ -11,8 +11,8 @@
 //! counter family is named with its `_total` suffix.
 //!
 //! Label cardinality is bounded: event kinds and reasons are the kernel's enums, listeners are
-//! those that dropped SYNs, and peers are capped at [`MAX_PEERS`] (later peers are counted under
-//! `peer="other"`).
+//! those that dropped SYNs, peers are capped at [`MAX_PEERS`] (later peers are counted under
+//! `peer="other"`) and the systemd units of socket owners at [`MAX_UNITS`] (`unit="other"`).
 //!
 //! ```no_run
 //! # async fn example() -> std::io::Result<()> {
@@ -78,6 +78,27 @@ struct PeerLabels {
     kind: String,
 }
 
+/// Systemd units (of socket owners) that get a label of their own; further units count under
+/// `unit="other"`.
+pub const MAX_UNITS: usize = 100;
+
+/// The `unit` label of the units beyond [`MAX_UNITS`].
+pub const OTHER_UNIT: &str = "other";
+
+/// The `unit` label of stale connections whose owner has no unit (or that no process holds).
+pub const NO_UNIT: &str = "none";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UnitKindLabels {
+    unit: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UnitLabels {
+    unit: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: String,
@@ -94,6 +115,23 @@ struct Seen {
     /// kind -> counter of `peer="other"`.
     other_peers: HashMap<Box<str>, Counter>,
     anomaly_kinds: HashMap<Box<str>, Counter>,
+    /// Units with a label of their own (at most [`MAX_UNITS`]).
+    units: std::collections::HashSet<Box<str>>,
+}
+
+impl Seen {
+    /// The `unit` label for `unit`: itself while fewer than [`MAX_UNITS`] have one (or it has
+    /// one already), else [`OTHER_UNIT`]; the flag says it was folded.
+    fn unit_label<'a>(&mut self, unit: &'a str) -> (&'a str, bool) {
+        if self.units.contains(unit) || unit == NO_UNIT {
+            return (unit, false);
+        }
+        if self.units.len() >= MAX_UNITS {
+            return (OTHER_UNIT, true);
+        }
+        self.units.insert(unit.into());
+        (unit, false)
+    }
 }
 
 /// The observer's metrics, shared between the output stage (updates) and the HTTP endpoint
@@ -106,6 +144,9 @@ pub struct Metrics {
     listener_drops: Family<ListenerLabels, Counter>,
     peer_events: Family<PeerLabels, Counter>,
     peers_folded: Counter,
+    unit_events: Family<UnitKindLabels, Counter>,
+    stale_connections: Family<UnitLabels, Counter>,
+    units_folded: Counter,
     lost: Counter,
     undelivered: Counter,
     anomalies_open: Gauge,
@@ -173,6 +214,24 @@ impl Metrics {
             "Peer events counted under peer=other because 200 peers already have a label",
             peers_folded.clone(),
         );
+        let unit_events = Family::<UnitKindLabels, Counter>::default();
+        registry.register(
+            "observer_unit_events",
+            "Kernel events by the systemd unit of the socket's owner (events whose owner is known; the first 100 units, later ones under unit=other)",
+            unit_events.clone(),
+        );
+        let stale_connections = Family::<UnitLabels, Counter>::default();
+        registry.register(
+            "observer_stale_connections",
+            "Connections that turned stale, by the systemd unit of their owner (unit=none without one)",
+            stale_connections.clone(),
+        );
+        let units_folded = Counter::default();
+        registry.register(
+            "observer_units_folded",
+            "Unit-labelled updates counted under unit=other because 100 units already have a label",
+            units_folded.clone(),
+        );
         let lost = Counter::default();
         registry.register(
             "observer_lost",
@@ -205,6 +264,9 @@ impl Metrics {
             listener_drops,
             peer_events,
             peers_folded,
+            unit_events,
+            stale_connections,
+            units_folded,
             lost,
             undelivered,
             anomalies_open,
@@ -298,6 +360,38 @@ impl Metrics {
         });
         counter.inc();
         by_kind.insert(kind.into(), counter);
+    }
+
+    /// One event of record type `kind` whose socket's owner runs in systemd unit `unit`:
+    /// `observer_unit_events_total{unit, kind}` (bounded by [`MAX_UNITS`]).
+    pub fn unit_event(&self, unit: &str, kind: &str) {
+        let (label, folded) = self.seen().unit_label(unit);
+        if folded {
+            self.units_folded.inc();
+        }
+        self.unit_events
+            .get_or_create(&UnitKindLabels {
+                unit: label.to_owned(),
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// `n` connections of an owner in `unit` (`None`: no owner, or one without a unit) newly
+    /// stale: `observer_stale_connections_total{unit}` (bounded by [`MAX_UNITS`]).
+    pub fn stale_connections(&self, unit: Option<&str>, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let (label, folded) = self.seen().unit_label(unit.unwrap_or(NO_UNIT));
+        if folded {
+            self.units_folded.inc();
+        }
+        self.stale_connections
+            .get_or_create(&UnitLabels {
+                unit: label.to_owned(),
+            })
+            .inc_by(n);
     }
 
     /// `n` samples the perf buffers reported lost: `observer_lost_total`.
@@ -735,6 +829,45 @@ mod tests {
                 .collect()
         };
         assert_eq!(own(&open), own(&text));
+    }
+
+    #[test]
+    fn units_are_labelled_and_folded_beyond_the_cap() {
+        let m = Metrics::new();
+        m.unit_event("nginx.service", "retransmit");
+        m.unit_event("nginx.service", "retransmit");
+        m.stale_connections(Some("nginx.service"), 20);
+        m.stale_connections(None, 3);
+        m.stale_connections(Some("idle.service"), 0);
+        for i in 0..MAX_UNITS {
+            m.unit_event(&format!("app-{i}.service"), "drop");
+        }
+        // nginx took one of the 100 labels: the last app is folded, as is any new unit.
+        m.stale_connections(Some("late.service"), 2);
+        let text = m.encode(Format::Prometheus);
+        let samples = sample_lines(&text);
+        for expected in [
+            r#"observer_unit_events_total{unit="nginx.service",kind="retransmit"} 2"#,
+            r#"observer_stale_connections_total{unit="nginx.service"} 20"#,
+            r#"observer_stale_connections_total{unit="none"} 3"#,
+            r#"observer_stale_connections_total{unit="other"} 2"#,
+            r#"observer_unit_events_total{unit="app-98.service",kind="drop"} 1"#,
+            r#"observer_unit_events_total{unit="other",kind="drop"} 1"#,
+            "observer_units_folded_total 2",
+        ] {
+            assert!(
+                samples.contains(&expected),
+                "{expected} missing in:\n{text}"
+            );
+        }
+        assert!(!text.contains("app-99.service"), "{text}");
+        assert!(!text.contains("idle.service"), "{text}");
+        let distinct: std::collections::BTreeSet<&str> = samples
+            .iter()
+            .filter_map(|l| l.split("unit=\"").nth(1)?.split('"').next())
+            .collect();
+        // 100 units, "none" and "other".
+        assert_eq!(distinct.len(), MAX_UNITS + 2);
     }
 
     #[test]

@@ -1471,6 +1471,9 @@ pub fn note(s: &str) {
 // Faults and their ground truth
 
 /// `iptables` rules and traffic that make the kernel retransmit, and what it counted.
+/// A cgroup v2 made for a test.
+pub mod cgroup;
+
 pub mod faults {
     use super::*;
 

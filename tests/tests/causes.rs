@@ -25,7 +25,9 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, ensure};
 use observer_tests::{
-    Netns, Sink, Topology, faults, kernel_test,
+    Netns, Sink, Topology,
+    cgroup::TestCgroup,
+    faults, kernel_test,
     live::{LiveObserver, Received},
     nonblocking_connect, note, run_checked, unique_name,
 };
@@ -104,8 +106,30 @@ struct ClientProcess {
 
 impl ClientProcess {
     fn spawn(ns: &Netns, script: &str, args: &[String]) -> Result<Self> {
+        Self::spawn_in(ns, script, args, None)
+    }
+
+    /// [`ClientProcess::spawn`], the process in the cgroup whose `cgroup.procs` is `procs`
+    /// from its start (a shell writes its own pid there, then execs `ip netns exec`: the pid
+    /// stays the same through both execs).
+    fn spawn_in(
+        ns: &Netns,
+        script: &str,
+        args: &[String],
+        procs: Option<&std::path::Path>,
+    ) -> Result<Self> {
         let python = python3().ok_or_else(|| anyhow!("no python3"))?;
-        let mut child = Command::new("ip")
+        let mut command = match procs {
+            Some(procs) => {
+                let mut sh = Command::new("sh");
+                sh.args(["-c", r#"echo $$ > "$0" && exec "$@""#])
+                    .arg(procs)
+                    .arg("ip");
+                sh
+            }
+            None => Command::new("ip"),
+        };
+        let mut child = command
             .args(["netns", "exec", &ns.name])
             .arg(&python)
             .arg("-c")
@@ -318,6 +342,75 @@ fn unanswered_requests_are_reported_as_stale_by_client_process() -> Result<()> {
     ensure!(others.is_empty(), "other stale groups: {others:?}");
     drop(waiting);
     drop(answered);
+    Ok(())
+}
+
+/// A client started in a cgroup made for the test under the cgroup2 mount
+/// (`observer-test.slice/observer-test-PID.service`) with 5 requests a silent server never
+/// answers: its `stale_connections` record names that cgroup's path and its unit, as
+/// `/proc/PID/cgroup` shows them.
+#[test]
+fn stale_connections_name_the_owners_cgroup_and_unit() -> Result<()> {
+    const TEST: &str = "stale_connections_name_the_owners_cgroup_and_unit";
+    let Some(_k) = kernel_test(TEST) else {
+        return Ok(());
+    };
+    if !have_python(TEST) {
+        return Ok(());
+    }
+    let unit = format!("observer-test-{}.service", std::process::id());
+    // Declared before the client: dropped after it, once the client is killed and reaped.
+    let cgroup = TestCgroup::create(&format!("observer-test.slice/{unit}"))?;
+    let topo = Topology::new("svc", 33)?;
+    let server_ip = IpAddr::V4(topo.server_v4);
+    let silent_addr = SocketAddr::new(server_ip, 7003);
+    let silent = listen_in(&topo.server, silent_addr)?;
+    let obs = LiveObserver::start(&["--stale-after", "2"])?;
+    let args = vec![
+        server_ip.to_string(),
+        "7003".to_owned(),
+        "5".to_owned(),
+        "0".to_owned(),
+    ];
+    let procs = cgroup.procs_file();
+    let mut client = ClientProcess::spawn_in(&topo.client, WAITING_CLIENT, &args, Some(&procs))?;
+    ensure!(client.next_line(Duration::from_secs(15))? == "ready");
+    let _accepted = accept_all(&silent, 5)?;
+    let pid = client.pid();
+    // Ground truth: the kernel's own view of the client's cgroup.
+    let proc_cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    let expected_line = format!("0::{}", cgroup.path);
+    ensure!(
+        proc_cgroup.lines().any(|l| l == expected_line),
+        "/proc/{pid}/cgroup does not show {expected_line}: {proc_cgroup}"
+    );
+    ensure!(
+        cgroup.pids().contains(&pid),
+        "pid {pid} not in {}",
+        cgroup.path
+    );
+    note(&format!("{TEST}: client pid {pid} in {}", cgroup.path));
+
+    let record = obs.wait_for_received(
+        "a stale_connections record for the client in the test cgroup",
+        Duration::from_secs(20),
+        |recs| {
+            of_type(recs, "stale_connections")
+                .find(|r| r.value["pid"].as_u64() == Some(u64::from(pid)))
+                .map(|r| r.value.clone())
+        },
+    )?;
+    note(&format!("{TEST}: {record}"));
+    drop(obs.stop_received()?);
+    ensure!(record["cgroup"] == cgroup.path.as_str(), "cgroup: {record}");
+    ensure!(record["unit"] == unit.as_str(), "unit: {record}");
+    ensure!(record["count"] == 5, "count: {record}");
+    ensure!(
+        record.get("container_id").is_none(),
+        "container_id: {record}"
+    );
+    ensure!(record.get("pod_uid").is_none(), "pod_uid: {record}");
+    drop(client);
     Ok(())
 }
 

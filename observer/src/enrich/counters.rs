@@ -242,3 +242,40 @@ Ip6Bar x
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    //! `/proc/net/snmp`, `netstat` and `snmp6` of other kernels (new columns, missing ones):
+    //! arbitrary and mutated text parses to counters, never a panic, one counter per token at
+    //! most.
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::prop_support::{self, assert_bounded};
+
+    const SNMP: &str = "Ip: Forwarding DefaultTTL InReceives\nIp: 1 64 12345\nTcp: RtoAlgorithm RtoMin MaxConn ActiveOpens\nTcp: 1 200 -1 42\n";
+    const NETSTAT: &str = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 0 3 5\nIpExt: InNoRoutes\nIpExt: 0\n";
+    const SNMP6: &str = "Ip6InReceives                   \t100\nIp6InHdrErrors \t0\nUdp6InErrors 18446744073709551615\n";
+
+    fn check(text: &str) -> Result<(), TestCaseError> {
+        let counters = assert_bounded(text.len(), 64, 4096, || parse_netstat(text))?;
+        prop_assert!(counters.len() <= text.split_whitespace().count());
+        let _ = delta(&parse_netstat(SNMP), &counters);
+        let _ = delta(&counters, &parse_netstat(SNMP));
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(prop_support::config())]
+
+        #[test]
+        fn arbitrary_text_never_panics(text in "(?s).{0,300}") {
+            check(&text)?;
+        }
+
+        #[test]
+        fn mutated_proc_files_never_panic(text in prop_support::mutated_text(&[SNMP, NETSTAT, SNMP6])) {
+            check(&text)?;
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! Enrichment: context the kernel events do not carry themselves (sysctls, later counters,
-//! routes, processes).
+//! routes, processes and their services).
+pub mod cgroup;
 pub mod counters;
 pub mod listeners;
 pub mod netfilter;

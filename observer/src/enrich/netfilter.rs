@@ -1301,3 +1301,6 @@ COMMIT
         );
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -11,17 +11,21 @@
 //! A socket held by several processes (inherited across `fork`, passed over a unix socket) is
 //! attributed to the lowest pid, and [`Owner::holders`] says how many hold it.
 //!
+//! Each owner carries its [`Service`]: the cgroup path and the systemd unit, container and pod
+//! it names (see [`cgroup`](super::cgroup)).
+//!
 //! A short-lived process may have exited (or closed the socket) before the lookup: then no
 //! owner is found, and the caller should say so ("exited") rather than guess.
 use std::{
     collections::{HashMap, HashSet},
-    io::{self, Read as _},
+    io,
     net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use super::{
+    cgroup::{self, Service, read_prefix},
     netns::{self, NetnsError},
     sockdiag::{self, Extensions, Family, SockDiagError, StateMask, TcpSocket, TcpState},
 };
@@ -67,6 +71,9 @@ pub struct Owner {
     pub cmdline: String,
     /// How many processes hold the socket (1 in the usual case; `pid` is the lowest).
     pub holders: u32,
+    /// The process's cgroup and the service it names; `None` when `/proc/PID/cgroup` could not
+    /// be read (the process exited during the scan).
+    pub service: Option<Service>,
 }
 
 /// The inode in a `/proc/PID/fd/N` link target `socket:[INODE]` (pure); `None` for any other
@@ -219,15 +226,6 @@ fn still_holds(fd: &Path, inode: u64) -> bool {
         == Some(inode)
 }
 
-/// Reads at most `limit` bytes of a file.
-fn read_prefix(path: &Path, limit: usize) -> io::Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(u64::try_from(limit).unwrap_or(u64::MAX))
-        .read_to_end(&mut bytes)?;
-    Ok(bytes)
-}
-
 /// One pass over `proc_root/*/fd`.
 fn scan(proc_root: &Path) -> Result<HashMap<u64, Entry>, OwnersError> {
     let entries = std::fs::read_dir(proc_root).map_err(|io_error| OwnersError::ReadProc {
@@ -265,6 +263,7 @@ fn scan(proc_root: &Path) -> Result<HashMap<u64, Entry>, OwnersError> {
         let cmdline = read_prefix(&dir.join("cmdline"), CMDLINE_MAX)
             .map(|b| parse_cmdline(&b))
             .unwrap_or_default();
+        let service = cgroup::read_service(&dir);
         let mut seen_here = HashSet::with_capacity(sockets.len());
         for (inode, fd) in sockets {
             // A process holding one socket in several descriptors is one holder.
@@ -281,6 +280,7 @@ fn scan(proc_root: &Path) -> Result<HashMap<u64, Entry>, OwnersError> {
                                 comm: comm.clone(),
                                 cmdline: cmdline.clone(),
                                 holders: 1,
+                                service: service.clone(),
                             },
                             fd,
                         },
@@ -292,6 +292,7 @@ fn scan(proc_root: &Path) -> Result<HashMap<u64, Entry>, OwnersError> {
                         entry.owner.pid = pid;
                         entry.owner.comm.clone_from(&comm);
                         entry.owner.cmdline.clone_from(&cmdline);
+                        entry.owner.service.clone_from(&service);
                         entry.fd = fd;
                     }
                 }
@@ -519,6 +520,10 @@ mod tests {
             &["socket:[12]", "socket:[12]"],
         )?;
         proc.process(400, "sleep", b"sleep\x0010\0", &["pipe:[5]"])?;
+        std::fs::write(
+            proc.0.join("200/cgroup"),
+            "1:name=systemd:/system.slice/nginx.service\n0::/system.slice/nginx.service\n",
+        )?;
         std::fs::create_dir_all(proc.0.join("self"))?;
         std::fs::write(proc.0.join("uptime"), "1 1")?;
 
@@ -533,6 +538,11 @@ mod tests {
         let listener = map.lookup(12).ok_or("socket 12")?;
         assert_eq!((listener.pid, listener.holders), (200, 2));
         assert_eq!(listener.cmdline, "nginx: master");
+        let service = listener.service.as_ref().ok_or("the master's cgroup")?;
+        assert_eq!(service.cgroup, "/system.slice/nginx.service");
+        assert_eq!(service.unit.as_deref(), Some("nginx.service"));
+        // No cgroup file (as when the process exits mid-scan): no service, still an owner.
+        assert_eq!(worker.service, None);
         assert_eq!(map.lookup(5), None);
         Ok(())
     }
@@ -728,3 +738,6 @@ mod tests {
         assert_eq!(m((server, 81), (client, 4000)), None);
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -733,3 +733,6 @@ mod tests {
         assert_eq!(json["in_source"], "observed");
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -909,3 +909,6 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod proptests;

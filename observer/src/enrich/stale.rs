@@ -19,6 +19,7 @@ use std::{
 };
 
 use super::{
+    cgroup::Service,
     netns::{self, NetnsError},
     owners::{Owner, OwnerMap},
     sockdiag::{
@@ -306,6 +307,10 @@ pub struct StaleGroup {
     pub pid: Option<u32>,
     pub comm: Option<String>,
     pub cmdline: Option<String>,
+    /// The owner's cgroup and the unit, container and pod it names (`cgroup`, `unit`, ...;
+    /// absent with the owner).
+    #[serde(flatten)]
+    pub service: Option<Service>,
     pub peer: IpAddr,
     pub peer_port: u16,
     /// Stale connections now.
@@ -404,6 +409,7 @@ impl StaleTracker {
                 pid: c.owner.as_ref().map(|o| o.pid),
                 comm: c.owner.as_ref().map(|o| o.comm.clone()),
                 cmdline: c.owner.as_ref().map(|o| o.cmdline.clone()),
+                service: c.owner.as_ref().and_then(|o| o.service.clone()),
                 peer: c.peer,
                 peer_port: c.peer_port,
                 count: 0,
@@ -763,6 +769,9 @@ mod tests {
                 comm: comm.to_owned(),
                 cmdline: format!("{comm} --serve"),
                 holders: 1,
+                service: Some(super::super::cgroup::parse_path(&format!(
+                    "/system.slice/{comm}.service"
+                ))),
             }),
         }
     }
@@ -792,6 +801,10 @@ mod tests {
             (Some(77), Some("python3"), Some("python3 --serve"))
         );
         assert_eq!(
+            g.service.as_ref().and_then(|s| s.unit.as_deref()),
+            Some("python3.service")
+        );
+        assert_eq!(
             (g.peer, g.peer_port, g.count, g.awaiting_reply),
             (v4(2), 80, 20, 20)
         );
@@ -809,6 +822,7 @@ mod tests {
             (exited.count, exited.unacknowledged, exited.comm.clone()),
             (1, 1, None)
         );
+        assert_eq!(exited.service, None);
         assert_eq!(tracker.first_seen(NS, 5), Some(t0));
         assert_eq!(tracker.first_seen(NS + 1, 102), None);
     }

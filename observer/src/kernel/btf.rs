@@ -13,6 +13,8 @@ use std::{
 use btf_rs::{Btf, BtfType, Member, Struct, Type};
 use observer_common::{SockOffsets, StructOffsets};
 
+mod header;
+
 /// Where the running kernel exposes its own BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -30,6 +32,9 @@ pub enum BtfError {
         #[source]
         error: btf_rs::Error,
     },
+    /// The BTF header does not describe the file (truncated or corrupt).
+    #[error("cannot load BTF from `{path}`: {reason}")]
+    BadHeader { path: PathBuf, reason: String },
     /// A lookup inside the loaded BTF failed (dangling type id or string offset).
     #[error("BTF lookup failed while resolving {what}")]
     LookupError {
@@ -124,6 +129,27 @@ impl fmt::Debug for KernelBtf {
     }
 }
 
+/// [`header::check`] on a file's first bytes and its size (sysfs reports the size of
+/// `/sys/kernel/btf/*` files).
+fn check_file_header(path: &Path) -> Result<(), BtfError> {
+    use std::io::Read as _;
+    let io_error = |error: std::io::Error| BtfError::FileError {
+        path: path.to_owned(),
+        error: btf_rs::Error::IO(error),
+    };
+    let mut file = std::fs::File::open(path).map_err(io_error)?;
+    let len = file.metadata().map_err(io_error)?.len();
+    let mut prefix = Vec::with_capacity(header::HEADER_LEN);
+    (&mut file)
+        .take(header::HEADER_LEN as u64)
+        .read_to_end(&mut prefix)
+        .map_err(io_error)?;
+    header::check(&prefix, len).map_err(|reason| BtfError::BadHeader {
+        path: path.to_owned(),
+        reason,
+    })
+}
+
 impl KernelBtf {
     /// Loads the running kernel's BTF (`/sys/kernel/btf/vmlinux`, needs CONFIG_DEBUG_INFO_BTF).
     pub fn from_sys() -> Result<Self, BtfError> {
@@ -133,6 +159,7 @@ impl KernelBtf {
     /// Loads a raw BTF file (as found in `/sys/kernel/btf/`), e.g. a saved copy of another
     /// kernel's.
     pub fn from_file(path: &Path) -> Result<Self, BtfError> {
+        check_file_header(path)?;
         let btf = Btf::from_file(path).map_err(|error| BtfError::FileError {
             path: path.to_owned(),
             error,
@@ -146,6 +173,10 @@ impl KernelBtf {
     /// Parses raw BTF bytes (`label` names them in errors): for tests and embedded blobs.
     pub fn from_bytes(bytes: &[u8], label: &str) -> Result<Self, BtfError> {
         let path = PathBuf::from(label);
+        header::check(bytes, bytes.len() as u64).map_err(|reason| BtfError::BadHeader {
+            path: path.clone(),
+            reason,
+        })?;
         let btf = Btf::from_bytes(bytes).map_err(|error| BtfError::FileError {
             path: path.clone(),
             error,
@@ -1050,7 +1081,7 @@ mod tests {
         ));
         assert!(matches!(
             KernelBtf::from_bytes(b"not btf", "junk"),
-            Err(BtfError::FileError { .. })
+            Err(BtfError::BadHeader { .. })
         ));
         assert!(matches!(
             KernelBtf::from_file(Path::new("/nonexistent/observer.btf")),
@@ -1075,3 +1106,6 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod proptests;

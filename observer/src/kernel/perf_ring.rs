@@ -692,3 +692,6 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests;

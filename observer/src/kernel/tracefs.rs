@@ -330,7 +330,13 @@ fn field_name(decl: &str) -> Option<&str> {
     while let Some(stripped) = decl.strip_suffix(']') {
         decl = stripped[..stripped.rfind('[')?].trim_end();
     }
-    let start = decl.rfind(|c: char| !is_ident_char(c)).map_or(0, |i| i + 1);
+    // Past the last character that cannot be in a name, whatever its width in bytes (a corrupt
+    // file may hold any UTF-8).
+    let start = decl
+        .char_indices()
+        .rev()
+        .find(|(_, c)| !is_ident_char(*c))
+        .map_or(0, |(i, c)| i + c.len_utf8());
     let name = &decl[start..];
     (!name.is_empty() && !name.starts_with(|c: char| c.is_ascii_digit())).then_some(name)
 }
@@ -1229,3 +1235,6 @@ mod layout_tests {
         assert_eq!((rr.sport, rr.saddr_v6, rr.skaddr), (16, 30, 8));
     }
 }
+
+#[cfg(test)]
+mod proptests;

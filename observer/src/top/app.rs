@@ -19,6 +19,7 @@ use crate::{
         SignalView, SortKey, TableId, Window,
     },
     decode::{EventKind, Flow},
+    enrich::cgroup::Service,
     reconcile::Reconciler,
 };
 
@@ -255,6 +256,8 @@ struct Extras {
     latencies: VecDeque<f32>,
     /// The process holding the socket, `comm (pid)` (flows).
     owner: Option<Arc<str>>,
+    /// The owner's cgroup and the unit, container and pod it names (flows).
+    service: Option<Arc<Service>>,
     touched_sec: u64,
 }
 
@@ -265,6 +268,7 @@ impl Extras {
             reasons: Vec::new(),
             latencies: VecDeque::new(),
             owner: None,
+            service: None,
             touched_sec: sec,
         }
     }
@@ -620,6 +624,7 @@ impl Model {
             let extras = self.extras_of(RowKey::Flow(flow), at);
             if extras.owner.is_none() {
                 extras.owner = Some(Arc::from(format!("{} ({})", owner.comm, owner.pid)));
+                extras.service = owner.service.clone().map(Arc::new);
             }
         }
         if event.kind == EventKind::Connect
@@ -825,6 +830,8 @@ pub struct Row {
     pub latency: Option<Latency>,
     /// The process holding the flow's socket, `comm (pid)`, when events named it.
     pub owner: Option<String>,
+    /// The owner's service (unit, container, pod, cgroup), when events named it.
+    pub service: Option<Arc<Service>>,
     pub queue: Option<ListenerState>,
     /// Trouble per second over the last minute, oldest first.
     pub sparkline: Vec<u64>,
@@ -856,6 +863,7 @@ impl Row {
             reasons,
             latency: extras.and_then(latency),
             owner: extras.and_then(|e| e.owner.as_deref().map(str::to_owned)),
+            service: extras.and_then(|e| e.service.clone()),
             queue: None,
             sparkline: extras.map_or_else(|| vec![0; SPARK_SECS], |e| e.ring.series(now_sec)),
             signals: view.signals,
@@ -893,6 +901,12 @@ impl Row {
                 .owner
                 .as_ref()
                 .is_some_and(|o| o.to_ascii_lowercase().contains(&filter))
+            || self.service.as_ref().is_some_and(|s| {
+                s.cgroup.to_ascii_lowercase().contains(&filter)
+                    || s.container_id
+                        .as_ref()
+                        .is_some_and(|id| id.starts_with(&filter))
+            })
     }
 }
 

@@ -22,7 +22,10 @@ use super::{
     app::{App, Popup, RECENT_CHANGE_NS, Row, SortColumn, Tab, scoped_label},
     wire::AnomalyPhase,
 };
-use crate::aggregate::{RowKey, Window};
+use crate::{
+    aggregate::{RowKey, Window},
+    enrich::cgroup::Service,
+};
 
 /// Below this, only a note that the terminal is too small.
 pub const MIN_WIDTH: u16 = 30;
@@ -338,6 +341,23 @@ fn render_footer(frame: &mut Frame, area: Rect, app: &App) {
     frame.render_widget(Paragraph::new(Line::from(spans)), area);
 }
 
+/// The detail line of a socket owner's service: unit, container, pod and cgroup path.
+fn service_line(service: &Service) -> String {
+    let mut parts = Vec::new();
+    if let Some(unit) = &service.unit {
+        parts.push(format!("unit {unit}"));
+    }
+    if let Some(id) = &service.container_id {
+        let runtime = service.container_runtime.as_deref().unwrap_or("container");
+        parts.push(format!("{runtime} {}", id.get(..12).unwrap_or(id)));
+    }
+    if let Some(uid) = &service.pod_uid {
+        parts.push(format!("pod {uid}"));
+    }
+    parts.push(format!("cgroup {}", service.cgroup));
+    format!("service: {}", parts.join(" · "))
+}
+
 // ---------------------------------------------------------------------------------------------
 // The main table
 
@@ -355,6 +375,7 @@ enum Col {
     Severity,
     Reason,
     Process,
+    Service,
     Netns,
     Overflows,
     SynQueueDrops,
@@ -377,6 +398,7 @@ impl Col {
             Col::Severity => "Sev",
             Col::Reason => "Top drop reason",
             Col::Process => "Process",
+            Col::Service => "Service",
             Col::Netns => "Netns",
             Col::Overflows => "Overflow",
             Col::SynQueueDrops => "SYNQdrop",
@@ -401,7 +423,7 @@ impl Col {
             Col::Overflows | Col::SynQueueDrops => 8,
             Col::Netns => 10,
             Col::Reason => 16,
-            Col::Process => 18,
+            Col::Process | Col::Service => 18,
         }
     }
 
@@ -424,7 +446,9 @@ impl Col {
     /// Numbers to the right; names to the left, cut to the column.
     fn aligned(self, text: String) -> Line<'static> {
         match self {
-            Col::Reason | Col::Process => Line::from(ellipsize(&text, usize::from(self.width()))),
+            Col::Reason | Col::Process | Col::Service => {
+                Line::from(ellipsize(&text, usize::from(self.width())))
+            }
             _ => Line::from(text).right_aligned(),
         }
     }
@@ -450,6 +474,7 @@ impl Col {
                 .first()
                 .map_or(String::new(), |(r, _)| r.clone()),
             Col::Process => row.owner.clone().unwrap_or_default(),
+            Col::Service => row.service.as_ref().map(|s| s.label()).unwrap_or_default(),
             Col::Netns => row.netns.to_string(),
             Col::Overflows => fmt_count(row.overflows),
             Col::SynQueueDrops => fmt_count(row.syn_queue_drops),
@@ -477,7 +502,13 @@ fn table_columns(tab: Tab) -> (&'static str, u16, &'static [Col], &'static [Col]
                 Col::P50,
                 Col::P99,
             ],
-            &[Col::Severity, Col::Reason, Col::Netns, Col::Process],
+            &[
+                Col::Severity,
+                Col::Reason,
+                Col::Netns,
+                Col::Process,
+                Col::Service,
+            ],
         ),
         Tab::Peers => (
             "Peer",
@@ -966,6 +997,9 @@ fn render_details(frame: &mut Frame, area: Rect, app: &App) {
     }
     if let Some(owner) = &row.owner {
         lines.push(Line::from(format!("process: {owner}")));
+    }
+    if let Some(service) = &row.service {
+        lines.push(Line::from(service_line(service)));
     }
     if let Some(latency) = row.latency {
         lines.push(Line::from(format!(

@@ -16,7 +16,7 @@ use crate::{
     analysis,
     context::{ContextRecord, StaleConnectionsRecord},
     decode::{EventKind, Family, Flow},
-    enrich::stale::StaleGroup,
+    enrich::{cgroup::Service, stale::StaleGroup},
     record::{ListenerDropsRecord, NetfilterDropRecord, RuleRecord},
 };
 
@@ -130,6 +130,9 @@ pub struct Owner {
     pub pid: u32,
     #[serde(default)]
     pub comm: String,
+    /// `cgroup`, `unit`, `container_*`, `pod_uid`, when the daemon read them.
+    #[serde(flatten)]
+    pub service: Option<Service>,
 }
 
 #[derive(Deserialize)]
@@ -234,6 +237,8 @@ pub struct StaleConnectionsIn {
     pub pid: Option<u32>,
     pub comm: Option<String>,
     pub cmdline: Option<String>,
+    #[serde(flatten)]
+    pub service: Option<Service>,
     pub peer: Option<IpAddr>,
     pub peer_port: u16,
     pub count: u64,
@@ -708,6 +713,7 @@ pub fn context_observations(record: &Record) -> Vec<Observation> {
                     pid: r.pid,
                     comm: r.comm.clone(),
                     cmdline: r.cmdline.clone(),
+                    service: r.service.clone(),
                     peer,
                     peer_port: r.peer_port,
                     count: r.count,
@@ -879,8 +885,19 @@ mod tests {
             parsed.owner,
             Some(Owner {
                 pid: 4242,
-                comm: "curl".into()
+                comm: "curl".into(),
+                service: None,
             })
+        );
+        value["owner"] = serde_json::json!({"pid": 4242, "comm": "curl",
+            "cgroup": "/system.slice/app.service", "unit": "app.service"});
+        let Ok(Record::Event(parsed)) = parse_line(&value.to_string()) else {
+            panic!("{value}");
+        };
+        let service = parsed.owner.and_then(|o| o.service).expect("service");
+        assert_eq!(
+            (service.cgroup.as_str(), service.unit.as_deref()),
+            ("/system.slice/app.service", Some("app.service"))
         );
     }
 
@@ -905,7 +922,14 @@ mod tests {
         let obs = context_observations(&parse_line(line).expect("parses"));
         assert_eq!(obs.len(), 1);
         assert_eq!((obs[0].signal, obs[0].amount), (Signal::NetfilterDrop, 2));
-        let line = r#"{"type":"stale_connections","time":"2026-11-22T03:40:00.000000000Z","netns":9,"pid":4242,"comm":"python3","cmdline":"python3 client.py","peer":"10.203.1.2","peer_port":7001,"count":20,"awaiting_reply":20,"unacknowledged":0,"send_blocked":0,"oldest_age_secs":31,"bytes_waiting":0,"growing":true,"newly_stale":20,"threshold_secs":30}"#;
+        let line = r#"{"type":"stale_connections","time":"2026-11-22T03:40:00.000000000Z","netns":9,"pid":4242,"comm":"python3","cmdline":"python3 client.py","cgroup":"/system.slice/client.service","unit":"client.service","peer":"10.203.1.2","peer_port":7001,"count":20,"awaiting_reply":20,"unacknowledged":0,"send_blocked":0,"oldest_age_secs":31,"bytes_waiting":0,"growing":true,"newly_stale":20,"threshold_secs":30}"#;
+        let Ok(Record::StaleConnections(stale)) = parse_line(line) else {
+            panic!("{line}");
+        };
+        assert_eq!(
+            stale.service.and_then(|s| s.unit).as_deref(),
+            Some("client.service")
+        );
         let obs = context_observations(&parse_line(line).expect("parses"));
         assert_eq!(obs.len(), 1);
         assert_eq!(
@@ -997,3 +1021,6 @@ mod tests {
         assert_eq!(parse_time("yesterday"), None);
     }
 }
+
+#[cfg(test)]
+mod proptests;
