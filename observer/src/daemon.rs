@@ -888,19 +888,18 @@ impl<W: Write> Output<'_, W> {
         let Some(map) = &self.services else {
             return;
         };
-        let readings = map.iter().flatten().filter_map(|(key, stats)| {
-            (key.role == service_role::PEER).then(|| {
+        let readings = map
+            .iter()
+            .flatten()
+            .filter(|(key, _)| key.role == service_role::PEER)
+            .map(|(key, stats)| {
                 let peer = PeerKey {
                     netns: key.netns,
                     addr: crate::decode::unmap(key.addr),
                 };
-                (
-                    peer,
-                    key.port,
-                    stats.established + stats.refused + stats.timed_out,
-                )
-            })
-        });
+                let attempts = stats.established + stats.refused + stats.timed_out;
+                (peer, key.port, attempts)
+            });
         for (peer, connections) in self.connections.update(now, readings) {
             if self.engine.has_peer(&peer) {
                 self.engine.observe_connections(now, peer, connections);

@@ -189,7 +189,7 @@ fn between(scope: &Scope) -> String {
     };
     match (local, remote) {
         (Some(l), Some(r)) => format!("{l} and {r}"),
-        (None, Some(r)) => format!("{r}"),
+        (None, Some(r)) => r,
         (Some(l), None) => l,
         (None, None) => "this namespace".to_owned(),
     }
@@ -669,10 +669,16 @@ fn stale_process(
         })
         .max_by_key(|(_, s)| s.value.count)?;
     let g = &seen.value;
-    let who = match g.pid {
+    let mut who = match g.pid {
         Some(pid) => process(pid, g.comm.as_deref()),
         None => "no process (the owner exited)".to_owned(),
     };
+    let service = g.service.as_ref();
+    if let Some(unit) = service.and_then(|s| s.unit.as_deref()) {
+        who = format!("{who} of {unit}");
+    } else if let Some(id) = service.and_then(|s| s.container_id.as_deref()) {
+        who = format!("{who} of container {}", id.get(..12).unwrap_or(id));
+    }
     let netns = u32::try_from(g.netns).unwrap_or(0);
     Some(Cause {
         kind: CauseKind::StaleProcess,
@@ -692,7 +698,7 @@ fn stale_process(
             "peer": g.peer, "peer_port": g.peer_port, "count": g.count,
             "awaiting_reply": g.awaiting_reply, "unacknowledged": g.unacknowledged,
             "send_blocked": g.send_blocked, "oldest_age_secs": g.oldest_age_secs,
-            "bytes_waiting": g.bytes_waiting, "growing": g.growing,
+            "bytes_waiting": g.bytes_waiting, "growing": g.growing, "service": g.service,
         }),
     })
 }

@@ -556,6 +556,9 @@ fn stale_connections_name_their_process() {
                 bytes_waiting: 0,
                 growing: true,
                 newly_stale: 111,
+                service: Some(crate::enrich::cgroup::parse_path(
+                    "/system.slice/php-fpm.service",
+                )),
             },
             threshold_secs: 30,
         }),
@@ -566,7 +569,10 @@ fn stale_connections_name_their_process() {
     assert_eq!(cause.kind, CauseKind::StaleProcess);
     assert_eq!(cause.evidence["count"], 111);
     assert!(
-        cause.summary.contains("pid 777 (php-fpm)") && cause.summary.contains("111 connections"),
+        cause
+            .summary
+            .contains("pid 777 (php-fpm) of php-fpm.service")
+            && cause.summary.contains("111 connections"),
         "{}",
         cause.summary
     );
