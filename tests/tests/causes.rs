@@ -548,9 +548,12 @@ fn synack_retransmits_over_an_asymmetric_route_are_explained() -> Result<()> {
         },
     )?;
 
-    // Asymmetric: a connect that cannot complete (kept pending while we wait).
+    // Asymmetric: connects that cannot complete (kept pending while we wait): six, so that the
+    // server's SYN-ACK retransmits open `handshakes_not_completing` on the client.
     let bad_to = bad.server();
-    let _pending: OwnedFd = bad.c.run(move || nonblocking_connect(bad_to))??;
+    let _pending: Vec<OwnedFd> = (0..6)
+        .map(|_| bad.c.run(move || nonblocking_connect(bad_to))?)
+        .collect::<Result<_>>()?;
     let bad_peer = IpAddr::V4(bad.c_addr);
     let record = obs.wait_for_received(
         "an asymmetric_route record for the asymmetric server namespace",
@@ -562,6 +565,35 @@ fn synack_retransmits_over_an_asymmetric_route_are_explained() -> Result<()> {
         },
     )?;
     note(&format!("{TEST}: {record}"));
+    // The anomaly names the route as its cause.
+    let explained = obs.wait_for_received(
+        "handshakes_not_completing in the asymmetric server namespace, caused by the route",
+        Duration::from_secs(20),
+        |recs| {
+            recs.iter()
+                .find(|r| {
+                    let v = &r.value;
+                    v["type"]
+                        .as_str()
+                        .is_some_and(|t| t.starts_with("anomaly_"))
+                        && v["kind"] == "handshakes_not_completing"
+                        && v["key"]["netns"].as_u64() == Some(bad_s)
+                        && v["cause"]["kind"] == "asymmetric_route"
+                })
+                .map(|r| r.value["cause"].clone())
+        },
+    )?;
+    note(&format!("{TEST}: cause {explained}"));
+    ensure!(
+        explained["evidence"]["out_ifname"] == "eth-b"
+            && explained["evidence"]["in_ifname"] == "eth-a",
+        "cause: {explained}"
+    );
+    let summary = explained["summary"].as_str().unwrap_or_default();
+    ensure!(
+        summary.contains("eth-a") && summary.contains("eth-b") && summary.contains("10.205.4.3"),
+        "summary: {summary}"
+    );
     let records = obs.stop_received()?;
     drop(half_open);
 
