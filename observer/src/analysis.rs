@@ -263,6 +263,14 @@ impl Surroundings for DaemonSurroundings<'_> {
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
         Some(comm.trim_end().to_owned())
     }
+
+    fn netns_of_address(&self, addr: std::net::IpAddr) -> Option<u32> {
+        let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        shared
+            .iter()
+            .find(|(_, ctx)| ctx.addresses.contains(&addr))
+            .and_then(|(netns, _)| u32::try_from(*netns).ok())
+    }
 }
 
 /// The signals a sysctl plausibly affects, for the before/after comparison.

@@ -117,6 +117,7 @@ pub struct ContextOptions {
 struct Reading {
     counters: Option<Counters>,
     sysctls: sysctl::Snapshot,
+    addresses: Option<Vec<std::net::IpAddr>>,
     listeners: Option<Vec<ListenerSnapshot>>,
     rules: Option<Vec<RuleCounter>>,
     stale: Option<Vec<StaleConnection>>,
@@ -138,6 +139,9 @@ struct NamespaceWork {
 pub struct NamespaceContext {
     pub name: Option<String>,
     pub sysctls: sysctl::Snapshot,
+    /// The namespace's local addresses (not loopback): which namespace a peer's address lives
+    /// in, for causes found on the other side of a veth.
+    pub addresses: Vec<std::net::IpAddr>,
     /// (when, counters) per tick, oldest first.
     pub history: VecDeque<(Instant, Counters)>,
 }
@@ -372,6 +376,7 @@ impl WorkerState {
         let Reading {
             counters: current_counters,
             sysctls,
+            addresses,
             listeners,
             rules,
             stale,
@@ -385,6 +390,9 @@ impl WorkerState {
             let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
             let ctx = shared.entry(netns).or_default();
             ctx.name.clone_from(&ns.name);
+            if let Some(addresses) = addresses {
+                ctx.addresses = addresses;
+            }
             let previous = std::mem::replace(&mut ctx.sysctls, sysctls.clone());
             if let Some(c) = &current_counters {
                 ctx.history.push_back((Instant::now(), c.clone()));
@@ -714,6 +722,7 @@ fn read_namespace(work: NamespaceWork) -> Reading {
     Reading {
         counters: counters::read_current().ok(),
         sysctls: sysctl::snapshot(std::path::Path::new("/proc/sys"), sysctl::TCP_SYSCTLS),
+        addresses: routes::local_addresses().ok(),
         listeners: listeners::snapshot_listeners().ok(),
         rules: if want_rules {
             netfilter::snapshot().ok()

@@ -368,3 +368,209 @@ fn an_abortive_close_of_every_connection_opens_by_ratio_and_names_the_process() 
     );
     Ok(())
 }
+
+const FASTOPEN_PORT: u16 = 6083;
+
+/// One TCP Fast Open request from the calling thread's namespace: `sendto(MSG_FASTOPEN)`
+/// carries the request in the SYN once the client has the server's cookie; then reads the
+/// reply to EOF.
+fn fastopen_request(to: SocketAddr) -> Result<()> {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(v4) = to else {
+        bail!("IPv4 only");
+    };
+    // SAFETY: plain socket(2); the result is checked and owned right below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: fd is a fresh socket that nothing else owns.
+    let mut stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let addr = libc::sockaddr_in {
+        sin_family: libc::sa_family_t::try_from(libc::AF_INET)?,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*v4.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let request = b"GET / HTTP/1.0\r\n\r\n";
+    // SAFETY: the buffer and the address are valid for their lengths during the call.
+    let sent = unsafe {
+        libc::sendto(
+            stream.as_raw_fd(),
+            request.as_ptr().cast(),
+            request.len(),
+            libc::MSG_FASTOPEN,
+            (&raw const addr).cast(),
+            libc::socklen_t::try_from(size_of::<libc::sockaddr_in>())?,
+        )
+    };
+    ensure!(
+        usize::try_from(sent).ok() == Some(request.len()),
+        "sendto(MSG_FASTOPEN): {}",
+        std::io::Error::last_os_error()
+    );
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply)?;
+    ensure!(reply.starts_with(b"HTTP/1.0 200"), "reply: {reply:?}");
+    Ok(())
+}
+
+/// Sets TCP_FASTOPEN (the queue of fast-open requests) on a listener.
+fn enable_fastopen(listener: &TcpListener) -> Result<()> {
+    let qlen: libc::c_int = 16;
+    // SAFETY: the pointer and length describe `qlen`; the fd is open for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_FASTOPEN,
+            (&raw const qlen).cast(),
+            libc::socklen_t::try_from(size_of::<libc::c_int>())?,
+        )
+    };
+    ensure!(rc == 0, "TCP_FASTOPEN: {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
+/// The first incident: a server whose net.ipv4.tcp_fastopen is switched off while clients
+/// use fast open. Every client then retransmits the request its SYN carried (the SYN-ACK does
+/// not acknowledge it): about 6 retransmits a second, under the peer retransmit rate (20/s),
+/// but one per connection. The client's `peer_retransmit_spike` opens on the ratio and names the
+/// sysctl change in the server's namespace; the retransmits match the kernel's counters.
+#[test]
+fn fast_open_switched_off_on_the_server_names_the_sysctl() -> Result<()> {
+    const TEST: &str = "fast_open_switched_off_on_the_server_names_the_sysctl";
+    let Some(_k) = kernel_test(TEST) else {
+        return Ok(());
+    };
+    const WARM: usize = 5;
+    const AFTER: usize = 30;
+    let topo = Topology::new(TEST, 123)?;
+    let (client_ns, server_ns) = (topo.client.inode()?, topo.server.inode()?);
+    topo.server.sysctl("net.ipv4.tcp_fastopen", "3")?;
+    topo.client.sysctl("net.ipv4.tcp_fastopen", "1")?;
+    let server = SocketAddr::new(topo.server_ip(false), FASTOPEN_PORT);
+    let listener = topo.server.run(move || TcpListener::bind(server))??;
+    enable_fastopen(&listener)?;
+    let acceptor = thread::spawn(move || -> Result<()> {
+        for _ in 0..WARM + AFTER {
+            let (mut stream, _) = listener.accept()?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let mut request = [0u8; 64];
+            let n = stream.read(&mut request)?;
+            ensure!(n > 0, "empty request");
+            stream.write_all(b"HTTP/1.0 200 OK\r\n\r\nok")?;
+        }
+        Ok(())
+    });
+    let obs = LiveObserver::start(&[])?;
+    // Warm up: the first request fetches the cookie, the next ones use it.
+    for _ in 0..WARM {
+        topo.client.run(move || fastopen_request(server))??;
+    }
+    let warm = topo.client.counters()?;
+    ensure!(
+        warm.get("TcpExtTCPFastOpenActive")? >= 1,
+        "the client never used fast open: {:?}",
+        warm.0.get("TcpExtTCPFastOpenActive")
+    );
+    topo.server.sysctl("net.ipv4.tcp_fastopen", "0")?;
+    obs.wait_for_received(
+        "the sysctl_change record",
+        Duration::from_secs(10),
+        |recs| {
+            recs.iter()
+                .find(|r| {
+                    r.value["type"] == "sysctl_change"
+                        && r.value["netns"].as_u64() == Some(server_ns)
+                        && r.value["name"] == "net.ipv4.tcp_fastopen"
+                })
+                .map(|_| ())
+        },
+    )?;
+    let start = Instant::now();
+    for i in 0..AFTER {
+        topo.client.run(move || fastopen_request(server))??;
+        let next = start + Duration::from_millis(166) * u32::try_from(i + 1)?;
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            thread::sleep(wait);
+        }
+    }
+    match acceptor.join() {
+        Ok(r) => r?,
+        Err(_) => bail!("acceptor panicked"),
+    }
+    let after = topo.client.counters()?;
+    let peer = topo.server_ip(false);
+    let found = obs.wait_for_received(
+        "peer_retransmit_spike on the client caused by the sysctl change",
+        Duration::from_secs(15),
+        |recs| {
+            explained(
+                recs,
+                "peer_retransmit_spike",
+                client_ns,
+                peer,
+                "sysctl_change",
+            )
+            .cloned()
+        },
+    );
+    let records = obs.stop_received()?;
+    let found = found.with_context(|| describe_anomalies(&records))?;
+    let retrans = warm.delta(&after, "TcpRetransSegs")?;
+    let failed = warm
+        .delta(&after, "TcpExtTCPFastOpenActiveFail")
+        .unwrap_or(0);
+    let v = &found.value;
+    note(&format!(
+        "{TEST}: client TcpRetransSegs +{retrans}, TCPFastOpenActiveFail +{failed}; {v}"
+    ));
+    ensure!(
+        retrans >= AFTER as u64 / 2,
+        "ground truth: only {retrans} retransmits for {AFTER} connections"
+    );
+    let cause = &v["cause"];
+    ensure!(
+        cause["evidence"]["name"] == "net.ipv4.tcp_fastopen",
+        "{cause}"
+    );
+    ensure!(
+        cause["evidence"]["old"] == "3" && cause["evidence"]["new"] == "0",
+        "{cause}"
+    );
+    ensure!(
+        cause["evidence"]["netns"].as_u64() == Some(server_ns),
+        "{cause}"
+    );
+    let opened = records
+        .iter()
+        .find(|r| {
+            r.value["type"] == "anomaly_open"
+                && r.value["kind"] == "peer_retransmit_spike"
+                && r.value["key"]["netns"].as_u64() == Some(client_ns)
+        })
+        .context("no peer_retransmit_spike opened")?;
+    ensure!(
+        opened.value["opened_by"] == "ratio",
+        "opened by {}",
+        opened.value["opened_by"]
+    );
+    // The engine's count of the peer's retransmitted segments is the kernel's.
+    let last = records
+        .iter()
+        .rev()
+        .find(|r| {
+            is_anomaly(&r.value)
+                && r.value["kind"] == "peer_retransmit_spike"
+                && r.value["key"]["netns"].as_u64() == Some(client_ns)
+        })
+        .context("no final record")?;
+    ensure!(
+        last.value["lifetime_count"].as_u64() == Some(retrans),
+        "lifetime_count {} != TcpRetransSegs +{retrans}",
+        last.value["lifetime_count"]
+    );
+    Ok(())
+}

@@ -412,7 +412,11 @@ fn sysctl_change(
     anomaly: &AnomalySnapshot,
     around: &dyn Surroundings,
 ) -> Option<Cause> {
-    let peer_netns = scope.remote.and_then(|r| evidence.netns_of_address(r));
+    let peer_netns = scope.remote.and_then(|r| {
+        evidence
+            .netns_of_address(r)
+            .or_else(|| around.netns_of_address(r))
+    });
     let earliest = anomaly.first_seen_ns.saturating_sub(SYSCTL_LOOKBACK_NS);
     let change = evidence.sysctl_changes.iter().rev().find(|c| {
         (c.netns == scope.netns || Some(c.netns) == peer_netns)

@@ -14,7 +14,7 @@ mod evidence;
 mod explain;
 mod summary;
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::Serialize;
 
@@ -103,6 +103,8 @@ pub trait Surroundings {
     fn rates_around(&self, signals: &[Signal], at_ns: u64) -> BTreeMap<&'static str, BeforeAfter>;
     /// A process's name (`comm`), if it still runs.
     fn process_name(&self, pid: u32) -> Option<String>;
+    /// The namespace that has `addr` as a local address, as its last reading found.
+    fn netns_of_address(&self, addr: IpAddr) -> Option<u32>;
 }
 
 #[cfg(test)]

@@ -340,6 +340,43 @@ pub fn address_interface(addr: IpAddr) -> Result<Option<u32>, RouteError> {
     Ok(interface_holding(addr, &addresses))
 }
 
+/// The local addresses of `addresses` (an RTM_GETADDR dump), pure: `IFA_LOCAL` for IPv4,
+/// `IFA_ADDRESS` for IPv6 (see [`interface_holding`]).
+pub fn local_addresses_of(addresses: &[AddressMessage]) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for m in addresses {
+        for a in &m.attributes {
+            let addr = match a {
+                AddressAttribute::Local(local) => *local,
+                AddressAttribute::Address(address) if address.is_ipv6() => *address,
+                _ => continue,
+            };
+            if !addr.is_loopback() && !out.contains(&addr) {
+                out.push(addr);
+            }
+        }
+    }
+    out
+}
+
+/// The calling thread's namespace's local addresses other than loopback (one RTM_GETADDR
+/// dump).
+pub fn local_addresses() -> Result<Vec<IpAddr>, RouteError> {
+    let answers = transact(
+        RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+        true,
+        "RTM_GETADDR",
+    )?;
+    let addresses: Vec<AddressMessage> = answers
+        .into_iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewAddress(a) => Some(a),
+            _ => None,
+        })
+        .collect();
+    Ok(local_addresses_of(&addresses))
+}
+
 /// The kernel's effective IPv4 reverse-path filter mode of an interface: the larger of
 /// `conf/all/rp_filter` and `conf/IFNAME/rp_filter` (0 off, 1 strict, 2 loose), pure.
 pub fn effective_rp_filter(all: u8, interface: u8) -> u8 {
