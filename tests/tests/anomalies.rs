@@ -492,9 +492,10 @@ fn quiet_namespaces_open_no_anomaly() -> Result<()> {
     let observer = LiveObserver::start(&["--export-per-cpu", "0", "--export-kinds", "all"])?;
     let to = SocketAddr::new(topo.server_ip(false), CLEAN_PORT);
     let before = topo.client.counters()?;
-    // Five clean 1 MiB transfers spread over 10 s (the span of the rate window), each a new
-    // connection: ticks see the namespaces' traffic throughout.
-    const TRANSFERS: u32 = 5;
+    // Thirty clean 1 MiB transfers spread over 60 s (the span of the ratio window), each a new
+    // connection: ticks see the namespaces' traffic throughout, and the ratio signals have
+    // their connections as denominators.
+    const TRANSFERS: u32 = 30;
     let start = Instant::now();
     let mut ports = Vec::new();
     for i in 0..TRANSFERS {
