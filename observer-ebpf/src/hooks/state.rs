@@ -123,9 +123,10 @@ pub(crate) fn on_set_state<C: aya_ebpf::EbpfContext>(
         track_socket(sk, followed_socket(sk), &state);
         return Ok(());
     }
-    if old == TCP_LISTEN || new == TCP_LISTEN {
-        // A listen() or a listener's close: rare, and the only transitions that read the
-        // listener's drop counter.
+    // A listen() or a listener's close: rare, and the only transitions that read the
+    // listener's drop counter. (A child socket is cloned from its listener and so also leaves
+    // LISTEN, for SYN_RECV: that is a connection, not the listener's end.)
+    if new == TCP_LISTEN || (old == TCP_LISTEN && new == TCP_CLOSE) {
         if !is_tcp() {
             return Ok(());
         }
