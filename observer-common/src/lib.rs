@@ -596,6 +596,88 @@ pub struct MapStats {
 }
 const _: () = assert!(size_of::<MapStats>() == 32);
 
+/// Where the state-change program reads a listener's drop counter and queue (offsets in
+/// `struct sock` and beside it, from BTF). [`FIELD_ABSENT`] in `sk_drops` turns the listener
+/// records off; in `sk_drop_counters`, the kernel has no per-NUMA drop counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenerOffsets {
+    /// `sock.sk_drops` (`atomic_t`).
+    pub sk_drops: u16,
+    /// `sock.sk_drop_counters` (`struct numa_drop_counters *`, Linux 6.18+): when set, the
+    /// socket counts its drops there instead (`sk_drops_read`).
+    pub sk_drop_counters: u16,
+    /// `numa_drop_counters.drops0` and `.drops1` (`atomic_t` each; their sum is the count).
+    pub numa_drops0: u16,
+    pub numa_drops1: u16,
+    /// `sock.sk_ack_backlog` and `sock.sk_max_ack_backlog` (u32): the accept queue and its limit.
+    pub sk_ack_backlog: u16,
+    pub sk_max_ack_backlog: u16,
+    /// `sock.sk_socket` (`struct socket *`).
+    pub sk_socket: u16,
+    /// From a `struct socket *` to its inode's `i_ino` (what sock_diag reports as the socket's
+    /// inode): `offsetof(socket_alloc, vfs_inode) - offsetof(socket_alloc, socket) +
+    /// offsetof(inode, i_ino)`.
+    pub socket_ino: u16,
+}
+const _: () = assert!(size_of::<ListenerOffsets>() == 16);
+
+impl Default for ListenerOffsets {
+    fn default() -> Self {
+        Self {
+            sk_drops: FIELD_ABSENT,
+            sk_drop_counters: FIELD_ABSENT,
+            numa_drops0: FIELD_ABSENT,
+            numa_drops1: FIELD_ABSENT,
+            sk_ack_backlog: FIELD_ABSENT,
+            sk_max_ack_backlog: FIELD_ABSENT,
+            sk_socket: FIELD_ABSENT,
+            socket_ino: FIELD_ABSENT,
+        }
+    }
+}
+
+/// What happened to a listener (`ListenerChangeKey::change`).
+pub mod listener_change {
+    /// The socket entered LISTEN (`listen()`): its drop counter's value then is its baseline.
+    pub const OPENED: u8 = 1;
+    /// The socket left LISTEN (closed): its drop counter's final value.
+    pub const CLOSED: u8 = 2;
+}
+
+/// Key of `LISTENER_CHANGES`: one listener socket's start or end.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct ListenerChangeKey {
+    /// Bound address (IPv4 as IPv4-mapped IPv6), all zeroes for a wildcard listener.
+    pub addr: [u8; 16],
+    pub netns: u32,
+    /// The socket's inode (sock_diag's `idiag_inode`), 0 when it could not be read.
+    pub inode: u32,
+    pub port: u16,
+    /// AF_INET or AF_INET6.
+    pub family: u16,
+    /// [`listener_change`].
+    pub change: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<ListenerChangeKey>() == 32);
+
+/// A listener's counters at the moment it entered or left LISTEN.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ListenerChange {
+    /// Boot-clock time of the change.
+    pub time_ns: u64,
+    /// `sk_drops_read()`: every `tcp_listendrop()` and discard of the listener so far.
+    pub drops: u32,
+    /// `sk_ack_backlog` and `sk_max_ack_backlog`.
+    pub accept_queue: u32,
+    pub backlog_limit: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<ListenerChange>() == 24);
+
 /// Key of the per-namespace drop counters: which namespace, which reason.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
@@ -711,8 +793,9 @@ pub struct KernelConfig {
     pub budget: ExportBudget,
     pub raw: RawLayout,
     pub tables: TableSizes,
+    pub listener: ListenerOffsets,
 }
-const _: () = assert!(size_of::<KernelConfig>() == 272);
+const _: () = assert!(size_of::<KernelConfig>() == 288);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -741,6 +824,10 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ServiceStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ListenerChangeKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ListenerChange {}
 }
 
 #[cfg(test)]

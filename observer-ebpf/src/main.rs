@@ -41,6 +41,7 @@ mod clock;
 mod counting;
 mod export;
 mod hooks;
+mod listeners;
 mod netns;
 mod packet;
 mod reads;

@@ -9,21 +9,24 @@
 //! Runs on its own thread because everything here blocks (setns threads, netlink, `nft`), and
 //! hands records to the output loop through the same bounded queue as the perf readers.
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     path::PathBuf,
     sync::{Arc, Mutex, mpsc as std_mpsc},
     time::{Duration, Instant},
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use observer_common::NetnsReason;
+use observer_common::{ListenerChange, ListenerChangeKey, NetnsReason};
 
 use crate::{
     clock::BootClock,
     decode::Flow,
     enrich::{
         counters::{self, Counters},
-        listeners::{self, ListenerKey, ListenerSnapshot, ListenerTracker},
+        listeners::{
+            self, Interval, ListenerEvent, ListenerKey, ListenerSnapshot, ListenerTracker,
+            SynBacklogRule,
+        },
         netfilter::{self, RuleCounter, RuleDelta},
         netns,
         owners::{self, FlowSocket, OwnerMap},
@@ -213,6 +216,7 @@ impl ContextWorker {
     )]
     pub fn spawn(
         netns_drops: BpfHashMap<MapData, NetnsReason, u64>,
+        listener_changes: BpfHashMap<MapData, ListenerChangeKey, ListenerChange>,
         netfilter_reason: Option<u32>,
         options: ContextOptions,
         clock: BootClock,
@@ -224,6 +228,8 @@ impl ContextWorker {
         let interval = options.interval;
         let mut state = WorkerState {
             netns_drops,
+            listener_changes,
+            known_at_start: None,
             netfilter_reason,
             clock,
             shared,
@@ -274,6 +280,11 @@ impl ContextWorker {
 
 struct WorkerState {
     netns_drops: BpfHashMap<MapData, NetnsReason, u64>,
+    /// Listener starts and ends recorded by the kernel programs (deleted once accounted for).
+    listener_changes: BpfHashMap<MapData, ListenerChangeKey, ListenerChange>,
+    /// The namespaces that existed at the first reading: one seen later appeared during the
+    /// run, and its counters count from zero.
+    known_at_start: Option<HashSet<u64>>,
     netfilter_reason: Option<u32>,
     clock: BootClock,
     shared: SharedContext,
@@ -301,6 +312,10 @@ impl WorkerState {
     fn tick(&mut self, emit: &impl Fn(ContextRecord) -> bool) {
         let netfilter_drops = self.netfilter_drop_deltas();
         let mut namespaces = namespaces_to_read();
+        let discovered: HashSet<u64> = namespaces.iter().map(|n| n.inode).collect();
+        if self.known_at_start.is_none() {
+            self.known_at_start = Some(discovered.clone());
+        }
         if namespaces.len() > MAX_NAMESPACES {
             if !self.warned_many {
                 eprintln!(
@@ -316,6 +331,7 @@ impl WorkerState {
             .ticks
             .is_multiple_of(u64::from(self.options.stale_every.max(1)));
         let mut requested = self.take_requests();
+        let mut readings = Vec::with_capacity(namespaces.len());
         for ns in namespaces {
             let mut work = requested.remove(&ns.inode).unwrap_or_default();
             work.want_rules = !self.last_rules.contains_key(&ns.inode)
@@ -341,8 +357,49 @@ impl WorkerState {
                     continue;
                 }
             };
-            self.apply(&ns, reading, netfilter_drops.get(&ns.inode).copied(), emit);
+            readings.push((ns, reading));
         }
+        // Read after every snapshot: a listener gone from its snapshot has closed by now, and
+        // its last drop count is here.
+        let read: HashSet<u64> = readings.iter().map(|(ns, _)| ns.inode).collect();
+        let mut changes = self
+            .take_listener_changes(|netns| read.contains(&netns) || !discovered.contains(&netns));
+        for (ns, reading) in readings {
+            let changes = changes.remove(&ns.inode).unwrap_or_default();
+            let dropped = netfilter_drops.get(&ns.inode).copied();
+            self.apply(&ns, reading, &changes, dropped, emit);
+        }
+    }
+
+    /// The listener changes the kernel recorded, by namespace, deleted from the map for the
+    /// namespaces `take` accepts (read now, or gone); others stay for a later reading.
+    fn take_listener_changes(
+        &mut self,
+        take: impl Fn(u64) -> bool,
+    ) -> HashMap<u64, Vec<ListenerEvent>> {
+        let entries: Vec<(ListenerChangeKey, ListenerChange)> = self
+            .listener_changes
+            .iter()
+            .flatten()
+            .filter(|(key, _)| take(u64::from(key.netns)))
+            .collect();
+        let mut out: HashMap<u64, Vec<ListenerEvent>> = HashMap::new();
+        for (key, value) in entries {
+            // Gone already (never here: the kernel only adds) is no error worth a word.
+            let _ = self.listener_changes.remove(&key);
+            if let Some(event) = ListenerEvent::from_kernel(&key, &value) {
+                out.entry(event.key.netns).or_default().push(event);
+            }
+        }
+        out
+    }
+
+    /// Whether namespace `netns`, read for the first time now, appeared during the run (it
+    /// was not there at the first reading): its counters then started at zero in the run.
+    fn appeared_during_run(&self, netns: u64) -> bool {
+        self.known_at_start
+            .as_ref()
+            .is_some_and(|known| !known.contains(&netns))
     }
 
     /// NETFILTER_DROP drops per namespace since the last tick, from the kernel map.
@@ -368,6 +425,7 @@ impl WorkerState {
         &mut self,
         ns: &netns::NamespaceRef,
         reading: Reading,
+        listener_changes: &[ListenerEvent],
         netfilter_dropped: Option<u64>,
         emit: &impl Fn(ContextRecord) -> bool,
     ) {
@@ -424,9 +482,32 @@ impl WorkerState {
         if let (Some(current), Some(listeners)) = (&current_counters, listeners) {
             let delta = match self.last_counters.get(&netns) {
                 Some(before) => counters::delta(before, current),
+                // A namespace created during the run: everything it counted is news.
+                None if self.appeared_during_run(netns) => {
+                    self.tracker.namespace_appeared(netns);
+                    current
+                        .iter()
+                        .filter(|(_, v)| **v > 0)
+                        .map(|(k, v)| (k.clone(), *v))
+                        .collect()
+                }
                 None => BTreeMap::new(),
             };
-            let result = self.tracker.update(netns, &listeners, &delta);
+            let syn_backlog_rule = SynBacklogRule::from_sysctls(
+                sysctls.get("net.ipv4.tcp_syncookies").map(String::as_str),
+                sysctls
+                    .get("net.ipv4.tcp_max_syn_backlog")
+                    .map(String::as_str),
+            );
+            let result = self.tracker.update(
+                netns,
+                &Interval {
+                    listeners: &listeners,
+                    changes: listener_changes,
+                    counter_delta: &delta,
+                    syn_backlog_rule,
+                },
+            );
             for drops in result.listeners.iter().filter(|d| d.total() > 0) {
                 let total =
                     self.listener_totals
@@ -465,6 +546,7 @@ impl WorkerState {
                         backlog_limit: drops.backlog_limit,
                         accept_queue: drops.accept_queue,
                         syn_queue: drops.syn_queue,
+                        closed: drops.closed,
                         namespace_counters,
                     }),
                 );

@@ -460,6 +460,10 @@ pub struct ListenerDropsRecord {
     pub backlog_limit: u32,
     pub accept_queue: u32,
     pub syn_queue: u32,
+    /// The listener closed in the interval (these are its last drops; the queue sizes are
+    /// those at the close). Left out when false.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub closed: bool,
     /// The namespace's counters over the same interval (ListenOverflows, ListenDrops,
     /// TCPReqQFullDrop): the ground truth the split was made from.
     pub namespace_counters: BTreeMap<String, u64>,

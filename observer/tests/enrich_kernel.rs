@@ -20,8 +20,8 @@ use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use observer::enrich::{
     counters::{self, Counters},
     listeners::{
-        LISTEN_DROPS, LISTEN_OVERFLOWS, ListenerDrops, ListenerSnapshot, ListenerTracker,
-        REQ_Q_FULL_DROP, snapshot_listeners,
+        Interval, LISTEN_DROPS, LISTEN_OVERFLOWS, ListenerDrops, ListenerSnapshot, ListenerTracker,
+        NamespaceListenDrops, REQ_Q_FULL_DROP, SynBacklogRule, snapshot_listeners,
     },
     netns,
     sockdiag::{Extensions, Family, StateMask, TcpState, dump_tcp},
@@ -34,6 +34,25 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
 const CLIENTS: usize = 10;
 
 static KERNEL_LOCK: Mutex<()> = Mutex::new(());
+
+/// One interval of `tracker` from sock_diag snapshots and counters (no listener changes).
+fn update(
+    tracker: &mut ListenerTracker,
+    netns: u64,
+    listeners: &[ListenerSnapshot],
+    counter_delta: &BTreeMap<String, u64>,
+    syn_backlog_rule: Option<SynBacklogRule>,
+) -> NamespaceListenDrops {
+    tracker.update(
+        netns,
+        &Interval {
+            listeners,
+            changes: &[],
+            counter_delta,
+            syn_backlog_rule,
+        },
+    )
+}
 
 /// Root check plus a lock so the kernel tests of this binary run one at a time (they share
 /// two cores, and timing matters to the SYN retransmissions).
@@ -229,7 +248,13 @@ fn accept_queue_overflow_is_attributed_to_its_listener() -> Result<()> {
 
     let (before_listeners, before) = readings(&ns)?;
     let mut tracker = ListenerTracker::new();
-    tracker.update(netns_inode, &before_listeners, &BTreeMap::new());
+    update(
+        &mut tracker,
+        netns_inode,
+        &before_listeners,
+        &BTreeMap::new(),
+        None,
+    );
     let ours = before_listeners
         .iter()
         .find(|l| l.port == addr.port())
@@ -269,7 +294,7 @@ fn accept_queue_overflow_is_attributed_to_its_listener() -> Result<()> {
     ])?;
     let (after_listeners, after) = settled_readings(&ns)?;
     let delta = counters::delta(&before, &after);
-    let report = tracker.update(netns_inode, &after_listeners, &delta);
+    let report = update(&mut tracker, netns_inode, &after_listeners, &delta, None);
     let drops = drops_for(&report.listeners, addr.port())?;
     eprintln!(
         "accept queue: {} connected, {failed} failed; namespace delta {:?}; listener {drops:?}",
@@ -321,7 +346,13 @@ fn overflow_on_the_final_ack_is_counted_once() -> Result<()> {
     let port = addr.port().to_string();
     let (before_listeners, before) = readings(&ns)?;
     let mut tracker = ListenerTracker::new();
-    tracker.update(netns_inode, &before_listeners, &BTreeMap::new());
+    update(
+        &mut tracker,
+        netns_inode,
+        &before_listeners,
+        &BTreeMap::new(),
+        None,
+    );
     let drops_of = |listeners: &[ListenerSnapshot]| {
         listeners
             .iter()
@@ -368,7 +399,7 @@ fn overflow_on_the_final_ack_is_counted_once() -> Result<()> {
     let (after_listeners, after) = settled_readings(&ns)?;
     let delta = counters::delta(&before, &after);
     let sk_drops = drops_of(&after_listeners)?.wrapping_sub(drops_of(&before_listeners)?);
-    let report = tracker.update(netns_inode, &after_listeners, &delta);
+    let report = update(&mut tracker, netns_inode, &after_listeners, &delta, None);
     let drops = drops_for(&report.listeners, addr.port())?;
     eprintln!(
         "final-ACK overflow: {elapsed:?} from first connect to its data; sk_drops +{sk_drops}; \
@@ -414,7 +445,13 @@ fn syn_queue_overflow_is_attributed_to_its_listener() -> Result<()> {
 
     let (before_listeners, before) = readings(&ns)?;
     let mut tracker = ListenerTracker::new();
-    tracker.update(netns_inode, &before_listeners, &BTreeMap::new());
+    update(
+        &mut tracker,
+        netns_inode,
+        &before_listeners,
+        &BTreeMap::new(),
+        None,
+    );
 
     let (streams, failed) = connect_clients(&ns, addr)?;
     ns.exec(&[
@@ -422,7 +459,7 @@ fn syn_queue_overflow_is_attributed_to_its_listener() -> Result<()> {
     ])?;
     let (after_listeners, after) = settled_readings(&ns)?;
     let delta = counters::delta(&before, &after);
-    let report = tracker.update(netns_inode, &after_listeners, &delta);
+    let report = update(&mut tracker, netns_inode, &after_listeners, &delta, None);
     let drops = drops_for(&report.listeners, addr.port())?;
     eprintln!(
         "SYN queue: {} connected, {failed} failed; namespace delta {:?}; listener {drops:?}",
@@ -451,11 +488,11 @@ fn syn_queue_overflow_is_attributed_to_its_listener() -> Result<()> {
 }
 
 /// With syncookies off, tcp_max_syn_backlog keeps its last quarter for proven peers: a SYN
-/// refused by that rule moves ListenDrops but neither overflow counter, so the tracker reports
-/// it as `other_drops`.
+/// refused by that rule moves ListenDrops but neither overflow counter; with the rule in hand
+/// (and the SYN queue at it) the tracker reports it as `syn_queue_drops`.
 #[test]
-fn max_syn_backlog_refusals_are_other_drops() -> Result<()> {
-    let Some(_guard) = kernel_test("max_syn_backlog_refusals_are_other_drops") else {
+fn max_syn_backlog_refusals_are_syn_queue_drops() -> Result<()> {
+    let Some(_guard) = kernel_test("max_syn_backlog_refusals_are_syn_queue_drops") else {
         return Ok(());
     };
     let ns = TestNs::new("maxsyn")?;
@@ -471,14 +508,21 @@ fn max_syn_backlog_refusals_are_other_drops() -> Result<()> {
 
     let (before_listeners, before) = readings(&ns)?;
     let mut tracker = ListenerTracker::new();
-    tracker.update(netns_inode, &before_listeners, &BTreeMap::new());
+    update(
+        &mut tracker,
+        netns_inode,
+        &before_listeners,
+        &BTreeMap::new(),
+        None,
+    );
     let (streams, failed) = connect_clients(&ns, addr)?;
     ns.exec(&[
         "iptables", "-I", "INPUT", "-p", "tcp", "--dport", &port, "-j", "DROP",
     ])?;
     let (after_listeners, after) = settled_readings(&ns)?;
     let delta = counters::delta(&before, &after);
-    let report = tracker.update(netns_inode, &after_listeners, &delta);
+    let rule = SynBacklogRule::from_sysctls(Some("0"), Some("4"));
+    let report = update(&mut tracker, netns_inode, &after_listeners, &delta, rule);
     let drops = drops_for(&report.listeners, addr.port())?;
     eprintln!(
         "max_syn_backlog: {} connected, {failed} failed; namespace delta {:?}; listener {drops:?}",
@@ -487,11 +531,10 @@ fn max_syn_backlog_refusals_are_other_drops() -> Result<()> {
     );
     let listen_drops = delta.get(LISTEN_DROPS).copied().unwrap_or(0);
     assert!(listen_drops > 0, "no drop counted: {delta:?}");
-    assert_eq!(drops.other_drops, listen_drops);
-    assert_eq!(
-        (drops.accept_queue_overflows, drops.syn_queue_drops),
-        (0, 0)
-    );
+    assert_eq!(drops.syn_queue_drops, listen_drops);
+    assert_eq!((drops.accept_queue_overflows, drops.other_drops), (0, 0));
+    // The queue sock_diag listed is at the rule's limit (4 - 4 < 4 >> 2).
+    assert!(drops.syn_queue >= 4, "SYN queue {}", drops.syn_queue);
     drop(streams);
     Ok(())
 }

@@ -9,9 +9,10 @@ use observer_common::{
 };
 
 use crate::{
-    abi::{ECONNREFUSED, IPPROTO_TCP, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV},
+    abi::{ECONNREFUSED, IPPROTO_TCP, TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV},
     clock::now_ns,
     counting::{Counter, count_healthy, export_healthy, new_event, record_with, run},
+    listeners::record_listener_change,
     reads::{arg, kread, raw_args, record_of, slot},
     services::{self, Outcome, listener_of, peer_of},
     sock::{fill_from_record, fill_from_sock},
@@ -121,6 +122,15 @@ pub(crate) fn on_set_state<C: aya_ebpf::EbpfContext>(
         };
         track_socket(sk, followed_socket(sk), &state);
         return Ok(());
+    }
+    // A listen() or a listener's close: rare, and the only transitions that read the
+    // listener's drop counter. (A child socket is cloned from its listener and so also leaves
+    // LISTEN, for SYN_RECV: that is a connection, not the listener's end.)
+    if new == TCP_LISTEN || (old == TCP_LISTEN && new == TCP_CLOSE) {
+        if !is_tcp() {
+            return Ok(());
+        }
+        return record_listener_change(sk, new, fill);
     }
     let kind = match (old, new) {
         (o, TCP_ESTABLISHED) if o == i32::from(TCP_SYN_SENT) => event_kind::CONNECT,

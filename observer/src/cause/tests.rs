@@ -305,6 +305,7 @@ fn a_full_accept_queue_explains_connect_trouble_and_the_listeners_own_anomaly() 
             backlog_limit: 1,
             accept_queue: 2,
             syn_queue: 0,
+            closed: false,
             namespace_counters: BTreeMap::new(),
         }),
     );

@@ -197,6 +197,7 @@ pub async fn run<W: Write>(options: RunOptions, out: W) -> anyhow::Result<StopRe
     let (request_tx, request_rx) = std_mpsc::channel();
     let context = ContextWorker::spawn(
         loaded.take_netns_drops()?,
+        loaded.take_listener_changes()?,
         netfilter_reason,
         ContextOptions {
             interval: options.context_interval,

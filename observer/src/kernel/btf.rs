@@ -14,6 +14,7 @@ use btf_rs::{Btf, BtfType, Member, Struct, Type};
 use observer_common::{SockOffsets, StructOffsets};
 
 mod header;
+mod listener;
 
 /// Where the running kernel exposes its own BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";

@@ -6,9 +6,10 @@ use aya::{
     programs::{RawTracePoint, TracePoint},
 };
 use observer_common::{
-    ExportBudget, FlowCounters, FlowKey, KernelConfig, KindStats, MAX_DROP_REASONS, MapStats,
-    NetnsReason, PacketOffsets, RECORD_MAX, RawArgs, ServiceKey, ServiceStats, TableSizes,
-    drop_filter, event_kind, socket_sets_for,
+    ExportBudget, FlowCounters, FlowKey, KernelConfig, KindStats, ListenerChange,
+    ListenerChangeKey, ListenerOffsets, MAX_DROP_REASONS, MapStats, NetnsReason, PacketOffsets,
+    RECORD_MAX, RawArgs, ServiceKey, ServiceStats, TableSizes, drop_filter, event_kind,
+    socket_sets_for,
 };
 
 use super::{
@@ -157,6 +158,13 @@ fn discover(options: &LoadOptions) -> anyhow::Result<Discovery> {
             socket_sets_mask: socket_sets_for(options.max_flows) - 1,
             _pad: 0,
         },
+        listener: btf.listener_offsets().unwrap_or_else(|e| {
+            eprintln!(
+                "observer: warning: listener layout not found in BTF ({:#}); listeners closed between two readings lose their last drops",
+                anyhow::Error::from(e)
+            );
+            ListenerOffsets::default()
+        }),
         ..KernelConfig::default()
     };
     let mut drop_reasons = ReasonNames::default();
@@ -592,6 +600,18 @@ impl Loaded {
         let own = MapData::from_id(id).context("opening NETNS_DROPS by id")?;
         self.netns_drops = Some(BpfHashMap::try_from(aya::maps::Map::LruHashMap(own))?);
         Ok(map)
+    }
+
+    /// Takes the listener start and end records (once), for the context worker, which deletes
+    /// each entry once it has accounted for it.
+    pub fn take_listener_changes(
+        &mut self,
+    ) -> anyhow::Result<BpfHashMap<MapData, ListenerChangeKey, ListenerChange>> {
+        let map = self
+            .ebpf
+            .take_map("LISTENER_CHANGES")
+            .context("map LISTENER_CHANGES is missing from the object")?;
+        BpfHashMap::try_from(map).context("map LISTENER_CHANGES is not a hash map")
     }
 
     /// Entries the bounded tables evicted so far. The programs count socket evictions as they

@@ -190,6 +190,8 @@ pub struct ListenerDropsIn {
     #[serde(default)]
     pub syn_queue: u32,
     #[serde(default)]
+    pub closed: bool,
+    #[serde(default)]
     pub namespace_counters: BTreeMap<String, u64>,
 }
 
@@ -691,6 +693,7 @@ pub fn context_observations(record: &Record) -> Vec<Observation> {
             backlog_limit: r.backlog_limit,
             accept_queue: r.accept_queue,
             syn_queue: r.syn_queue,
+            closed: r.closed,
             namespace_counters: r.namespace_counters.clone(),
         }),
         Record::NetfilterDrop(r) => ContextRecord::NetfilterDrop(NetfilterDropRecord {

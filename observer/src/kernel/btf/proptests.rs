@@ -81,6 +81,7 @@ fn query(btf: &KernelBtf) {
     let _ = btf.enum_values("u32");
     let _ = btf.struct_offsets();
     let _ = btf.sock_offsets();
+    let _ = btf.listener_offsets();
     if let Ok(params) = btf.tracepoint_params("kfree_skb") {
         let _ = crate::kernel::raw_args::resolve("kfree_skb", &params);
     }
