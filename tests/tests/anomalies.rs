@@ -379,17 +379,19 @@ fn retransmit_fault_opens_updates_and_closes_one_flow_anomaly() -> Result<()> {
     );
 
     // Rates and counts against the fault and the kernel.
-    let open_rate = f64_of(open, "rate_per_sec")?;
+    // It opens on the rate of the last 3 s when that is higher than the 10 s rate (a storm
+    // opens within seconds), and reports it as its peak.
+    let open_rate = f64_of(open, "peak_rate_per_sec")?;
     ensure!(
         open_rate >= LIFECYCLE_OPEN_PER_SEC,
         "opened at {open_rate}/s, below the threshold"
     );
     let peak = f64_of(close, "peak_rate_per_sec")?;
     ensure!(
-        peak >= open_rate && peak * 10.0 <= retrans_segs as f64 + 0.5,
+        peak >= open_rate && peak * 3.0 <= retrans_segs as f64 + 0.5,
         "peak_rate_per_sec {peak}: expected >= the open rate {open_rate} and at most \
-         TcpRetransSegs/10 s = {}",
-        retrans_segs as f64 / 10.0
+         TcpRetransSegs/3 s (the shortest span a rate is taken over) = {}",
+        retrans_segs as f64 / 3.0
     );
     ensure!(
         f64_of(close, "rate_per_sec")? < LIFECYCLE_OPEN_PER_SEC / 2.0,

@@ -477,7 +477,8 @@ pub struct AnomalySnapshot {
     /// connections counted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub per_connection: Option<PerConnection>,
-    /// Highest 10 s rate seen at a tick since opening.
+    /// The rate it opened on (over the last 3 s when trouble had just begun), or the highest
+    /// 10 s rate seen at a tick since, whichever is higher.
     pub peak_rate_per_sec: f64,
     /// Count of the signals since the key was first seen.
     pub lifetime_count: u64,

@@ -670,8 +670,8 @@ impl TickPass<'_> {
             let rate = row.rate_per_sec(mask, Window::Last10s, self.now_sec);
             let departure = self.thresholds.baseline_factor * row.baseline_per_sec(mask)
                 + thresholds.floor_threshold_per_sec();
-            let rate_opens = opening_rate(row, mask, self.now_sec) >= thresholds.open_per_sec
-                && rate.max(opening_rate(row, mask, self.now_sec)) > departure;
+            let opening = opening_rate(row, mask, self.now_sec);
+            let rate_opens = opening >= thresholds.open_per_sec && opening > departure;
             let ratio_opens = || {
                 PerConnection::of_row(row, mask, thresholds.ratio_open, self.now_sec).is_some_and(
                     |r| r.count >= thresholds.ratio_min_count && r.ratio >= r.open_ratio,
@@ -690,7 +690,8 @@ impl TickPass<'_> {
                 opened_ns: self.now_ns,
                 reported_ns: self.now_ns,
                 below_since_ns: None,
-                peak_rate_per_sec: rate,
+                // The rate it opened on (the 3 s one when trouble has just begun).
+                peak_rate_per_sec: opening,
                 opened_by,
             };
             *self.next_anomaly_id += 1;
