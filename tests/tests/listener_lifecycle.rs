@@ -204,6 +204,40 @@ fn overflows_of_a_listener_closed_after_its_burst_are_counted_to_the_last() -> R
         e.check(&run.records, stop)?;
     }
     waited?;
+    // Each listener's anomaly names its full accept queue as the cause, with the kernel's count
+    // (its last record, written at shutdown, has every interval's drops).
+    for e in &expected {
+        let last = run
+            .records
+            .iter()
+            .rev()
+            .find(|r| {
+                r["type"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("anomaly_"))
+                    && r["kind"] == "listen_overflow"
+                    && r["key"]["netns"].as_u64() == Some(e.netns)
+                    && r["key"]["port"].as_u64() == Some(u64::from(e.port))
+            })
+            .with_context(|| format!("no listen_overflow anomaly for port {}", e.port))?;
+        let cause = &last["cause"];
+        note(&format!(
+            "listen_overflow on port {}: cause {cause}",
+            e.port
+        ));
+        ensure!(cause["kind"] == "accept_queue_overflow", "cause: {cause}");
+        let truth = e.fields[0].1;
+        ensure!(
+            cause["evidence"]["accept_queue_overflows"].as_u64() == Some(truth),
+            "cause.evidence.accept_queue_overflows != ListenOverflows delta {truth}: {cause}"
+        );
+        ensure!(
+            cause["summary"]
+                .as_str()
+                .is_some_and(|s| s.contains(&format!("127.0.0.1:{}", e.port))),
+            "summary: {cause}"
+        );
+    }
     Ok(())
 }
 
