@@ -667,7 +667,6 @@ impl TickPass<'_> {
             if !self.may_open || !thresholds.enabled || row.signals & mask == 0 {
                 return;
             }
-            let rate = row.rate_per_sec(mask, Window::Last10s, self.now_sec);
             let departure = self.thresholds.baseline_factor * row.baseline_per_sec(mask)
                 + thresholds.floor_threshold_per_sec();
             let opening = opening_rate(row, mask, self.now_sec);
