@@ -11,6 +11,7 @@ use std::{
 use serde::Deserialize;
 use serde_json::Value;
 
+pub use self::anomaly::{AnomalyDetail, AnomalyIn, AnomalyPhase, CauseIn, PerConnectionIn};
 use crate::{
     aggregate::{ListenerKey, Observation, PeerKey, RowKey, RuleKey, Signal},
     analysis,
@@ -19,6 +20,8 @@ use crate::{
     enrich::{cgroup::Service, stale::StaleGroup},
     record::{ListenerDropsRecord, NetfilterDropRecord, RuleRecord},
 };
+
+mod anomaly;
 
 /// Why a line is not a record top understands.
 #[derive(Debug, thiserror::Error)]
@@ -266,71 +269,6 @@ pub struct SysctlChangeIn {
     pub new: String,
 }
 
-/// Which record of an anomaly's lifecycle.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AnomalyPhase {
-    Open,
-    Update,
-    Close,
-}
-
-impl AnomalyPhase {
-    pub fn name(self) -> &'static str {
-        match self {
-            AnomalyPhase::Open => "open",
-            AnomalyPhase::Update => "update",
-            AnomalyPhase::Close => "close",
-        }
-    }
-}
-
-/// An `anomaly_open`, `anomaly_update` or `anomaly_close` record.
-#[derive(Clone, Debug, PartialEq)]
-pub struct AnomalyIn {
-    pub phase: AnomalyPhase,
-    pub time_ns: Option<u64>,
-    pub id: u64,
-    /// `flow_retransmit_spike`, `listen_overflow`, ...
-    pub kind: String,
-    pub key: RowKey,
-    pub rate_per_sec: f64,
-    pub peak_rate_per_sec: f64,
-    pub reasons: Vec<(String, u64)>,
-    pub close_reason: Option<String>,
-    /// The namespace's sysctls when it was reported (its `context`).
-    pub netns: Option<u64>,
-    pub sysctls: BTreeMap<String, String>,
-}
-
-#[derive(Deserialize)]
-struct AnomalyJson {
-    time: Option<String>,
-    id: u64,
-    kind: String,
-    key: Value,
-    #[serde(default)]
-    rate_per_sec: f64,
-    #[serde(default)]
-    peak_rate_per_sec: f64,
-    #[serde(default)]
-    reasons: Vec<ReasonJson>,
-    close_reason: Option<String>,
-    context: Option<ContextJson>,
-}
-
-#[derive(Deserialize)]
-struct ReasonJson {
-    reason: String,
-    count: u64,
-}
-
-#[derive(Deserialize)]
-struct ContextJson {
-    netns: Option<u64>,
-    #[serde(default)]
-    sysctls: BTreeMap<String, String>,
-}
-
 #[derive(Deserialize)]
 struct CountJson {
     #[serde(default)]
@@ -385,13 +323,17 @@ fn fields<T: for<'de> Deserialize<'de>>(kind: &str, value: &Value) -> Result<T, 
 
 /// Reads one line of the stream.
 pub fn parse_line(line: &str) -> Result<Record, WireError> {
-    let value: Value = serde_json::from_str(line.trim_end())?;
+    parse_value(&serde_json::from_str(line.trim_end())?)
+}
+
+/// Reads one record already parsed as JSON.
+pub fn parse_value(value: &Value) -> Result<Record, WireError> {
     let kind = value
         .get("type")
         .and_then(Value::as_str)
         .ok_or(WireError::NoType)?;
     if let Some(event_kind) = EventKind::from_name(kind) {
-        let e: EventJson = fields(kind, &value)?;
+        let e: EventJson = fields(kind, value)?;
         let flow = flow_of(
             e.family.as_deref(),
             (e.saddr, e.sport),
@@ -416,49 +358,24 @@ pub fn parse_line(line: &str) -> Result<Record, WireError> {
         }));
     }
     Ok(match kind {
-        "start" => Record::Start(fields(kind, &value)?),
+        "start" => Record::Start(fields(kind, value)?),
         "lost" => Record::Lost {
-            count: fields::<CountJson>(kind, &value)?.count,
+            count: fields::<CountJson>(kind, value)?.count,
         },
         "undelivered" => Record::Undelivered {
-            count: fields::<CountJson>(kind, &value)?.count,
+            count: fields::<CountJson>(kind, value)?.count,
         },
-        "listener_drops" => Record::ListenerDrops(fields(kind, &value)?),
-        "stale_connections" => Record::StaleConnections(fields(kind, &value)?),
-        "reconciled" => Record::Reconciled(reconciled(&fields::<ReconciledJson>(kind, &value)?)),
-        "netfilter_drop" => Record::NetfilterDrop(fields(kind, &value)?),
-        "sysctl_change" => Record::SysctlChange(fields(kind, &value)?),
+        "listener_drops" => Record::ListenerDrops(fields(kind, value)?),
+        "stale_connections" => Record::StaleConnections(fields(kind, value)?),
+        "reconciled" => Record::Reconciled(reconciled(&fields::<ReconciledJson>(kind, value)?)),
+        "netfilter_drop" => Record::NetfilterDrop(fields(kind, value)?),
+        "sysctl_change" => Record::SysctlChange(fields(kind, value)?),
         "anomaly_open" | "anomaly_update" | "anomaly_close" => {
-            let phase = match kind {
-                "anomaly_open" => AnomalyPhase::Open,
-                "anomaly_update" => AnomalyPhase::Update,
-                _ => AnomalyPhase::Close,
-            };
-            let a: AnomalyJson = fields(kind, &value)?;
-            let key = row_key(&a.key).ok_or_else(|| WireError::Fields {
-                kind: kind.to_owned(),
-                error: serde::de::Error::custom(format!("unknown key {}", a.key)),
-            })?;
-            let (netns, sysctls) = match a.context {
-                Some(c) => (c.netns, c.sysctls),
-                None => (None, BTreeMap::new()),
-            };
-            Record::Anomaly(AnomalyIn {
-                phase,
-                time_ns: a.time.as_deref().and_then(parse_time),
-                id: a.id,
-                kind: a.kind,
-                key,
-                rate_per_sec: a.rate_per_sec,
-                peak_rate_per_sec: a.peak_rate_per_sec,
-                reasons: a.reasons.into_iter().map(|r| (r.reason, r.count)).collect(),
-                close_reason: a.close_reason,
-                netns,
-                sysctls,
-            })
+            let phase = AnomalyPhase::of_type(kind).unwrap_or(AnomalyPhase::Close);
+            Record::Anomaly(anomaly::parse(kind, phase, value)?)
         }
         "stop" => Record::Stop {
-            reason: fields::<StopJson>(kind, &value)?.reason,
+            reason: fields::<StopJson>(kind, value)?.reason,
         },
         other => Record::Other {
             kind: other.to_owned(),
