@@ -11,6 +11,7 @@ use ratatui::widgets::TableState;
 
 use super::{
     event::{Event, SourceStatus},
+    findings::{Finding, Findings},
     wire::{self, AnomalyPhase, EventIn, ReasonInterner, Record, Start},
 };
 use crate::{
@@ -52,41 +53,48 @@ pub const SPARK_SECS: usize = 60;
 /// The table the main pane shows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tab {
+    /// The daemon's anomalies with their causes, most severe first (the default).
+    Findings,
     Flows,
     Peers,
     Listeners,
 }
 
 impl Tab {
-    pub const ALL: [Tab; 3] = [Tab::Flows, Tab::Peers, Tab::Listeners];
+    pub const ALL: [Tab; 4] = [Tab::Findings, Tab::Flows, Tab::Peers, Tab::Listeners];
 
     pub fn title(self) -> &'static str {
         match self {
+            Tab::Findings => "Findings",
             Tab::Flows => "Flows",
             Tab::Peers => "Peers",
             Tab::Listeners => "Listeners",
         }
     }
 
-    pub fn table(self) -> TableId {
+    /// The engine's table behind the tab (none for findings).
+    pub fn table(self) -> Option<TableId> {
         match self {
-            Tab::Flows => TableId::Flows,
-            Tab::Peers => TableId::Peers,
-            Tab::Listeners => TableId::Listeners,
+            Tab::Findings => None,
+            Tab::Flows => Some(TableId::Flows),
+            Tab::Peers => Some(TableId::Peers),
+            Tab::Listeners => Some(TableId::Listeners),
         }
     }
 
     pub fn next(self) -> Tab {
         match self {
+            Tab::Findings => Tab::Flows,
             Tab::Flows => Tab::Peers,
             Tab::Peers => Tab::Listeners,
-            Tab::Listeners => Tab::Flows,
+            Tab::Listeners => Tab::Findings,
         }
     }
 
     pub fn previous(self) -> Tab {
         match self {
-            Tab::Flows => Tab::Listeners,
+            Tab::Findings => Tab::Listeners,
+            Tab::Flows => Tab::Findings,
             Tab::Peers => Tab::Flows,
             Tab::Listeners => Tab::Peers,
         }
@@ -114,6 +122,8 @@ impl SortColumn {
     /// The columns `s` cycles through on a tab, starting with severity.
     pub fn for_tab(tab: Tab) -> &'static [SortColumn] {
         match tab {
+            // Findings have one order: open, most severe, newest.
+            Tab::Findings => &[SortColumn::Severity],
             Tab::Flows | Tab::Peers => &[
                 SortColumn::Severity,
                 SortColumn::Retransmits,
@@ -377,6 +387,10 @@ pub struct Model {
     pub sysctl_changes: VecDeque<SysctlChange>,
     /// The network namespace top runs in (where the `start` record's sysctls were read).
     pub host_netns: Option<u64>,
+    /// The daemon's anomalies, one finding each.
+    pub findings: Findings,
+    /// Names of namespaces: from anomaly records (`context.netns_name`) and, live, /run/netns.
+    pub netns_names: HashMap<u64, String>,
     latest_ns: u64,
 }
 
@@ -413,8 +427,27 @@ impl Model {
             sysctls: HashMap::new(),
             sysctl_changes: VecDeque::new(),
             host_netns,
+            findings: Findings::default(),
+            netns_names: HashMap::new(),
             latest_ns: now_ns,
         })
+    }
+
+    /// Names of namespaces read live (`/run/netns`), over those records gave.
+    pub fn learn_netns_names(&mut self, names: impl IntoIterator<Item = (u64, String)>) {
+        for (netns, name) in names {
+            if self.netns_names.len() < MAX_NAMESPACES || self.netns_names.contains_key(&netns) {
+                self.netns_names.insert(netns, name);
+            }
+        }
+    }
+
+    /// `web (4026532177)`, or the inode alone when the namespace has no known name.
+    pub fn netns_label(&self, netns: u64) -> String {
+        match self.netns_names.get(&netns) {
+            Some(name) => format!("{name} ({netns})"),
+            None => netns.to_string(),
+        }
     }
 
     /// The latest time seen (records or ticks).
@@ -547,6 +580,13 @@ impl Model {
             }
             Record::Anomaly(a) => {
                 let at = a.time_ns.unwrap_or(arrival_ns);
+                self.findings.apply(&a, at);
+                if let (Some(netns), Some(name)) = (a.netns, &a.detail.netns_name)
+                    && (self.netns_names.len() < MAX_NAMESPACES
+                        || self.netns_names.contains_key(&netns))
+                {
+                    self.netns_names.insert(netns, name.clone());
+                }
                 if let Some(netns) = a.netns
                     && !a.sysctls.is_empty()
                     && (self.sysctls.len() < MAX_NAMESPACES || self.sysctls.contains_key(&netns))
@@ -740,8 +780,11 @@ impl Model {
                     map.entry(&entry.key).or_default().push(entry.kind.as_str());
                     map
                 });
+        let Some(table) = tab.table() else {
+            return Vec::new();
+        };
         self.engine
-            .top_rows(tab.table(), sort.engine_hint(), n)
+            .top_rows(table, sort.engine_hint(), n)
             .into_iter()
             .map(|view| {
                 let extras = self.extras.get(&view.key);
@@ -766,6 +809,7 @@ impl Model {
     pub fn table_len(&self, tab: Tab) -> usize {
         let stats = self.engine.stats();
         match tab {
+            Tab::Findings => self.findings.len(),
             Tab::Flows => stats.flows.rows,
             Tab::Peers => stats.peers.rows,
             Tab::Listeners => stats.listeners.rows,
@@ -945,6 +989,33 @@ pub fn scoped_label(key: &RowKey) -> String {
     format!("{scope} {}", key_label(key))
 }
 
+/// Whether a finding matches a filter: its kind, key, severity, cause or namespace (number or
+/// name), case-insensitively.
+fn finding_matches(finding: &Finding, model: &Model, filter: &str) -> bool {
+    let filter = filter.trim().to_ascii_lowercase();
+    if filter.is_empty() {
+        return true;
+    }
+    let netns = u64::from(finding.netns);
+    let name = finding
+        .netns_name
+        .as_deref()
+        .or_else(|| model.netns_names.get(&netns).map(String::as_str));
+    let cause = finding.cause();
+    [
+        Some(finding.kind.as_str()),
+        Some(scoped_label(&finding.key).as_str()),
+        Some(finding.severity().name()),
+        cause.map(|c| c.kind.as_str()),
+        cause.map(|c| c.summary.as_str()),
+        name,
+    ]
+    .into_iter()
+    .flatten()
+    .any(|text| text.to_ascii_lowercase().contains(&filter))
+        || netns.to_string() == filter
+}
+
 /// Rows as fetched and as shown.
 #[derive(Clone, Debug, Default)]
 pub struct View {
@@ -952,7 +1023,9 @@ pub struct View {
     pub fetched: Vec<Row>,
     /// Filtered and sorted: what the table shows.
     pub rows: Vec<Row>,
-    /// Rows in the engine's table when fetched.
+    /// The findings shown (Findings tab): filtered, in the list's order.
+    pub findings: Vec<Finding>,
+    /// Rows in the engine's table when fetched (findings known, on the Findings tab).
     pub table_len: usize,
     /// The model's time when fetched.
     pub at_ns: u64,
@@ -983,6 +1056,8 @@ pub struct Ui {
     pub sort: SortColumn,
     /// The selected row's key: the selection follows its row when the order changes.
     pub selected_key: Option<RowKey>,
+    /// The selected finding's id (Findings tab), followed the same way.
+    pub selected_finding: Option<u64>,
     /// Whether the selection follows its row when the order changes (after the user moved it
     /// off the top row); otherwise it stays at its position, the top by default.
     pub follow: bool,
@@ -1016,9 +1091,10 @@ impl App {
             model: Model::new(now_ns, host_netns, engine)?,
             view: View::default(),
             ui: Ui {
-                tab: Tab::Flows,
+                tab: Tab::Findings,
                 sort: SortColumn::Severity,
                 selected_key: None,
+                selected_finding: None,
                 follow: false,
                 table: TableState::default(),
                 filter: String::new(),
@@ -1106,6 +1182,12 @@ impl App {
 
     /// Fetches the rows of the current tab from the model, then filters and sorts them.
     pub fn refresh(&mut self) {
+        self.view.at_ns = self.model.now_ns();
+        if self.ui.tab == Tab::Findings {
+            self.view.table_len = self.model.findings.len();
+            self.reorder();
+            return;
+        }
         let n = if self.ui.filter.trim().is_empty() {
             FETCH_ROWS
         } else {
@@ -1113,7 +1195,6 @@ impl App {
         };
         self.view.fetched = self.model.rows(self.ui.tab, self.ui.sort, n);
         self.view.table_len = self.model.table_len(self.ui.tab);
-        self.view.at_ns = self.model.now_ns();
         self.reorder();
     }
 
@@ -1121,6 +1202,26 @@ impl App {
     /// keeping the selection on the same row when it is still shown.
     pub fn reorder(&mut self) {
         let filter = self.ui.filter.clone();
+        if self.ui.tab == Tab::Findings {
+            let model = &self.model;
+            self.view.findings = model
+                .findings
+                .current(self.view.at_ns)
+                .into_iter()
+                .filter(|f| finding_matches(f, model, &filter))
+                .cloned()
+                .collect();
+            let index = self
+                .ui
+                .selected_finding
+                .filter(|_| self.ui.follow)
+                .and_then(|id| self.view.findings.iter().position(|f| f.id == id));
+            match index {
+                Some(i) => self.ui.table.select(Some(i)),
+                None => self.select(self.ui.table.selected().unwrap_or(0)),
+            }
+            return;
+        }
         let sort = self.ui.sort;
         let mut rows: Vec<Row> = self
             .view
@@ -1148,16 +1249,31 @@ impl App {
         }
     }
 
+    /// Entries the current tab shows.
+    pub fn shown_len(&self) -> usize {
+        match self.ui.tab {
+            Tab::Findings => self.view.findings.len(),
+            _ => self.view.rows.len(),
+        }
+    }
+
     /// Selects row `index` (clamped); none when the table is empty.
     pub fn select(&mut self, index: usize) {
-        if self.view.rows.is_empty() {
+        let len = self.shown_len();
+        if len == 0 {
             self.ui.table.select(None);
             self.ui.selected_key = None;
+            self.ui.selected_finding = None;
             return;
         }
-        let index = index.min(self.view.rows.len() - 1);
+        let index = index.min(len - 1);
         self.ui.table.select(Some(index));
-        self.ui.selected_key = self.view.rows.get(index).map(|r| r.key.clone());
+        match self.ui.tab {
+            Tab::Findings => {
+                self.ui.selected_finding = self.view.findings.get(index).map(|f| f.id);
+            }
+            _ => self.ui.selected_key = self.view.rows.get(index).map(|r| r.key.clone()),
+        }
     }
 
     /// Selects row `index` at the user's request: off the top row, the selection then follows
@@ -1167,9 +1283,28 @@ impl App {
         self.select(index);
     }
 
-    /// The selected row, if any.
+    /// The selected row, if any (none on the Findings tab).
     pub fn selected_row(&self) -> Option<&Row> {
+        if self.ui.tab == Tab::Findings {
+            return None;
+        }
         self.ui.table.selected().and_then(|i| self.view.rows.get(i))
+    }
+
+    /// The selected finding, on the Findings tab.
+    pub fn selected_finding(&self) -> Option<&Finding> {
+        if self.ui.tab != Tab::Findings {
+            return None;
+        }
+        self.ui
+            .table
+            .selected()
+            .and_then(|i| self.view.findings.get(i))
+    }
+
+    /// Whether something is selected that has details.
+    pub fn has_selection(&self) -> bool {
+        self.selected_row().is_some() || self.selected_finding().is_some()
     }
 
     /// Switches tabs; the sort stays if the new tab has that column.
@@ -1179,6 +1314,7 @@ impl App {
             self.ui.sort = SortColumn::Severity;
         }
         self.ui.selected_key = None;
+        self.ui.selected_finding = None;
         self.ui.follow = false;
         self.ui.table = TableState::default();
         self.refresh();
@@ -1207,6 +1343,7 @@ impl App {
         self.ui.filter = filter;
         // A new filter starts at its first row.
         self.ui.selected_key = None;
+        self.ui.selected_finding = None;
         self.ui.follow = false;
         self.ui.table = TableState::default();
         self.ui.table.select(Some(0));
@@ -1223,6 +1360,7 @@ impl App {
     pub fn panel_netns(&self) -> Option<u64> {
         self.selected_row()
             .map(|r| u64::from(r.netns))
+            .or_else(|| self.selected_finding().map(|f| u64::from(f.netns)))
             .filter(|n| *n != 0)
             .or(self.model.host_netns)
     }

@@ -27,6 +27,7 @@ use crate::{
     enrich::cgroup::Service,
 };
 
+mod findings;
 mod format;
 mod panes;
 mod popups;
@@ -34,8 +35,8 @@ mod table;
 #[cfg(test)]
 mod tests;
 
+use self::{findings::*, panes::*, popups::*, table::*};
 pub use self::{format::*, popups::HELP};
-use self::{panes::*, popups::*, table::*};
 
 /// Below this, only a note that the terminal is too small.
 pub const MIN_WIDTH: u16 = 30;
@@ -66,9 +67,16 @@ pub fn render(frame: &mut Frame, app: &mut App) {
     .areas(area);
     render_header(frame, header, app);
     render_tabs(frame, tabs, app);
-    render_table(frame, table, app);
-    if spark_h > 0 {
-        render_sparkline(frame, spark, app);
+    if app.ui.tab == Tab::Findings {
+        render_findings(frame, table, app);
+        if spark_h > 0 {
+            render_finding_strip(frame, spark, app);
+        }
+    } else {
+        render_table(frame, table, app);
+        if spark_h > 0 {
+            render_sparkline(frame, spark, app);
+        }
     }
     if panes_h > 0 {
         render_panes(frame, panes, app);
@@ -144,13 +152,26 @@ fn render_header(frame: &mut Frame, area: Rect, app: &App) {
         ));
     }
     let open = model.open_anomalies.len();
-    let open_style = if open > 0 {
+    let critical = model
+        .findings
+        .current(now)
+        .iter()
+        .filter(|f| f.is_open() && f.severity() == crate::top::findings::Severity::Critical)
+        .count();
+    let open_style = if critical > 0 {
+        bold().fg(Color::Red)
+    } else if open > 0 {
         bold().fg(Color::Yellow)
     } else {
         Style::default()
     };
     second.push(sep());
-    second.push(Span::styled(format!("anomalies {open} open"), open_style));
+    let open_text = if critical > 0 {
+        format!("anomalies {open} open, {critical} critical")
+    } else {
+        format!("anomalies {open} open")
+    };
+    second.push(Span::styled(open_text, open_style));
     second.push(sep());
     second.push(Span::styled("events/s ", dim()));
     let rates = model.event_rates();
@@ -180,7 +201,11 @@ fn render_tabs(frame: &mut Frame, area: Rect, app: &App) {
         spans.push(Span::styled(format!(" {} ", tab.title()), style));
     }
     spans.push(Span::styled(" │ ", dim()));
-    spans.push(Span::raw(format!("sort {}", app.ui.sort.title())));
+    if app.ui.tab == Tab::Findings {
+        spans.push(Span::raw("open, most severe, newest first"));
+    } else {
+        spans.push(Span::raw(format!("sort {}", app.ui.sort.title())));
+    }
     if !app.ui.filter.is_empty() {
         spans.push(Span::styled(" │ ", dim()));
         spans.push(Span::styled(
@@ -189,11 +214,19 @@ fn render_tabs(frame: &mut Frame, area: Rect, app: &App) {
         ));
     }
     spans.push(Span::styled(" │ ", dim()));
-    spans.push(Span::raw(format!(
-        "{} of {} rows",
-        app.view.rows.len(),
-        app.view.table_len
-    )));
+    if app.ui.tab == Tab::Findings {
+        spans.push(Span::raw(format!(
+            "{} shown of {} findings",
+            app.view.findings.len(),
+            app.view.table_len
+        )));
+    } else {
+        spans.push(Span::raw(format!(
+            "{} of {} rows",
+            app.view.rows.len(),
+            app.view.table_len
+        )));
+    }
     if app.ui.paused {
         spans.push(Span::styled(" │ ", dim()));
         spans.push(Span::styled(

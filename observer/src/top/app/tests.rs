@@ -48,6 +48,7 @@ pub(crate) fn event(kind: EventKind, flow: Flow, at: u64) -> Record {
 /// An app with `flows` flows, flow i retransmitting i+1 segments per second for 20 s.
 pub(crate) fn app_with(flows: u16) -> App {
     let mut app = App::new(T0, Some(4026531840), "test", EngineConfig::default()).expect("app");
+    app.ui.tab = Tab::Flows;
     for sec in 0..20u64 {
         let at = T0 + sec * NANOS_PER_SEC;
         for i in 0..flows {
@@ -168,6 +169,7 @@ fn selection_follows_its_row_and_pause_freezes() {
 #[test]
 fn connect_latencies_are_per_peer() {
     let mut app = App::new(T0, None, "test", EngineConfig::default()).expect("app");
+    app.ui.tab = Tab::Flows;
     for (i, ms) in [1.0, 2.0, 3.0, 4.0, 100.0].into_iter().enumerate() {
         let at = T0 + i as u64 * NANOS_PER_SEC;
         let mut record = event(EventKind::Connect, flow(0, false), at);
@@ -197,6 +199,7 @@ fn connect_latencies_are_per_peer() {
 #[test]
 fn anomalies_sysctls_and_counters_come_from_their_records() {
     let mut app = App::new(T0, Some(1), "test", EngineConfig::default()).expect("app");
+    app.ui.tab = Tab::Flows;
     app.model.apply(
         Record::Start(Start {
             host: "web-1".into(),
@@ -258,6 +261,7 @@ fn anomalies_sysctls_and_counters_come_from_their_records() {
 #[test]
 fn reconciled_counts_add_to_the_exemplars() {
     let mut app = App::new(T0, None, "test", EngineConfig::default()).expect("app");
+    app.ui.tab = Tab::Flows;
     let at = T0 + NANOS_PER_SEC;
     app.model
         .apply(event(EventKind::Retransmit, flow(0, false), at), at);
@@ -277,6 +281,7 @@ fn reconciled_counts_add_to_the_exemplars() {
 #[test]
 fn events_a_reconciled_record_counted_are_not_counted_again() {
     let mut app = App::new(T0, None, "test", EngineConfig::default()).expect("app");
+    app.ui.tab = Tab::Flows;
     let at = T0 + NANOS_PER_SEC;
     let counted = |flow_count| {
         let Record::Event(mut e) = event(EventKind::Retransmit, flow(0, false), at) else {
@@ -303,6 +308,7 @@ fn events_a_reconciled_record_counted_are_not_counted_again() {
 #[test]
 fn event_rates_are_measured_per_tick() {
     let mut app = App::new(T0, None, "test", EngineConfig::default()).expect("app");
+    app.ui.tab = Tab::Flows;
     for _ in 0..30 {
         app.model
             .apply(event(EventKind::Retransmit, flow(0, false), T0), T0);
@@ -334,4 +340,59 @@ fn the_second_ring_keeps_a_minute() {
     assert_eq!(ring.sum_last(1000, 60), 0);
     ring.add(5, 9);
     assert_eq!(ring.sum_last(132, 60), 6);
+}
+
+/// An anomaly record as the daemon writes it, `extra` fields spliced in.
+pub(crate) fn anomaly_line(phase: &str, id: u64, kind: &str, secs: u64, extra: &str) -> Record {
+    let time = crate::clock::rfc3339_unix_ns(i128::from(T0 + secs * NANOS_PER_SEC));
+    let line = format!(
+        r#"{{"type":"anomaly_{phase}","time":"{time}","id":{id},"kind":"{kind}","key":{{"scope":"peer","netns":4026532177,"addr":"10.200.1.{id}"}},"signals":["connect_refused"],"counts":{{"last_1s":1,"last_10s":10,"last_60s":10}},"rate_per_sec":1.0,"peak_rate_per_sec":1.0,"lifetime_count":10,"baseline_per_sec":0.0,"open_threshold_per_sec":1.0,"close_threshold_per_sec":0.5,"first_seen_ns":1,"last_seen_ns":2,"opened_ns":2,"exemplar_flows":[],"context":{{"netns":4026532177,"sysctls":{{}},"counters_60s":{{}}}}{extra}}}"#
+    );
+    crate::top::wire::parse_line(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+#[test]
+fn findings_are_the_default_view_ordered_filtered_and_selectable() {
+    let mut app = App::new(T0, None, "test", EngineConfig::default()).expect("app");
+    assert_eq!(app.ui.tab, Tab::Findings);
+    let cause = r#","cause":{"kind":"no_listener","summary":"nothing listens on 10.200.1.2:80 in netns web","evidence":{"netns":1}}"#;
+    app.model
+        .apply(anomaly_line("open", 1, "failed_connects", 1, ""), T0);
+    app.model
+        .apply(anomaly_line("open", 2, "failed_connects", 2, cause), T0);
+    // Critical by ratio: every connection failed.
+    let ratio = r#","per_connection":{"count":10,"connections":10,"ratio":1.0,"open_ratio":0.5}"#;
+    app.model
+        .apply(anomaly_line("update", 1, "failed_connects", 3, ratio), T0);
+    app.handle(Event::Tick, T0 + 4 * NANOS_PER_SEC);
+    let ids: Vec<u64> = app.view.findings.iter().map(|f| f.id).collect();
+    assert_eq!(ids, [1, 2], "the critical one first");
+    assert_eq!(app.view.table_len, 2);
+    assert_eq!(app.selected_finding().map(|f| f.id), Some(1));
+    assert!(app.has_selection());
+    assert_eq!(app.selected_row(), None);
+    assert_eq!(app.panel_netns(), Some(4026532177));
+    // Moved by the user, the selection follows its finding.
+    app.select_by_user(1);
+    app.model
+        .apply(anomaly_line("open", 3, "failed_connects", 5, ratio), T0);
+    app.handle(Event::Tick, T0 + 6 * NANOS_PER_SEC);
+    assert_eq!(app.selected_finding().map(|f| f.id), Some(2));
+    // The filter sees causes.
+    app.set_filter("nothing listens".to_owned());
+    assert_eq!(app.view.findings.len(), 1);
+    app.set_filter("critical".to_owned());
+    assert_eq!(app.view.findings.len(), 2);
+    app.set_filter(String::new());
+    // Names of namespaces: live names show where records gave none.
+    app.model
+        .learn_netns_names([(4026532177, "client".to_owned())]);
+    assert_eq!(app.model.netns_label(4026532177), "client (4026532177)");
+    app.set_filter("client".to_owned());
+    assert_eq!(app.view.findings.len(), 3);
+    // Tab goes on to the tables and back.
+    app.set_tab(app.ui.tab.previous());
+    assert_eq!(app.ui.tab, Tab::Listeners);
+    app.set_tab(Tab::Flows);
+    assert_eq!(app.selected_finding(), None);
 }

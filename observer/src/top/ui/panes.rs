@@ -125,7 +125,8 @@ pub(super) fn render_sysctls(frame: &mut Frame, area: Rect, app: &App) {
     };
     let host = app.model.host_netns == Some(netns);
     let title = format!(
-        " sysctls · netns {netns}{} ",
+        " sysctls · netns {}{} ",
+        app.model.netns_label(netns),
         if host { " (host)" } else { "" }
     );
     let (values, changes) = app.model.sysctls_of(netns);

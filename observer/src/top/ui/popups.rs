@@ -16,12 +16,18 @@ pub(super) fn centered(area: Rect, width: u16, height: u16) -> Rect {
 /// The help text (also shown by `observer top --help`'s long description).
 pub const HELP: &[(&str, &str)] = &[
     ("↑ ↓  j k", "select a row (PgUp PgDn Home End too)"),
-    ("Tab", "flows → peers → listeners (Shift-Tab back)"),
+    (
+        "Tab",
+        "findings → flows → peers → listeners (Shift-Tab back)",
+    ),
     ("s  S", "next / previous sort column (default: severity)"),
-    ("/", "filter by address, port, drop reason or anomaly"),
+    (
+        "/",
+        "filter by address, port, drop reason, anomaly, cause or netns",
+    ),
     ("Esc", "clear the filter, close a window"),
     ("p", "pause the display (data keeps coming)"),
-    ("Enter", "details of the selected row"),
+    ("Enter", "details of the selected finding or row"),
     ("?", "this help"),
     ("q  Ctrl-C", "quit"),
 ];
@@ -56,6 +62,11 @@ pub(super) fn render_help(frame: &mut Frame, area: Rect) {
 }
 
 pub(super) fn render_details(frame: &mut Frame, area: Rect, app: &App) {
+    if let Some(finding) = app.selected_finding() {
+        let lines = finding_detail_lines(app, finding);
+        render_window(frame, area, " finding ", lines);
+        return;
+    }
     let Some(row) = app.selected_row() else {
         return;
     };
@@ -147,12 +158,20 @@ pub(super) fn render_details(frame: &mut Frame, area: Rect, app: &App) {
         .collect();
     lines.push(Line::from(format!("last 60 s: {spark}")));
     lines.push(Line::from(Span::styled("Esc or Enter closes", dim())));
-    let popup = centered(area, 100, lines.len() as u16 + 2);
+    render_window(frame, area, " details ", lines);
+}
+
+/// A bordered window of at most 100 columns, as tall as its wrapped lines.
+fn render_window(frame: &mut Frame, area: Rect, title: &'static str, lines: Vec<Line<'static>>) {
+    let inner = usize::from(area.width.min(100).saturating_sub(2)).max(1);
+    let rows: usize = lines.iter().map(|l| l.width().div_ceil(inner).max(1)).sum();
+    let height = u16::try_from(rows + 2).unwrap_or(u16::MAX);
+    let popup = centered(area, 100, height);
     frame.render_widget(Clear, popup);
     frame.render_widget(
         Paragraph::new(lines)
             .wrap(Wrap { trim: false })
-            .block(Block::bordered().title(Span::styled(" details ", bold()))),
+            .block(Block::bordered().title(Span::styled(title, bold()))),
         popup,
     );
 }

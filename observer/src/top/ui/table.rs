@@ -129,7 +129,8 @@ impl Col {
 /// in order), and those shown only when the key keeps its full width.
 pub(super) fn table_columns(tab: Tab) -> (&'static str, u16, &'static [Col], &'static [Col]) {
     match tab {
-        Tab::Flows => (
+        // Findings are drawn as a list of their own (ui/findings.rs), never as this table.
+        Tab::Findings | Tab::Flows => (
             "Flow (this host → peer)",
             24,
             &[
@@ -264,6 +265,7 @@ pub(super) fn render_table(frame: &mut Frame, area: Rect, app: &mut App) {
 
     if app.view.rows.is_empty() {
         let what = match tab {
+            Tab::Findings => "findings",
             Tab::Flows => "flows",
             Tab::Peers => "peers",
             Tab::Listeners => "listeners",

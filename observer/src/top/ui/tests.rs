@@ -118,6 +118,7 @@ fn tiny_terminals_say_so_and_do_not_panic() {
 fn long_ipv6_addresses_are_shortened_in_the_middle() {
     let mut app =
         App::new(T0, None, "test", crate::aggregate::EngineConfig::default()).expect("app");
+    app.ui.tab = Tab::Flows;
     let mut f = flow(0, true);
     f.saddr = "fd00:1234:5678:9abc:def0:1234:5678:9abc"
         .parse()
@@ -234,5 +235,101 @@ fn the_selected_row_stays_on_screen_when_scrolling() {
             screen.contains(&label),
             "row {target} ({label}) not shown:\n{screen}"
         );
+    }
+}
+
+#[test]
+fn findings_show_first_with_severity_cause_and_details() {
+    use crate::top::app::tests::anomaly_line;
+    let mut app =
+        App::new(T0, None, "test", crate::aggregate::EngineConfig::default()).expect("app");
+    let screen = draw(&mut app, 80, 24);
+    assert!(
+        screen.contains(" Findings  Flows  Peers  Listeners"),
+        "{screen}"
+    );
+    assert!(screen.contains("waiting for records"), "{screen}");
+    let cause = r#","cause":{"kind":"netfilter_rule","summary":"firewall rule `tcp dport 80 counter drop` (ip filter INPUT, handle 4) in netns web dropped 35 SYNs between 10.200.1.1 and 10.200.1.2","evidence":{"netns":4026532178,"rule_packets":35,"syns_dropped":35}},"per_connection":{"count":35,"connections":35,"ratio":1.0,"open_ratio":0.5}"#;
+    app.model
+        .apply(anomaly_line("open", 2, "connect_trouble", 1, cause), T0);
+    app.model
+        .apply(anomaly_line("open", 1, "peer_retransmit_spike", 0, ""), T0);
+    app.model.apply(
+        anomaly_line(
+            "close",
+            1,
+            "peer_retransmit_spike",
+            5,
+            r#","close_reason":"subsided""#,
+        ),
+        T0,
+    );
+    app.model
+        .learn_netns_names([(4026532177, "client".to_owned())]);
+    app.handle(Event::Tick, T0 + 6 * NANOS_PER_SEC);
+    let mut terminal = Terminal::new(TestBackend::new(80, 24)).expect("terminal");
+    terminal.draw(|f| render(f, &mut app)).expect("draw");
+    let buffer = terminal.backend().buffer().clone();
+    let screen = text(&buffer);
+    let lines: Vec<&str> = screen.lines().collect();
+    let first = lines
+        .iter()
+        .position(|l| l.starts_with("CRIT"))
+        .unwrap_or_else(|| panic!("no critical finding:\n{screen}"));
+    assert!(
+        lines[first].contains("connect_trouble 1.0/s 1.00/conn peer 10.200.1.2 · netns"),
+        "{screen}"
+    );
+    let wide = draw(&mut app, 120, 30);
+    assert!(
+        wide.contains("connect_trouble 1.0/s 1.00/conn peer 10.200.1.2 · netns client"),
+        "{wide}"
+    );
+    assert!(
+        lines[first + 1].contains("↳ firewall rule `tcp dport 80"),
+        "{screen}"
+    );
+    // The closed one comes after, dimmed, with its reason.
+    let closed = lines
+        .iter()
+        .position(|l| l.contains("closed (subsided)"))
+        .unwrap_or_else(|| panic!("no closed finding:\n{screen}"));
+    assert!(closed > first + 1);
+    assert!(lines[closed].starts_with("WARN"), "{screen}");
+    assert_eq!(buffer[(0, closed as u16)].fg, Color::DarkGray);
+    assert_eq!(buffer[(0, first as u16)].fg, Color::Red);
+    assert!(
+        lines[closed + 1].contains("cause not known yet"),
+        "{screen}"
+    );
+    // The strip below names the severity's reason and the whole cause.
+    assert!(
+        screen.contains("critical · 35 over 35 connections: 1.00 per connection"),
+        "{screen}"
+    );
+    assert!(screen.contains("anomalies 1 open, 1 critical"), "{screen}");
+    for line in &lines {
+        assert!(line.chars().count() <= 80);
+    }
+    // Details of the selected finding: the full summary, counts, per connection, evidence.
+    app.ui.popup = Some(Popup::Details);
+    let details = draw(&mut app, 100, 40);
+    for text in [
+        "connect_trouble · peer 10.200.1.2 · netns client",
+        "severity critical",
+        "opened 03:26:41 by rate",
+        "known when it opened",
+        "counts: 1 s 1 · 10 s 10 · 60 s 10",
+        "per connection: 35 over 35 connections in 60 s = 1.00 (opens at 0.50)",
+        "cause: netfilter_rule",
+        "and 10.200.1.2",
+        "rule_packets: 35",
+        "syns_dropped: 35",
+    ] {
+        assert!(details.contains(text), "{text}:\n{details}");
+    }
+    // Tiny terminals and popups do not panic.
+    for (w, h) in [(30, 8), (35, 10), (50, 12), (200, 60)] {
+        draw(&mut app, w, h);
     }
 }
