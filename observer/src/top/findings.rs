@@ -2,8 +2,8 @@
 //! they ended up with and a severity that says how bad it is. Pure: `observer top`'s Findings
 //! view and `observer explain` both read them.
 //!
-//! Severity (docs/top.md): **critical** when nearly every connection is affected (signals per
-//! connection ≥ [`CRITICAL_RATIO`]), when connections cannot be made or make no progress
+//! Severity (docs/top.md): **critical** when nearly every connection is affected (failed
+//! connects, resets or SYN retransmits per connection ≥ [`CRITICAL_RATIO`]), when connections cannot be made or make no progress
 //! (failed connects, SYNs unanswered, handshakes not completing, listen-queue overflows and
 //! SYN-queue drops, stale connections) at least [`CRITICAL_COUNT`] times in 60 s, or when the
 //! rate is [`CRITICAL_RATE_FACTOR`] times the open threshold or more; **warning** otherwise.
@@ -73,7 +73,10 @@ pub fn assess(kind: &str, rate_per_sec: f64, detail: &AnomalyDetail) -> Assessme
         severity: Severity::Critical,
         why,
     };
+    // Retransmitted segments per connection grow with a connection's length: no share of
+    // connections, so no ratio makes a retransmit spike critical.
     if let Some(pc) = detail.per_connection
+        && !kind.ends_with("retransmit_spike")
         && pc.connections > 0
         && pc.ratio >= CRITICAL_RATIO
     {
@@ -403,6 +406,18 @@ mod tests {
         let a = assess(&resets.kind, 0.4, &resets.detail);
         assert_eq!(a.severity, Severity::Warning);
         assert!(a.why.contains("0.60 per connection"), "{}", a.why);
+        // 122 retransmitted segments per connection: a long connection, not every connection.
+        rtx.detail.counts.last_60s = 0;
+        rtx.detail.per_connection = Some(PerConnectionIn {
+            count: 122,
+            connections: 1,
+            ratio: 122.0,
+            open_ratio: 10.0,
+        });
+        assert_eq!(
+            assess(&rtx.kind, 30.0, &rtx.detail).severity,
+            Severity::Warning
+        );
     }
 
     #[test]
