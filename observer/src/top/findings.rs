@@ -148,6 +148,8 @@ pub struct Finding {
     pub cause_found_ns: Option<u64>,
     /// The worst severity reached.
     pub assessment: Assessment,
+    /// The rate of the record it was assessed on.
+    assessed_rate: f64,
 }
 
 impl Finding {
@@ -170,6 +172,7 @@ impl Finding {
             detail: AnomalyDetail::default(),
             cause_found_ns: None,
             assessment: assess(&record.kind, record.rate_per_sec, &record.detail),
+            assessed_rate: record.rate_per_sec,
         }
     }
 
@@ -203,9 +206,15 @@ impl Finding {
         if cause.is_some() && self.cause_found_ns.is_none() {
             self.cause_found_ns = Some(at);
         }
+        // The worst reached stays: a higher severity, or the same at a higher rate (a closing
+        // record's low rate does not explain why it was bad).
         let assessment = assess(&record.kind, record.rate_per_sec, &record.detail);
-        if assessment.severity >= self.assessment.severity {
+        if assessment.severity > self.assessment.severity
+            || assessment.severity == self.assessment.severity
+                && record.rate_per_sec >= self.assessed_rate
+        {
             self.assessment = assessment;
+            self.assessed_rate = record.rate_per_sec;
         }
         self.detail = AnomalyDetail {
             cause,
