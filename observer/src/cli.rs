@@ -44,6 +44,16 @@ pub enum Command {
     /// Live full-screen view of TCP trouble: attaches to `observer run --socket`, or runs
     /// observer in-process (docs/top.md).
     Top(crate::top::TopArgs),
+    /// Print a one-page incident report of a recorded stream (docs/explain.md).
+    ///
+    /// Reads what `observer run` wrote (a file, or `-` / nothing for standard input) and
+    /// prints, at most 100 columns wide: the anomalies in the order they opened with their
+    /// causes, sysctl changes and their effects, the worst peers, listeners, firewall rules and
+    /// stale processes, and the totals.
+    ///
+    /// Exits 0 with a report (lines that are not records are counted in it), 2 when the file
+    /// cannot be read.
+    Explain(crate::explain::ExplainArgs),
     /// List the running kernel's drop reasons (names and numbers) and which are reported by
     /// default.
     Reasons,
@@ -235,6 +245,7 @@ pub fn main() -> ExitCode {
         Command::Reasons => reasons(),
         Command::Check(args) => check_command(&args),
         Command::Top(args) => crate::top::main(args),
+        Command::Explain(args) => crate::explain::main(&args),
         Command::Generate(args) => crate::generate::main(&args),
     }
 }

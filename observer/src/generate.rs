@@ -102,6 +102,7 @@ mod tests {
             "observer-run.1",
             "observer-check.1",
             "observer-top.1",
+            "observer-explain.1",
         ] {
             assert!(names.iter().any(|n| n == page), "{page} missing: {names:?}");
         }

@@ -14,6 +14,7 @@ pub mod context;
 pub mod daemon;
 pub mod decode;
 pub mod enrich;
+pub mod explain;
 pub mod generate;
 pub mod kernel;
 pub mod metrics;

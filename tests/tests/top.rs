@@ -308,6 +308,48 @@ fn top_screen_ready(tmux: &Tmux) -> Result<String> {
     )
 }
 
+/// The Findings view, top's default pane: the retransmit anomaly of the faulty peer shows with
+/// its cause, the firewall rule that drops the segments in the server's namespace; then Tab
+/// leaves for the flows table.
+fn check_findings(tmux: &Tmux, topo: &Topology) -> Result<()> {
+    let server = topo.server_ip(false).to_string();
+    // Other tests' anomalies may share the list: narrow it to this peer.
+    tmux.keys(&["/"])?;
+    tmux.run(&["send-keys", "-t", "main", "-l", &server])?;
+    tmux.keys(&["Enter"])?;
+    let screen = tmux.wait_for(
+        "the retransmit finding with its firewall rule",
+        Duration::from_secs(45),
+        |s| {
+            let lines: Vec<&str> = s.lines().collect();
+            lines.windows(2).any(|pair| {
+                pair[0].contains("retransmit_spike")
+                    && pair[0].contains(&server)
+                    && pair[1].contains("↳ firewall rule `")
+            })
+        },
+    )?;
+    let line = screen
+        .lines()
+        .find(|l| l.contains("retransmit_spike") && l.contains(&server))
+        .unwrap_or_default();
+    note(&format!("top's finding: {}", line.trim_end()));
+    ensure!(
+        line.starts_with("CRIT") || line.starts_with("WARN"),
+        "a finding starts with its severity: {line}"
+    );
+    // Esc, then Tab once the filter is gone (sent together they would read as Alt-Tab).
+    tmux.keys(&["Escape"])?;
+    tmux.wait_for("the filter cleared", Duration::from_secs(10), |s| {
+        !s.contains(&format!("filter {server}"))
+    })?;
+    tmux.keys(&["Tab"])?;
+    tmux.wait_for("the flows table", Duration::from_secs(10), |s| {
+        s.contains("Rtx/s")
+    })?;
+    Ok(())
+}
+
 fn check_flow(tmux: &Tmux, topo: &Topology, stream: &Stream) -> Result<()> {
     let label = format!(
         "{}:{}→{}:{PORT}",
@@ -392,6 +434,7 @@ fn top_in_process_shows_the_retransmitting_flow_and_restores_the_terminal() -> R
         "top should use the alternate screen"
     );
     let stream = Stream::start(&topo)?;
+    check_findings(&tmux, &topo)?;
     check_flow(&tmux, &topo, &stream)?;
     quit_restores_the_terminal(&tmux, "TOP_EXIT")?;
     let sent = stream.finish()?;
@@ -490,6 +533,7 @@ fn top_attached_to_a_daemon_shows_the_flow_and_leaves_cleanly() -> Result<()> {
         "the header should name the socket:\n{screen}"
     );
     let stream = Stream::start(&topo)?;
+    check_findings(&tmux, &topo)?;
     check_flow(&tmux, &topo, &stream)?;
     quit_restores_the_terminal(&tmux, "TOP_EXIT")?;
 

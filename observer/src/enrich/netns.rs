@@ -210,6 +210,25 @@ pub fn discover() -> Vec<NamespaceRef> {
     dedup(nsfs_dev, candidates)
 }
 
+/// The named namespaces (`ip netns add`): inode and name of every live bind mount in
+/// /run/netns. Cheap (no /proc scan); empty when the directory is absent.
+pub fn named_namespaces() -> Vec<(u64, String)> {
+    let Ok(nsfs_dev) = std::fs::metadata(THREAD_SELF_NETNS).map(|m| m.dev()) else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir(NAMED_NETNS_DIR) else {
+        return Vec::new();
+    };
+    let candidates = entries.flatten().filter_map(|entry| {
+        let name = entry.file_name().into_string().ok()?;
+        sighting(Source::Named(name), entry.path())
+    });
+    dedup(nsfs_dev, candidates)
+        .into_iter()
+        .filter_map(|ns| Some((ns.inode, ns.name?)))
+        .collect()
+}
+
 /// The namespace with this inode, if [`discover`] finds it.
 pub fn find_by_inode(inode: u64) -> Option<NamespaceRef> {
     discover().into_iter().find(|ns| ns.inode == inode)

@@ -11,6 +11,7 @@ use ratatui::widgets::TableState;
 
 use super::{
     event::{Event, SourceStatus},
+    findings::{Finding, Findings},
     wire::{self, AnomalyPhase, EventIn, ReasonInterner, Record, Start},
 };
 use crate::{
@@ -52,41 +53,48 @@ pub const SPARK_SECS: usize = 60;
 /// The table the main pane shows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tab {
+    /// The daemon's anomalies with their causes, most severe first (the default).
+    Findings,
     Flows,
     Peers,
     Listeners,
 }
 
 impl Tab {
-    pub const ALL: [Tab; 3] = [Tab::Flows, Tab::Peers, Tab::Listeners];
+    pub const ALL: [Tab; 4] = [Tab::Findings, Tab::Flows, Tab::Peers, Tab::Listeners];
 
     pub fn title(self) -> &'static str {
         match self {
+            Tab::Findings => "Findings",
             Tab::Flows => "Flows",
             Tab::Peers => "Peers",
             Tab::Listeners => "Listeners",
         }
     }
 
-    pub fn table(self) -> TableId {
+    /// The engine's table behind the tab (none for findings).
+    pub fn table(self) -> Option<TableId> {
         match self {
-            Tab::Flows => TableId::Flows,
-            Tab::Peers => TableId::Peers,
-            Tab::Listeners => TableId::Listeners,
+            Tab::Findings => None,
+            Tab::Flows => Some(TableId::Flows),
+            Tab::Peers => Some(TableId::Peers),
+            Tab::Listeners => Some(TableId::Listeners),
         }
     }
 
     pub fn next(self) -> Tab {
         match self {
+            Tab::Findings => Tab::Flows,
             Tab::Flows => Tab::Peers,
             Tab::Peers => Tab::Listeners,
-            Tab::Listeners => Tab::Flows,
+            Tab::Listeners => Tab::Findings,
         }
     }
 
     pub fn previous(self) -> Tab {
         match self {
-            Tab::Flows => Tab::Listeners,
+            Tab::Findings => Tab::Listeners,
+            Tab::Flows => Tab::Findings,
             Tab::Peers => Tab::Flows,
             Tab::Listeners => Tab::Peers,
         }
@@ -114,6 +122,8 @@ impl SortColumn {
     /// The columns `s` cycles through on a tab, starting with severity.
     pub fn for_tab(tab: Tab) -> &'static [SortColumn] {
         match tab {
+            // Findings have one order: open, most severe, newest.
+            Tab::Findings => &[SortColumn::Severity],
             Tab::Flows | Tab::Peers => &[
                 SortColumn::Severity,
                 SortColumn::Retransmits,
@@ -184,624 +194,6 @@ impl SortColumn {
             SortColumn::LastSeen => row.last_seen_ns as f64,
         }
     }
-}
-
-/// Per-second counts of the last [`SPARK_SECS`] seconds (plus the current one).
-#[derive(Clone, Debug)]
-pub struct SecondRing {
-    newest_sec: u64,
-    buckets: [u32; SPARK_SECS + 1],
-}
-
-impl SecondRing {
-    pub fn new(now_sec: u64) -> Self {
-        Self {
-            newest_sec: now_sec,
-            buckets: [0; SPARK_SECS + 1],
-        }
-    }
-
-    fn slot(sec: u64) -> usize {
-        (sec % (SPARK_SECS as u64 + 1)) as usize
-    }
-
-    pub fn add(&mut self, sec: u64, amount: u64) {
-        let len = SPARK_SECS as u64 + 1;
-        if sec > self.newest_sec {
-            if sec - self.newest_sec >= len {
-                self.buckets = [0; SPARK_SECS + 1];
-            } else {
-                for skipped in self.newest_sec + 1..=sec {
-                    self.buckets[Self::slot(skipped)] = 0;
-                }
-            }
-            self.newest_sec = sec;
-        } else if self.newest_sec - sec >= len {
-            return;
-        }
-        let bucket = &mut self.buckets[Self::slot(sec)];
-        *bucket = bucket.saturating_add(u32::try_from(amount).unwrap_or(u32::MAX));
-    }
-
-    /// The [`SPARK_SECS`] completed seconds before `now_sec`, oldest first.
-    pub fn series(&self, now_sec: u64) -> Vec<u64> {
-        (1..=SPARK_SECS as u64)
-            .rev()
-            .map(|ago| match now_sec.checked_sub(ago) {
-                Some(sec)
-                    if sec <= self.newest_sec && self.newest_sec - sec <= SPARK_SECS as u64 =>
-                {
-                    u64::from(self.buckets[Self::slot(sec)])
-                }
-                _ => 0,
-            })
-            .collect()
-    }
-
-    /// Sum over the completed seconds of the last `secs` before `now_sec`.
-    pub fn sum_last(&self, now_sec: u64, secs: usize) -> u64 {
-        let series = self.series(now_sec);
-        series.iter().rev().take(secs).sum()
-    }
-}
-
-/// What top keeps per key beside the engine's counts.
-#[derive(Clone, Debug)]
-struct Extras {
-    /// Every trouble signal summed, per second: the sparkline.
-    ring: SecondRing,
-    /// Drop reasons seen on the key, with counts (at most [`REASONS_PER_KEY`]).
-    reasons: Vec<(Arc<str>, u64)>,
-    /// Connect latencies in milliseconds, newest last (peers).
-    latencies: VecDeque<f32>,
-    /// The process holding the socket, `comm (pid)` (flows).
-    owner: Option<Arc<str>>,
-    /// The owner's cgroup and the unit, container and pod it names (flows).
-    service: Option<Arc<Service>>,
-    touched_sec: u64,
-}
-
-impl Extras {
-    fn new(sec: u64) -> Self {
-        Self {
-            ring: SecondRing::new(sec),
-            reasons: Vec::new(),
-            latencies: VecDeque::new(),
-            owner: None,
-            service: None,
-            touched_sec: sec,
-        }
-    }
-}
-
-/// Connect latency percentiles of a peer.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Latency {
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub samples: usize,
-}
-
-/// A listener's queues as its latest `listener_drops` record gave them, and its drop totals.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ListenerState {
-    pub backlog_limit: u32,
-    pub accept_queue: u32,
-    pub syn_queue: u32,
-    pub overflows_total: u64,
-    pub syn_queue_drops_total: u64,
-    pub other_drops_total: u64,
-    pub last_ns: u64,
-}
-
-/// A firewall rule that dropped packets.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RuleState {
-    pub netns: u64,
-    pub table: String,
-    pub chain: String,
-    pub handle: u64,
-    pub rule: String,
-    pub packets: u64,
-    /// Named exactly (its counter grew by the dropped count) rather than a candidate.
-    pub exact: bool,
-    pub last_ns: u64,
-}
-
-/// Drops of one reason.
-#[derive(Clone, Debug)]
-pub struct ReasonState {
-    pub total: u64,
-    pub ring: SecondRing,
-}
-
-/// A sysctl that changed.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SysctlChange {
-    pub time_ns: u64,
-    pub netns: u64,
-    pub name: String,
-    pub old: String,
-    pub new: String,
-}
-
-/// One anomaly record, as the log shows it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct AnomalyEntry {
-    pub phase: AnomalyPhase,
-    pub id: u64,
-    pub kind: String,
-    pub key: RowKey,
-    pub rate_per_sec: f64,
-    pub peak_rate_per_sec: f64,
-    pub time_ns: u64,
-    pub close_reason: Option<String>,
-}
-
-/// Events per second of one record type.
-#[derive(Clone, Debug, Default)]
-struct KindCount {
-    count: u64,
-    at_last_tick: u64,
-    rate: f64,
-}
-
-/// Everything known from the record stream.
-pub struct Model {
-    engine: Engine,
-    /// Skips events the daemon's `reconciled` records already counted.
-    reconciler: Reconciler,
-    reasons: ReasonInterner,
-    extras: HashMap<RowKey, Extras>,
-    pub start: Option<Start>,
-    pub start_ns: Option<u64>,
-    /// When top began (for the uptime when no `start` was seen).
-    pub began_ns: u64,
-    kinds: BTreeMap<&'static str, KindCount>,
-    last_tick_ns: u64,
-    pub records: u64,
-    pub lost: u64,
-    pub undelivered: u64,
-    pub bad_lines: u64,
-    /// The daemon's `stop` reason, once it stopped.
-    pub stopped: Option<String>,
-    pub open_anomalies: BTreeMap<u64, AnomalyEntry>,
-    /// Newest first.
-    pub anomaly_log: VecDeque<AnomalyEntry>,
-    pub listeners: HashMap<ListenerKey, ListenerState>,
-    pub rules: Vec<RuleState>,
-    pub drop_reasons: BTreeMap<Arc<str>, ReasonState>,
-    /// Known sysctl values per namespace (the host's from `start`, others from anomalies).
-    pub sysctls: HashMap<u64, BTreeMap<String, String>>,
-    /// Newest first.
-    pub sysctl_changes: VecDeque<SysctlChange>,
-    /// The network namespace top runs in (where the `start` record's sysctls were read).
-    pub host_netns: Option<u64>,
-    latest_ns: u64,
-}
-
-fn sec_of(ns: u64) -> u64 {
-    ns / NANOS_PER_SEC
-}
-
-impl Model {
-    pub fn new(
-        now_ns: u64,
-        host_netns: Option<u64>,
-        engine: EngineConfig,
-    ) -> Result<Self, ConfigError> {
-        Ok(Self {
-            engine: Engine::new(engine, now_ns)?,
-            reconciler: Reconciler::for_stream(),
-            reasons: ReasonInterner::default(),
-            extras: HashMap::new(),
-            start: None,
-            start_ns: None,
-            began_ns: now_ns,
-            kinds: BTreeMap::new(),
-            last_tick_ns: now_ns,
-            records: 0,
-            lost: 0,
-            undelivered: 0,
-            bad_lines: 0,
-            stopped: None,
-            open_anomalies: BTreeMap::new(),
-            anomaly_log: VecDeque::new(),
-            listeners: HashMap::new(),
-            rules: Vec::new(),
-            drop_reasons: BTreeMap::new(),
-            sysctls: HashMap::new(),
-            sysctl_changes: VecDeque::new(),
-            host_netns,
-            latest_ns: now_ns,
-        })
-    }
-
-    /// The latest time seen (records or ticks).
-    pub fn now_ns(&self) -> u64 {
-        self.latest_ns
-    }
-
-    /// Counts a line that was not a record.
-    pub fn bad_line(&mut self) {
-        self.bad_lines += 1;
-    }
-
-    /// Takes one record into the model. `arrival_ns` stands in for records without a time.
-    pub fn apply(&mut self, record: Record, arrival_ns: u64) {
-        self.records += 1;
-        match record {
-            Record::Start(start) => {
-                self.start_ns = wire::parse_time(&start.time);
-                if let Some(netns) = self.host_netns {
-                    self.sysctls.insert(netns, start.sysctls.clone());
-                }
-                self.stopped = None;
-                self.start = Some(start);
-            }
-            Record::Event(event) => self.apply_event(&event, arrival_ns),
-            Record::Lost { count } => self.lost += count,
-            Record::Undelivered { count } => self.undelivered += count,
-            Record::ListenerDrops(ref r) => {
-                let at = wire::parse_time(&r.time).unwrap_or(arrival_ns);
-                let key = ListenerKey {
-                    netns: u32::try_from(r.netns).unwrap_or(0),
-                    addr: r.addr,
-                    port: r.port,
-                };
-                if self.listeners.len() < MAX_LISTENERS || self.listeners.contains_key(&key) {
-                    let state = self.listeners.entry(key).or_insert(ListenerState {
-                        backlog_limit: 0,
-                        accept_queue: 0,
-                        syn_queue: 0,
-                        overflows_total: 0,
-                        syn_queue_drops_total: 0,
-                        other_drops_total: 0,
-                        last_ns: at,
-                    });
-                    state.backlog_limit = r.backlog_limit;
-                    state.accept_queue = r.accept_queue;
-                    state.syn_queue = r.syn_queue;
-                    state.overflows_total += r.accept_queue_overflows;
-                    state.syn_queue_drops_total += r.syn_queue_drops;
-                    state.other_drops_total += r.other_drops;
-                    state.last_ns = at;
-                }
-                self.observe_context(&record, at);
-            }
-            Record::Reconciled(entries) => {
-                let at = arrival_ns;
-                self.latest_ns = self.latest_ns.max(at);
-                for entry in entries {
-                    if let Some(flow) = entry.observation.flow {
-                        self.reconciler
-                            .reconciled(flow, entry.observation.signal, entry.through);
-                    }
-                    self.observe_flow(entry.observation, at);
-                }
-            }
-            Record::StaleConnections(ref r) => {
-                let at = wire::parse_time(&r.time).unwrap_or(arrival_ns);
-                self.observe_context(&record, at);
-            }
-            Record::NetfilterDrop(ref r) => {
-                let at = wire::parse_time(&r.time).unwrap_or(arrival_ns);
-                let exact = !r.rules.is_empty();
-                let rules = if exact { &r.rules } else { &r.candidates };
-                for rule in rules {
-                    let existing = self.rules.iter_mut().find(|s| {
-                        s.netns == r.netns
-                            && s.table == rule.table
-                            && s.chain == rule.chain
-                            && s.handle == rule.handle
-                    });
-                    match existing {
-                        Some(state) => {
-                            state.packets += rule.packets;
-                            state.exact |= exact;
-                            state.last_ns = at;
-                            state.rule.clone_from(&rule.rule);
-                        }
-                        None => {
-                            if self.rules.len() >= MAX_RULES {
-                                // Forget the rule that dropped least recently.
-                                if let Some(oldest) = (0..self.rules.len())
-                                    .min_by_key(|&i| self.rules.get(i).map_or(0, |r| r.last_ns))
-                                {
-                                    self.rules.swap_remove(oldest);
-                                }
-                            }
-                            self.rules.push(RuleState {
-                                netns: r.netns,
-                                table: rule.table.clone(),
-                                chain: rule.chain.clone(),
-                                handle: rule.handle,
-                                rule: rule.rule.clone(),
-                                packets: rule.packets,
-                                exact,
-                                last_ns: at,
-                            });
-                        }
-                    }
-                }
-                self.rules
-                    .sort_by_key(|rule| std::cmp::Reverse(rule.last_ns));
-                self.observe_context(&record, at);
-            }
-            Record::SysctlChange(change) => {
-                let at = wire::parse_time(&change.time).unwrap_or(arrival_ns);
-                if self.sysctls.len() < MAX_NAMESPACES || self.sysctls.contains_key(&change.netns) {
-                    self.sysctls
-                        .entry(change.netns)
-                        .or_default()
-                        .insert(change.name.clone(), change.new.clone());
-                }
-                self.sysctl_changes.push_front(SysctlChange {
-                    time_ns: at,
-                    netns: change.netns,
-                    name: change.name,
-                    old: change.old,
-                    new: change.new,
-                });
-                self.sysctl_changes.truncate(SYSCTL_CHANGES);
-            }
-            Record::Anomaly(a) => {
-                let at = a.time_ns.unwrap_or(arrival_ns);
-                if let Some(netns) = a.netns
-                    && !a.sysctls.is_empty()
-                    && (self.sysctls.len() < MAX_NAMESPACES || self.sysctls.contains_key(&netns))
-                {
-                    self.sysctls.insert(netns, a.sysctls.clone());
-                }
-                let entry = AnomalyEntry {
-                    phase: a.phase,
-                    id: a.id,
-                    kind: a.kind,
-                    key: a.key,
-                    rate_per_sec: a.rate_per_sec,
-                    peak_rate_per_sec: a.peak_rate_per_sec,
-                    time_ns: at,
-                    close_reason: a.close_reason,
-                };
-                match a.phase {
-                    AnomalyPhase::Close => {
-                        self.open_anomalies.remove(&entry.id);
-                    }
-                    AnomalyPhase::Open | AnomalyPhase::Update => {
-                        self.open_anomalies.insert(entry.id, entry.clone());
-                    }
-                }
-                self.anomaly_log.push_front(entry);
-                self.anomaly_log.truncate(ANOMALY_LOG);
-            }
-            Record::Stop { reason } => {
-                self.stopped = Some(reason);
-            }
-            Record::Other { .. } => {}
-        }
-    }
-
-    fn observe_context(&mut self, record: &Record, at: u64) {
-        self.latest_ns = self.latest_ns.max(at);
-        for obs in wire::context_observations(record) {
-            let keys: Vec<RowKey> = [
-                obs.listener.map(RowKey::Listener),
-                obs.peer.map(RowKey::Peer),
-                obs.rule.clone().map(RowKey::Rule),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
-            for key in keys {
-                self.extras_of(key, at).ring.add(sec_of(at), obs.amount);
-            }
-            self.engine.observe(at, obs);
-        }
-    }
-
-    fn extras_of(&mut self, key: RowKey, at: u64) -> &mut Extras {
-        let sec = sec_of(at);
-        if self.extras.len() >= MAX_EXTRAS && !self.extras.contains_key(&key) {
-            // Forget the least recently touched half at once (amortised O(1) per key).
-            let mut touched: Vec<u64> = self.extras.values().map(|e| e.touched_sec).collect();
-            let middle = touched.len() / 2;
-            touched.select_nth_unstable(middle);
-            let cut = touched.get(middle).copied().unwrap_or(0);
-            self.extras.retain(|_, e| e.touched_sec > cut);
-        }
-        let extras = self.extras.entry(key).or_insert_with(|| Extras::new(sec));
-        extras.touched_sec = extras.touched_sec.max(sec);
-        extras
-    }
-
-    fn apply_event(&mut self, event: &EventIn, arrival_ns: u64) {
-        let at = event.time_ns.unwrap_or(arrival_ns);
-        self.latest_ns = self.latest_ns.max(at);
-        self.kinds.entry(event.kind.name()).or_default().count += 1;
-        let flow = event.flow;
-        let peer = RowKey::Peer(crate::aggregate::PeerKey::of_flow(&flow));
-        if let Some(owner) = &event.owner {
-            let extras = self.extras_of(RowKey::Flow(flow), at);
-            if extras.owner.is_none() {
-                extras.owner = Some(Arc::from(format!("{} ({})", owner.comm, owner.pid)));
-                extras.service = owner.service.clone().map(Arc::new);
-            }
-        }
-        if event.kind == EventKind::Connect
-            && let Some(ms) = event.duration_ms
-        {
-            let latencies = &mut self.extras_of(peer.clone(), at).latencies;
-            latencies.push_back(ms as f32);
-            if latencies.len() > LATENCY_SAMPLES {
-                latencies.pop_front();
-            }
-        }
-        // As the daemon's engine: not an event a `reconciled` record already counted.
-        let Some(obs) = wire::observation(event, &mut self.reasons).and_then(|obs| {
-            self.reconciler
-                .admit(obs, event.counted_flow, event.flow_count)
-        }) else {
-            return;
-        };
-        self.observe_flow(obs, at);
-    }
-
-    /// Counts an observation on its flow (and the flow's peer and listener): the engine, the
-    /// sparklines, the drop reasons.
-    fn observe_flow(&mut self, obs: Observation, at: u64) {
-        let Some(flow) = obs.flow else {
-            self.engine.observe(at, obs);
-            return;
-        };
-        let peer = RowKey::Peer(crate::aggregate::PeerKey::of_flow(&flow));
-        let sec = sec_of(at);
-        if let Some(reason) = &obs.reason
-            && (self.drop_reasons.len() < MAX_REASONS || self.drop_reasons.contains_key(reason))
-        {
-            let state = self
-                .drop_reasons
-                .entry(Arc::clone(reason))
-                .or_insert_with(|| ReasonState {
-                    total: 0,
-                    ring: SecondRing::new(sec),
-                });
-            state.total += obs.amount;
-            state.ring.add(sec, obs.amount);
-        }
-        let mut keys = vec![RowKey::Flow(flow), peer];
-        if let Some(listener) = obs.listener {
-            keys.push(RowKey::Listener(listener));
-        }
-        for key in keys {
-            let extras = self.extras_of(key, at);
-            extras.ring.add(sec, obs.amount);
-            if let Some(reason) = &obs.reason {
-                let known = extras.reasons.len();
-                match extras.reasons.iter_mut().find(|(r, _)| r == reason) {
-                    Some((_, n)) => *n += obs.amount,
-                    None if known < REASONS_PER_KEY => {
-                        extras.reasons.push((Arc::clone(reason), obs.amount));
-                    }
-                    None => {}
-                }
-            }
-        }
-        self.engine.observe(at, obs);
-    }
-
-    /// Once per refresh interval: the engine's windows move on, event rates are measured.
-    pub fn tick(&mut self, now_ns: u64) {
-        self.latest_ns = self.latest_ns.max(now_ns);
-        // The daemon reports anomalies; top's engine only ranks and counts, so its own
-        // anomaly events are not needed.
-        let _ = self.engine.tick(self.latest_ns);
-        let elapsed = now_ns.saturating_sub(self.last_tick_ns) as f64 / NANOS_PER_SEC as f64;
-        if elapsed > 0.0 {
-            for kind in self.kinds.values_mut() {
-                kind.rate = (kind.count - kind.at_last_tick) as f64 / elapsed;
-                kind.at_last_tick = kind.count;
-            }
-            self.last_tick_ns = now_ns;
-        }
-    }
-
-    /// Event records per second by type, busiest first (only types seen).
-    pub fn event_rates(&self) -> Vec<(&'static str, f64)> {
-        let mut rates: Vec<(&'static str, f64)> =
-            self.kinds.iter().map(|(k, c)| (*k, c.rate)).collect();
-        rates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(b.0)));
-        rates
-    }
-
-    /// Uptime of the observed daemon (since its `start`), or of top.
-    pub fn uptime_ns(&self, now_ns: u64) -> u64 {
-        now_ns.saturating_sub(self.start_ns.unwrap_or(self.began_ns))
-    }
-
-    /// Drop reasons: (reason, last 60 s, total), busiest first.
-    pub fn reason_counts(&self, now_ns: u64) -> Vec<(Arc<str>, u64, u64)> {
-        let now_sec = sec_of(now_ns);
-        let mut counts: Vec<_> = self
-            .drop_reasons
-            .iter()
-            .map(|(r, s)| (Arc::clone(r), s.ring.sum_last(now_sec, SPARK_SECS), s.total))
-            .collect();
-        counts.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.cmp(&a.2)).then(a.0.cmp(&b.0)));
-        counts
-    }
-
-    /// The rows of `tab`, ranked by `sort` (engine-side, then exactly here), at most `n`.
-    pub fn rows(&self, tab: Tab, sort: SortColumn, n: usize) -> Vec<Row> {
-        let now_sec = sec_of(self.latest_ns);
-        let open: HashMap<&RowKey, Vec<&str>> =
-            self.open_anomalies
-                .values()
-                .fold(HashMap::new(), |mut map, entry| {
-                    map.entry(&entry.key).or_default().push(entry.kind.as_str());
-                    map
-                });
-        self.engine
-            .top_rows(tab.table(), sort.engine_hint(), n)
-            .into_iter()
-            .map(|view| {
-                let extras = self.extras.get(&view.key);
-                let mut row = Row::from_view(view, extras, now_sec);
-                if let Some(kinds) = open.get(&row.key) {
-                    row.anomalies = kinds.iter().map(|k| (*k).to_owned()).collect();
-                }
-                if let RowKey::Listener(key) = &row.key {
-                    row.queue = self.listeners.get(key).cloned();
-                }
-                if let RowKey::Flow(flow) = &row.key {
-                    // A flow's connect latency is its peer's.
-                    let peer = RowKey::Peer(crate::aggregate::PeerKey::of_flow(flow));
-                    row.latency = self.extras.get(&peer).and_then(latency);
-                }
-                row
-            })
-            .collect()
-    }
-
-    /// Rows in the engine's table of `tab`.
-    pub fn table_len(&self, tab: Tab) -> usize {
-        let stats = self.engine.stats();
-        match tab {
-            Tab::Flows => stats.flows.rows,
-            Tab::Peers => stats.peers.rows,
-            Tab::Listeners => stats.listeners.rows,
-        }
-    }
-
-    /// The sysctls known for `netns`, and its recent changes (newest first).
-    pub fn sysctls_of(
-        &self,
-        netns: u64,
-    ) -> (Option<&BTreeMap<String, String>>, Vec<&SysctlChange>) {
-        (
-            self.sysctls.get(&netns),
-            self.sysctl_changes
-                .iter()
-                .filter(|c| c.netns == netns)
-                .collect(),
-        )
-    }
-}
-
-fn latency(extras: &Extras) -> Option<Latency> {
-    if extras.latencies.is_empty() {
-        return None;
-    }
-    let mut sorted: Vec<f32> = extras.latencies.iter().copied().collect();
-    sorted.sort_by(f32::total_cmp);
-    let pick = |q: f64| {
-        let i = ((sorted.len() - 1) as f64 * q).round() as usize;
-        f64::from(sorted.get(i).copied().unwrap_or(0.0))
-    };
-    Some(Latency {
-        p50_ms: pick(0.5),
-        p99_ms: pick(0.99),
-        samples: sorted.len(),
-    })
 }
 
 /// One row of the main table, everything the screen shows of it.
@@ -945,6 +337,33 @@ pub fn scoped_label(key: &RowKey) -> String {
     format!("{scope} {}", key_label(key))
 }
 
+/// Whether a finding matches a filter: its kind, key, severity, cause or namespace (number or
+/// name), case-insensitively.
+fn finding_matches(finding: &Finding, model: &Model, filter: &str) -> bool {
+    let filter = filter.trim().to_ascii_lowercase();
+    if filter.is_empty() {
+        return true;
+    }
+    let netns = u64::from(finding.netns);
+    let name = finding
+        .netns_name
+        .as_deref()
+        .or_else(|| model.netns_names.get(&netns).map(String::as_str));
+    let cause = finding.cause();
+    [
+        Some(finding.kind.as_str()),
+        Some(scoped_label(&finding.key).as_str()),
+        Some(finding.severity().name()),
+        cause.map(|c| c.kind.as_str()),
+        cause.map(|c| c.summary.as_str()),
+        name,
+    ]
+    .into_iter()
+    .flatten()
+    .any(|text| text.to_ascii_lowercase().contains(&filter))
+        || netns.to_string() == filter
+}
+
 /// Rows as fetched and as shown.
 #[derive(Clone, Debug, Default)]
 pub struct View {
@@ -952,7 +371,9 @@ pub struct View {
     pub fetched: Vec<Row>,
     /// Filtered and sorted: what the table shows.
     pub rows: Vec<Row>,
-    /// Rows in the engine's table when fetched.
+    /// The findings shown (Findings tab): filtered, in the list's order.
+    pub findings: Vec<Finding>,
+    /// Rows in the engine's table when fetched (findings known, on the Findings tab).
     pub table_len: usize,
     /// The model's time when fetched.
     pub at_ns: u64,
@@ -983,6 +404,8 @@ pub struct Ui {
     pub sort: SortColumn,
     /// The selected row's key: the selection follows its row when the order changes.
     pub selected_key: Option<RowKey>,
+    /// The selected finding's id (Findings tab), followed the same way.
+    pub selected_finding: Option<u64>,
     /// Whether the selection follows its row when the order changes (after the user moved it
     /// off the top row); otherwise it stays at its position, the top by default.
     pub follow: bool,
@@ -1016,9 +439,10 @@ impl App {
             model: Model::new(now_ns, host_netns, engine)?,
             view: View::default(),
             ui: Ui {
-                tab: Tab::Flows,
+                tab: Tab::Findings,
                 sort: SortColumn::Severity,
                 selected_key: None,
+                selected_finding: None,
                 follow: false,
                 table: TableState::default(),
                 filter: String::new(),
@@ -1106,6 +530,12 @@ impl App {
 
     /// Fetches the rows of the current tab from the model, then filters and sorts them.
     pub fn refresh(&mut self) {
+        self.view.at_ns = self.model.now_ns();
+        if self.ui.tab == Tab::Findings {
+            self.view.table_len = self.model.findings.len();
+            self.reorder();
+            return;
+        }
         let n = if self.ui.filter.trim().is_empty() {
             FETCH_ROWS
         } else {
@@ -1113,7 +543,6 @@ impl App {
         };
         self.view.fetched = self.model.rows(self.ui.tab, self.ui.sort, n);
         self.view.table_len = self.model.table_len(self.ui.tab);
-        self.view.at_ns = self.model.now_ns();
         self.reorder();
     }
 
@@ -1121,6 +550,26 @@ impl App {
     /// keeping the selection on the same row when it is still shown.
     pub fn reorder(&mut self) {
         let filter = self.ui.filter.clone();
+        if self.ui.tab == Tab::Findings {
+            let model = &self.model;
+            self.view.findings = model
+                .findings
+                .current(self.view.at_ns)
+                .into_iter()
+                .filter(|f| finding_matches(f, model, &filter))
+                .cloned()
+                .collect();
+            let index = self
+                .ui
+                .selected_finding
+                .filter(|_| self.ui.follow)
+                .and_then(|id| self.view.findings.iter().position(|f| f.id == id));
+            match index {
+                Some(i) => self.ui.table.select(Some(i)),
+                None => self.select(self.ui.table.selected().unwrap_or(0)),
+            }
+            return;
+        }
         let sort = self.ui.sort;
         let mut rows: Vec<Row> = self
             .view
@@ -1148,16 +597,31 @@ impl App {
         }
     }
 
+    /// Entries the current tab shows.
+    pub fn shown_len(&self) -> usize {
+        match self.ui.tab {
+            Tab::Findings => self.view.findings.len(),
+            _ => self.view.rows.len(),
+        }
+    }
+
     /// Selects row `index` (clamped); none when the table is empty.
     pub fn select(&mut self, index: usize) {
-        if self.view.rows.is_empty() {
+        let len = self.shown_len();
+        if len == 0 {
             self.ui.table.select(None);
             self.ui.selected_key = None;
+            self.ui.selected_finding = None;
             return;
         }
-        let index = index.min(self.view.rows.len() - 1);
+        let index = index.min(len - 1);
         self.ui.table.select(Some(index));
-        self.ui.selected_key = self.view.rows.get(index).map(|r| r.key.clone());
+        match self.ui.tab {
+            Tab::Findings => {
+                self.ui.selected_finding = self.view.findings.get(index).map(|f| f.id);
+            }
+            _ => self.ui.selected_key = self.view.rows.get(index).map(|r| r.key.clone()),
+        }
     }
 
     /// Selects row `index` at the user's request: off the top row, the selection then follows
@@ -1167,9 +631,28 @@ impl App {
         self.select(index);
     }
 
-    /// The selected row, if any.
+    /// The selected row, if any (none on the Findings tab).
     pub fn selected_row(&self) -> Option<&Row> {
+        if self.ui.tab == Tab::Findings {
+            return None;
+        }
         self.ui.table.selected().and_then(|i| self.view.rows.get(i))
+    }
+
+    /// The selected finding, on the Findings tab.
+    pub fn selected_finding(&self) -> Option<&Finding> {
+        if self.ui.tab != Tab::Findings {
+            return None;
+        }
+        self.ui
+            .table
+            .selected()
+            .and_then(|i| self.view.findings.get(i))
+    }
+
+    /// Whether something is selected that has details.
+    pub fn has_selection(&self) -> bool {
+        self.selected_row().is_some() || self.selected_finding().is_some()
     }
 
     /// Switches tabs; the sort stays if the new tab has that column.
@@ -1179,6 +662,7 @@ impl App {
             self.ui.sort = SortColumn::Severity;
         }
         self.ui.selected_key = None;
+        self.ui.selected_finding = None;
         self.ui.follow = false;
         self.ui.table = TableState::default();
         self.refresh();
@@ -1207,6 +691,7 @@ impl App {
         self.ui.filter = filter;
         // A new filter starts at its first row.
         self.ui.selected_key = None;
+        self.ui.selected_finding = None;
         self.ui.follow = false;
         self.ui.table = TableState::default();
         self.ui.table.select(Some(0));
@@ -1223,346 +708,14 @@ impl App {
     pub fn panel_netns(&self) -> Option<u64> {
         self.selected_row()
             .map(|r| u64::from(r.netns))
+            .or_else(|| self.selected_finding().map(|f| u64::from(f.netns)))
             .filter(|n| *n != 0)
             .or(self.model.host_netns)
     }
 }
 
+mod model;
 #[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use crate::top::wire::{AnomalyIn, ReconciledIn, SysctlChangeIn};
+pub(crate) mod tests;
 
-    pub(crate) const T0: u64 = 1_763_782_000_000_000_000;
-
-    pub(crate) fn flow(i: u16, v6: bool) -> Flow {
-        let (saddr, daddr) = if v6 {
-            (
-                IpAddr::from([0xfd00, 0x200, 0x50, 0, 0, 0, 0, 1]),
-                IpAddr::from([0xfd00, 0x200, 0x50, 0, 0, 0, 0, 2 + i]),
-            )
-        } else {
-            (
-                IpAddr::from([10, 200, 80, 1]),
-                IpAddr::from([10, 200, 80, u8::try_from(2 + i % 200).unwrap_or(2)]),
-            )
-        };
-        Flow {
-            family: if v6 {
-                crate::decode::Family::Ipv6
-            } else {
-                crate::decode::Family::Ipv4
-            },
-            saddr,
-            sport: 40000 + i,
-            daddr,
-            dport: 5001,
-            netns: 4026532000,
-        }
-    }
-
-    pub(crate) fn event(kind: EventKind, flow: Flow, at: u64) -> Record {
-        Record::Event(EventIn {
-            kind,
-            time_ns: Some(at),
-            flow,
-            counted_flow: flow,
-            segs: 1,
-            reason: (kind == EventKind::Drop).then(|| "NO_SOCKET".to_owned()),
-            outcome: (kind == EventKind::ConnectFailed).then(|| "refused".to_owned()),
-            duration_ms: (kind == EventKind::Connect).then_some(2.5),
-            owner: None,
-            flow_count: 0,
-        })
-    }
-
-    /// An app with `flows` flows, flow i retransmitting i+1 segments per second for 20 s.
-    pub(crate) fn app_with(flows: u16) -> App {
-        let mut app = App::new(T0, Some(4026531840), "test", EngineConfig::default()).expect("app");
-        for sec in 0..20u64 {
-            let at = T0 + sec * NANOS_PER_SEC;
-            for i in 0..flows {
-                for _ in 0..=i.min(30) {
-                    app.model
-                        .apply(event(EventKind::Retransmit, flow(i, false), at), at);
-                }
-            }
-        }
-        app.handle(Event::Tick, T0 + 20 * NANOS_PER_SEC);
-        app
-    }
-
-    #[test]
-    fn rows_rank_by_severity_and_count_rates() {
-        let app = app_with(5);
-        assert_eq!(app.view.rows.len(), 5);
-        let top = &app.view.rows[0];
-        assert_eq!(top.key, RowKey::Flow(flow(4, false)));
-        assert_eq!(top.retransmits_per_sec, 5.0);
-        assert_eq!(top.label, "10.200.80.1:40004→10.200.80.6:5001");
-        assert!(top.severity > app.view.rows[1].severity);
-        // The sparkline counts each second.
-        assert_eq!(top.sparkline.len(), SPARK_SECS);
-        assert_eq!(top.sparkline.last(), Some(&5));
-        assert_eq!(app.selected_row().map(|r| &r.key), Some(&top.key));
-    }
-
-    #[test]
-    fn sorting_cycles_and_orders_by_the_column() {
-        let mut app = app_with(3);
-        // After the tick at 20 s: counted in second 20, complete at 21 s.
-        let at = T0 + 20 * NANOS_PER_SEC;
-        for _ in 0..7 {
-            app.model
-                .apply(event(EventKind::Drop, flow(0, false), at), at);
-        }
-        app.handle(Event::Tick, T0 + 21 * NANOS_PER_SEC);
-        assert_eq!(app.ui.sort, SortColumn::Severity);
-        app.cycle_sort(false);
-        assert_eq!(app.ui.sort, SortColumn::Retransmits);
-        assert_eq!(app.view.rows[0].key, RowKey::Flow(flow(2, false)));
-        while app.ui.sort != SortColumn::Drops {
-            app.cycle_sort(false);
-        }
-        assert_eq!(app.view.rows[0].key, RowKey::Flow(flow(0, false)));
-        assert_eq!(app.view.rows[0].drops, 7);
-        assert_eq!(app.view.rows[0].reasons, [("NO_SOCKET".to_owned(), 7)]);
-        // Backwards from the first column wraps to the last.
-        app.ui.sort = SortColumn::Severity;
-        app.cycle_sort(true);
-        assert_eq!(app.ui.sort, SortColumn::LastSeen);
-        // A column the listeners tab lacks falls back to severity there.
-        app.ui.sort = SortColumn::Drops;
-        app.set_tab(Tab::Listeners);
-        assert_eq!(app.ui.sort, SortColumn::Severity);
-    }
-
-    #[test]
-    fn filters_match_addresses_ports_and_reasons() {
-        let mut app = app_with(4);
-        app.set_filter("10.200.80.3".to_owned());
-        assert_eq!(app.view.rows.len(), 1);
-        assert_eq!(app.view.rows[0].key, RowKey::Flow(flow(1, false)));
-        app.set_filter("40002".to_owned());
-        assert_eq!(app.view.rows.len(), 1);
-        app.set_filter(":5001".to_owned());
-        assert_eq!(app.view.rows.len(), 4);
-        app.set_filter("no_socket".to_owned());
-        assert!(app.view.rows.is_empty());
-        assert_eq!(app.ui.table.selected(), None);
-        let at = T0 + 19 * NANOS_PER_SEC;
-        app.model
-            .apply(event(EventKind::Drop, flow(3, false), at), at);
-        app.refresh();
-        assert_eq!(app.view.rows.len(), 1);
-        app.set_filter(String::new());
-        assert_eq!(app.view.rows.len(), 4);
-    }
-
-    #[test]
-    fn selection_follows_its_row_and_pause_freezes() {
-        let mut app = app_with(3);
-        // Untouched, the selection stays on the top row whatever ranks first.
-        let top = app.view.rows[0].key.clone();
-        let at = T0 + 20 * NANOS_PER_SEC;
-        for _ in 0..100 {
-            app.model
-                .apply(event(EventKind::Retransmit, flow(8, false), at), at);
-        }
-        app.handle(Event::Tick, T0 + 21 * NANOS_PER_SEC);
-        assert_eq!(app.view.rows[0].key, RowKey::Flow(flow(8, false)));
-        assert_ne!(top, app.view.rows[0].key);
-        assert_eq!(app.ui.table.selected(), Some(0));
-        // Moved by the user, it follows its row: another flow overtakes.
-        app.select_by_user(2);
-        let key = app.view.rows[2].key.clone();
-        let at = T0 + 21 * NANOS_PER_SEC;
-        for _ in 0..200 {
-            app.model
-                .apply(event(EventKind::Retransmit, flow(7, false), at), at);
-        }
-        app.handle(Event::Tick, T0 + 22 * NANOS_PER_SEC);
-        assert_eq!(app.view.rows.len(), 5);
-        assert_eq!(app.view.rows[0].key, RowKey::Flow(flow(7, false)));
-        assert_eq!(app.ui.table.selected(), Some(3));
-        assert_eq!(app.selected_row().map(|r| &r.key), Some(&key));
-        // Paused: ticks do not change what is shown.
-        app.ui.paused = true;
-        let shown = app.view.rows.clone();
-        let at = T0 + 22 * NANOS_PER_SEC;
-        app.model
-            .apply(event(EventKind::Retransmit, flow(9, false), at), at);
-        app.handle(Event::Tick, T0 + 23 * NANOS_PER_SEC);
-        assert_eq!(app.view.rows, shown);
-    }
-
-    #[test]
-    fn connect_latencies_are_per_peer() {
-        let mut app = App::new(T0, None, "test", EngineConfig::default()).expect("app");
-        for (i, ms) in [1.0, 2.0, 3.0, 4.0, 100.0].into_iter().enumerate() {
-            let at = T0 + i as u64 * NANOS_PER_SEC;
-            let mut record = event(EventKind::Connect, flow(0, false), at);
-            if let Record::Event(e) = &mut record {
-                e.duration_ms = Some(ms);
-            }
-            app.model.apply(record, at);
-        }
-        // The peer needs some trouble to have a row.
-        let at = T0 + 5 * NANOS_PER_SEC;
-        app.model
-            .apply(event(EventKind::ConnectFailed, flow(0, false), at), at);
-        app.set_tab(Tab::Peers);
-        app.handle(Event::Tick, T0 + 7 * NANOS_PER_SEC);
-        let row = &app.view.rows[0];
-        assert_eq!(row.failed_connects, 1);
-        assert_eq!(
-            row.latency,
-            Some(Latency {
-                p50_ms: 3.0,
-                p99_ms: 100.0,
-                samples: 5
-            })
-        );
-    }
-
-    #[test]
-    fn anomalies_sysctls_and_counters_come_from_their_records() {
-        let mut app = App::new(T0, Some(1), "test", EngineConfig::default()).expect("app");
-        app.model.apply(
-            Record::Start(Start {
-                host: "web-1".into(),
-                time: "2025-11-22T03:26:40.000000000Z".into(),
-                sysctls: [("net.ipv4.tcp_sack".to_owned(), "1".to_owned())].into(),
-                ..Start::default()
-            }),
-            T0,
-        );
-        assert_eq!(app.model.uptime_ns(T0 + 5), 5);
-        let key = RowKey::Flow(flow(0, false));
-        let anomaly = |phase, id| {
-            Record::Anomaly(AnomalyIn {
-                phase,
-                time_ns: Some(T0),
-                id,
-                kind: "flow_retransmit_spike".into(),
-                key: key.clone(),
-                rate_per_sec: 12.0,
-                peak_rate_per_sec: 12.0,
-                reasons: Vec::new(),
-                close_reason: None,
-                netns: Some(4026532000),
-                sysctls: [("net.ipv4.tcp_sack".to_owned(), "0".to_owned())].into(),
-            })
-        };
-        app.model.apply(anomaly(AnomalyPhase::Open, 1), T0);
-        app.model.apply(anomaly(AnomalyPhase::Open, 2), T0);
-        app.model.apply(anomaly(AnomalyPhase::Close, 1), T0);
-        assert_eq!(app.model.open_anomalies.len(), 1);
-        assert_eq!(app.model.anomaly_log.len(), 3);
-        assert_eq!(app.model.anomaly_log[0].phase, AnomalyPhase::Close);
-        app.model.apply(
-            Record::SysctlChange(SysctlChangeIn {
-                time: String::new(),
-                netns: 1,
-                name: "net.ipv4.tcp_sack".into(),
-                old: "1".into(),
-                new: "0".into(),
-            }),
-            T0 + 1,
-        );
-        let (values, changes) = app.model.sysctls_of(1);
-        assert_eq!(values.map(|v| v["net.ipv4.tcp_sack"].as_str()), Some("0"));
-        assert_eq!(changes.len(), 1);
-        assert_eq!(app.model.sysctls_of(4026532000).0.map(|v| v.len()), Some(1));
-        app.model.apply(Record::Lost { count: 3 }, T0);
-        app.model.apply(Record::Undelivered { count: 4 }, T0);
-        assert_eq!((app.model.lost, app.model.undelivered), (3, 4));
-        // The row carries its open anomaly.
-        let at = T0 + NANOS_PER_SEC;
-        app.model
-            .apply(event(EventKind::Retransmit, flow(0, false), at), at);
-        app.handle(Event::Tick, T0 + 2 * NANOS_PER_SEC);
-        assert_eq!(app.view.rows[0].anomalies, ["flow_retransmit_spike"]);
-    }
-
-    #[test]
-    fn reconciled_counts_add_to_the_exemplars() {
-        let mut app = App::new(T0, None, "test", EngineConfig::default()).expect("app");
-        let at = T0 + NANOS_PER_SEC;
-        app.model
-            .apply(event(EventKind::Retransmit, flow(0, false), at), at);
-        app.model.apply(
-            Record::Reconciled(vec![ReconciledIn {
-                observation: Observation::new(Signal::Retransmit, 99).with_flow(flow(0, false)),
-                through: 0,
-            }]),
-            at,
-        );
-        app.handle(Event::Tick, T0 + 2 * NANOS_PER_SEC);
-        assert_eq!(app.view.rows.len(), 1);
-        assert_eq!(app.view.rows[0].retransmits_per_sec, 10.0);
-        assert_eq!(app.view.rows[0].sparkline.last(), Some(&100));
-    }
-
-    #[test]
-    fn events_a_reconciled_record_counted_are_not_counted_again() {
-        let mut app = App::new(T0, None, "test", EngineConfig::default()).expect("app");
-        let at = T0 + NANOS_PER_SEC;
-        let counted = |flow_count| {
-            let Record::Event(mut e) = event(EventKind::Retransmit, flow(0, false), at) else {
-                unreachable!("an event");
-            };
-            e.flow_count = flow_count;
-            Record::Event(e)
-        };
-        app.model.apply(
-            Record::Reconciled(vec![ReconciledIn {
-                observation: Observation::new(Signal::Retransmit, 10).with_flow(flow(0, false)),
-                through: 10,
-            }]),
-            at,
-        );
-        // On its way while the daemon's pass read the kernel's total: in the 10 already.
-        app.model.apply(counted(10), at);
-        // Counted after the pass.
-        app.model.apply(counted(11), at);
-        app.handle(Event::Tick, T0 + 2 * NANOS_PER_SEC);
-        assert_eq!(app.view.rows[0].sparkline.last(), Some(&11));
-    }
-
-    #[test]
-    fn event_rates_are_measured_per_tick() {
-        let mut app = App::new(T0, None, "test", EngineConfig::default()).expect("app");
-        for _ in 0..30 {
-            app.model
-                .apply(event(EventKind::Retransmit, flow(0, false), T0), T0);
-        }
-        app.model
-            .apply(event(EventKind::Connect, flow(1, false), T0), T0);
-        app.handle(Event::Tick, T0 + 2 * NANOS_PER_SEC);
-        assert_eq!(
-            app.model.event_rates(),
-            [("retransmit", 15.0), ("connect", 0.5)]
-        );
-        app.handle(Event::Tick, T0 + 3 * NANOS_PER_SEC);
-        assert_eq!(app.model.event_rates()[0], ("connect", 0.0));
-    }
-
-    #[test]
-    fn the_second_ring_keeps_a_minute() {
-        let mut ring = SecondRing::new(100);
-        ring.add(100, 3);
-        ring.add(130, 2);
-        ring.add(131, 1);
-        let series = ring.series(132);
-        assert_eq!(series.len(), SPARK_SECS);
-        assert_eq!(series[SPARK_SECS - 1], 1);
-        assert_eq!(series[SPARK_SECS - 2], 2);
-        assert_eq!(series[SPARK_SECS - 32], 3);
-        assert_eq!(ring.sum_last(132, 60), 6);
-        // Long after: empty; a very old second is ignored.
-        assert_eq!(ring.sum_last(1000, 60), 0);
-        ring.add(5, 9);
-        assert_eq!(ring.sum_last(132, 60), 6);
-    }
-}
+pub use self::model::*;

@@ -79,7 +79,7 @@ pub fn handle_key(app: &mut App, key: KeyEvent) {
                 app.refresh();
             }
         }
-        KeyCode::Enter if app.selected_row().is_some() => app.ui.popup = Some(Popup::Details),
+        KeyCode::Enter if app.has_selection() => app.ui.popup = Some(Popup::Details),
         KeyCode::Char('?') | KeyCode::Char('h') | KeyCode::F(1) => {
             app.ui.popup = Some(Popup::Help);
         }

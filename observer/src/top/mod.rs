@@ -13,6 +13,7 @@
 pub mod app;
 pub mod event;
 pub mod feed;
+pub mod findings;
 pub mod handler;
 pub mod terminal;
 pub mod ui;
@@ -173,6 +174,9 @@ impl TopArgs {
     }
 }
 
+/// How often top reads the names in /run/netns.
+const NETNS_NAMES_EVERY: Duration = Duration::from_secs(5);
+
 fn now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -264,7 +268,17 @@ fn run(args: &TopArgs, source: Source) -> anyhow::Result<()> {
         drop(tx);
         app.refresh();
         terminal.draw(&mut app)?;
+        let mut names_read: Option<std::time::Instant> = None;
         while let Ok(event) = rx.recv() {
+            // Names of namespaces (`ip netns add`), read every few seconds on a tick: top
+            // runs on the daemon's host, so /run/netns is the daemon's too.
+            if matches!(event, event::Event::Tick)
+                && names_read.is_none_or(|at| at.elapsed() >= NETNS_NAMES_EVERY)
+            {
+                app.model
+                    .learn_netns_names(crate::enrich::netns::named_namespaces());
+                names_read = Some(std::time::Instant::now());
+            }
             let mut redraw = app.handle(event, now_ns());
             // Whatever else is waiting is taken in before drawing (bounded, so that a flood
             // of records cannot keep the screen from being drawn).
