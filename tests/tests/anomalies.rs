@@ -481,7 +481,9 @@ fn retransmit_fault_opens_updates_and_closes_one_flow_anomaly() -> Result<()> {
 }
 
 /// Issue test 1, control: namespaces with clean traffic only open no anomaly on any of their
-/// keys.
+/// keys that the kernel's counters do not back. (On a loaded machine clean veth traffic can
+/// still see a burst of spurious retransmits, which the kernel counts: a retransmit anomaly
+/// within that count is true, anything else is false.)
 #[test]
 fn quiet_namespaces_open_no_anomaly() -> Result<()> {
     let Some(t) = kernel_test("anomaly_quiet") else {
@@ -493,7 +495,7 @@ fn quiet_namespaces_open_no_anomaly() -> Result<()> {
     // saw the traffic, and the engine gets every event of it.
     let observer = LiveObserver::start(&["--export-per-cpu", "0", "--export-kinds", "all"])?;
     let to = SocketAddr::new(topo.server_ip(false), CLEAN_PORT);
-    let before = topo.client.counters()?;
+    let before = (topo.client.counters()?, topo.server.counters()?);
     // Thirty clean 1 MiB transfers spread over 60 s (the span of the ratio window), each a new
     // connection: ticks see the namespaces' traffic throughout, and the ratio signals have
     // their connections as denominators.
@@ -511,15 +513,46 @@ fn quiet_namespaces_open_no_anomaly() -> Result<()> {
             thread::sleep(wait);
         }
     }
-    let after = topo.client.counters()?;
+    let after = (topo.client.counters()?, topo.server.counters()?);
     let run = observer.stop()?;
     let records = &run.records;
+    // The kernel's own count of trouble in each namespace: on a loaded machine even clean
+    // veth traffic sees an occasional burst of (spurious) retransmits, which is real.
+    let retransmitted = |ns: u64| -> Result<u64> {
+        let (b, a) = if ns == client_ns {
+            (&before.0, &after.0)
+        } else {
+            (&before.1, &after.1)
+        };
+        b.delta(a, "TcpRetransSegs")
+    };
+    let mut trouble = Vec::new();
+    for (side, b, a) in [
+        ("client", &before.0, &after.0),
+        ("server", &before.1, &after.1),
+    ] {
+        for counter in [
+            "TcpRetransSegs",
+            "TcpAttemptFails",
+            "TcpEstabResets",
+            "TcpOutRsts",
+            "TcpExtListenDrops",
+        ] {
+            let d = b.delta(a, counter)?;
+            if d != 0 {
+                trouble.push(format!("{side} {counter} +{d}"));
+            }
+        }
+    }
     note(&format!(
-        "{}: {TRANSFERS} clean transfers in {:?}; client TcpRetransSegs +{}, TcpAttemptFails +{}",
+        "{}: {TRANSFERS} clean transfers in {:?}; kernel trouble counters: {}",
         t.name,
         start.elapsed(),
-        before.delta(&after, "TcpRetransSegs")?,
-        before.delta(&after, "TcpAttemptFails")?
+        if trouble.is_empty() {
+            "none".to_string()
+        } else {
+            trouble.join(", ")
+        }
     ));
     // The observer did see the traffic: one connect per transfer in the client namespace.
     let connects = run.events(
@@ -539,18 +572,34 @@ fn quiet_namespaces_open_no_anomaly() -> Result<()> {
         seen == want,
         "connect events for ports {seen:?}, expected {want:?}: the observer did not see the traffic"
     );
-    let ours: Vec<&Value> = records
-        .iter()
-        .filter(|r| {
-            r["type"]
-                .as_str()
-                .is_some_and(|t| t.starts_with("anomaly_"))
-                && key_in(r, &[client_ns, server_ns])
-        })
-        .collect();
+    // An anomaly is false unless the kernel counted what it reports: only retransmit
+    // anomalies can be, and then no more retransmits than the kernel sent in that namespace.
+    let mut unexplained = Vec::new();
+    for r in records.iter().filter(|r| {
+        r["type"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("anomaly_"))
+            && key_in(r, &[client_ns, server_ns])
+    }) {
+        let ns = r["key"]["netns"].as_u64().unwrap_or(0);
+        let only_retransmits = r["signals"]
+            .as_array()
+            .is_some_and(|s| !s.is_empty() && s.iter().all(|s| s == "retransmit"));
+        let count = r["lifetime_count"].as_u64().unwrap_or(u64::MAX);
+        let kernel = retransmitted(ns)?;
+        if only_retransmits && count <= kernel {
+            note(&format!(
+                "{}: {} {} backed by the kernel: lifetime_count {count} <= TcpRetransSegs +{kernel}",
+                t.name, r["type"], r["kind"]
+            ));
+        } else {
+            unexplained.push(r);
+        }
+    }
+    let ours = unexplained;
     ensure!(
         ours.is_empty(),
-        "anomalies in namespaces with clean traffic only:\n{}",
+        "anomalies in namespaces with clean traffic only (no kernel counter backs them):\n{}",
         ours.iter()
             .map(|r| r.to_string())
             .collect::<Vec<_>>()

@@ -70,9 +70,14 @@ impl Scope {
         scope
     }
 
-    /// Whether evidence between `a` and `b` (either orientation, any namespace) is about this
-    /// anomaly's connections.
-    fn involves(&self, a: IpAddr, b: IpAddr) -> bool {
+    /// Whether evidence seen in namespace `netns` between `a` and `b` (either orientation) is
+    /// about this anomaly's connections. Evidence from any namespace counts (the other end of a
+    /// veth is another namespace), except for loopback addresses: every namespace has its own
+    /// 127.0.0.1, so loopback evidence counts only in the anomaly's own namespace.
+    fn involves(&self, netns: u32, a: IpAddr, b: IpAddr) -> bool {
+        if (a.is_loopback() || b.is_loopback()) && self.netns != 0 && netns != self.netns {
+            return false;
+        }
         let Some(remote) = self.remote else {
             return self.locals.contains(&a) || self.locals.contains(&b);
         };
@@ -158,7 +163,7 @@ fn drops_of<'a>(
     evidence.drops.iter().filter(move |(key, tally)| {
         tally.last_ns >= scope.since_ns
             && reason(&key.reason)
-            && scope.involves(key.local, key.remote)
+            && scope.involves(key.netns, key.local, key.remote)
     })
 }
 
@@ -377,7 +382,7 @@ fn asymmetric_route(
         .routes
         .iter()
         .filter(|(_, s)| s.last_ns >= scope.since_ns)
-        .find(|((_, peer, local), _)| scope.involves(*local, *peer))?;
+        .find(|((netns, peer, local), _)| scope.involves(*netns, *local, *peer))?;
     let r = &seen.value;
     let netns = u32::try_from(r.netns).unwrap_or(0);
     let via = r.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
@@ -576,7 +581,7 @@ fn no_listener(
         .filter(|(k, t)| {
             k.reason == "NO_SOCKET"
                 && t.last_ns >= scope.since_ns
-                && scope.involves(k.local, k.remote)
+                && scope.involves(k.netns, k.local, k.remote)
         })
         .max_by_key(|(_, t)| t.count);
     if let Some((key, tally)) = resets {
@@ -625,7 +630,7 @@ fn resets(
         .filter(|(k, t)| {
             k.reason != "NO_SOCKET"
                 && t.last_ns >= scope.since_ns
-                && scope.involves(k.local, k.remote)
+                && scope.involves(k.netns, k.local, k.remote)
         })
         .max_by_key(|(_, t)| t.count)?;
     let comm = tally

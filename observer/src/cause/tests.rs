@@ -146,6 +146,16 @@ fn server_side(flow: Flow) -> Flow {
 
 /// The anomaly of `kind` an engine opens after `signal` on the client's flows for 3 s.
 fn anomaly(kind: AnomalyKind, signal: Signal, per_sec: u64) -> AnomalySnapshot {
+    anomaly_on(kind, signal, per_sec, client_flow)
+}
+
+/// [`anomaly`] on the flows `flow` makes of a local port.
+fn anomaly_on(
+    kind: AnomalyKind,
+    signal: Signal,
+    per_sec: u64,
+    flow: fn(u16) -> Flow,
+) -> AnomalySnapshot {
     let mut engine = match Engine::new(
         EngineConfig {
             thresholds: Thresholds::default(),
@@ -159,7 +169,7 @@ fn anomaly(kind: AnomalyKind, signal: Signal, per_sec: u64) -> AnomalySnapshot {
     let mut opened = None;
     for sec in 0..12u64 {
         for i in 0..per_sec {
-            let obs = Observation::new(signal, 1).with_flow(client_flow(40000 + (i % 4) as u16));
+            let obs = Observation::new(signal, 1).with_flow(flow(40000 + (i % 4) as u16));
             let obs = if signal == Signal::ListenOverflow {
                 Observation::new(signal, 1).with_listener(ListenerKey {
                     netns: SERVER_NS,
@@ -271,6 +281,48 @@ fn drops_between_other_hosts_explain_nothing() {
     }
     evidence.note_context(T0 + SEC, &netfilter_record(10));
     assert_eq!(explain(&evidence, &connect_trouble, &around()), None);
+}
+
+/// A client's flow to 127.0.0.1:8080 in its own namespace.
+fn loopback_flow(sport: u16) -> Flow {
+    Flow {
+        saddr: IpAddr::from([127, 0, 0, 1]),
+        daddr: IpAddr::from([127, 0, 0, 1]),
+        ..client_flow(sport)
+    }
+}
+
+#[test]
+fn loopback_evidence_counts_only_in_its_own_namespace() {
+    let retransmits = anomaly_on(
+        AnomalyKind::FlowRetransmitSpike,
+        Signal::Retransmit,
+        40,
+        loopback_flow,
+    );
+    let drops_in = |netns: u32| {
+        let mut evidence = Evidence::default();
+        for i in 0..10 {
+            let flow = Flow {
+                netns,
+                ..loopback_flow(40000)
+            };
+            evidence.note_event(
+                T0 + i,
+                &record("drop", flow, |r| {
+                    r.reason = Some("NETFILTER_DROP".to_owned());
+                }),
+            );
+        }
+        evidence
+    };
+    // Every namespace has its own 127.0.0.1: another namespace's loopback drops are not these.
+    assert_eq!(explain(&drops_in(SERVER_NS), &retransmits, &around()), None);
+    let Some(cause) = explain(&drops_in(CLIENT_NS), &retransmits, &around()) else {
+        panic!("the namespace's own loopback drops explain nothing");
+    };
+    assert_eq!(cause.kind, CauseKind::NetfilterRule);
+    assert_eq!(cause.evidence["netns"], CLIENT_NS);
 }
 
 #[test]
