@@ -10,14 +10,14 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::bpf_get_current_pid_tgid,
     macros::map,
-    maps::{LruHashMap, PerCpuArray},
+    maps::{Array, LruHashMap, PerCpuArray},
 };
 use observer_common::{FlowCounters, FlowKey, KindStats, MapStats, TcpEvent, event_kind};
 
 use crate::{
     clock::now_ns,
     export::{cpu_budget_allows, output},
-    reads::scratch,
+    reads::{scratch, zero},
 };
 
 /// Exact counters per flow. LRU so that a flood of distinct flows evicts old ones instead of
@@ -27,6 +27,10 @@ use crate::{
 // evicts that CPU's share early, and quiet flows' exact counts with it.
 pub(crate) static FLOW_COUNTERS: LruHashMap<FlowKey, FlowCounters> =
     LruHashMap::with_max_entries(65_536, 0);
+
+/// One all-zero value: a new flow entry is inserted from it. Never written.
+#[map]
+static FLOW_ZERO: Array<FlowCounters> = Array::with_max_entries(1, 0);
 
 /// Per-CPU statistics, one slot per event kind.
 #[map]
@@ -145,7 +149,13 @@ pub(crate) fn count_flow(
     amount: u64,
     now: u64,
 ) -> Option<(u64, bool, *mut FlowCounters)> {
-    let (counters, created) = entry(&FLOW_COUNTERS, flow, FlowCounters::default())?;
+    let zero = FLOW_ZERO.get_ptr(0)?;
+    // SAFETY: a live map value, only read (the insert copies it).
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "by value, the zero would be built on the stack with a byte-wise memset call"
+    )]
+    let (counters, created) = entry(&FLOW_COUNTERS, flow, unsafe { &*zero })?;
     if created && let Some(created) = stats(0) {
         // Slot 0 of KIND_STATS counts flow entries created: userspace derives LRU evictions
         // from it (created - live entries). Every program adds to it, and raw programs can
@@ -303,13 +313,14 @@ pub(crate) fn new_event(kind: u8, now: u64, slot: u32) -> Result<&'static mut Tc
     let s = scratch(slot)?;
     // SAFETY: this CPU's scratch slot, owned by this program run (a program does not nest with
     // itself on a CPU).
-    let event = unsafe { &mut (*s).event };
-    *event = TcpEvent {
-        timestamp_ns: now,
-        segs: 1,
-        kind,
-        ..TcpEvent::default()
+    let event = unsafe {
+        let event = &raw mut (*s).event;
+        zero(event);
+        &mut *event
     };
+    event.timestamp_ns = now;
+    event.segs = 1;
+    event.kind = kind;
     Ok(event)
 }
 

@@ -4,7 +4,7 @@ use observer_common::{TcpEvent, direction, key_wildcard};
 
 use crate::{
     abi::{AF_INET, AF_INET6, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, TCP_FLAG_ACK, TCP_FLAG_SYN},
-    reads::{PACKET_COPY, copy_kernel, kread, scratch},
+    reads::{PACKET_COPY, copy_kernel, kread, scratch, set_address},
     sock::v4_mapped,
 };
 
@@ -55,32 +55,38 @@ pub(crate) fn read_packet(
     // sockets (s = local).
     let inbound = ifindex > 0;
     let (local, remote) = if inbound {
-        (&mut event.flow.daddr, &mut event.flow.saddr)
+        (&raw mut event.flow.daddr, &raw mut event.flow.saddr)
     } else {
-        (&mut event.flow.saddr, &mut event.flow.daddr)
+        (&raw mut event.flow.saddr, &raw mut event.flow.daddr)
     };
-    let header_len = match first >> 4 {
+    // The header copy is 8-aligned and the addresses are at 4-aligned offsets of it.
+    let (local_words, remote_words, header_len) = match first >> 4 {
         4 => {
             if hdr.get::<u8>(9) != IPPROTO_TCP {
                 return Ok(None);
             }
-            *local = v4_mapped(hdr.get(12));
-            *remote = v4_mapped(hdr.get(16));
             event.family = AF_INET;
-            u16::from(first & 0x0f) * 4
+            (
+                v4_mapped(hdr.get_aligned(12)),
+                v4_mapped(hdr.get_aligned(16)),
+                u16::from(first & 0x0f) * 4,
+            )
         }
         6 => {
             // Extension headers are not followed: TCP directly after the fixed header only.
             if hdr.get::<u8>(6) != IPPROTO_TCP {
                 return Ok(None);
             }
-            *local = hdr.get(8);
-            *remote = hdr.get(24);
             event.family = AF_INET6;
-            40
+            (hdr.get_address(8), hdr.get_address(24), 40)
         }
         _ => return Ok(None),
     };
+    // SAFETY: both point at the event's addresses, which are 8-aligned.
+    unsafe {
+        set_address(local, local_words);
+        set_address(remote, remote_words);
+    }
     // Prefer the kernel's transport header when it has been set past the network header.
     let l4 = if transport != u16::MAX && transport > network {
         transport - network

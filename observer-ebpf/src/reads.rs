@@ -1,6 +1,6 @@
 //! Per-CPU scratch buffers and the copies of kernel memory the programs read fields from.
 
-use core::ffi::c_void;
+use core::{ffi::c_void, mem::MaybeUninit};
 
 use aya_ebpf::{
     helpers::{bpf_probe_read_kernel, generated},
@@ -70,6 +70,61 @@ impl Copied {
     }
 }
 
+impl Copied {
+    /// The naturally aligned value at `offset` (userspace checks the alignment of the socket
+    /// members it passes): one load, where [`Copied::get`] reads byte by byte.
+    #[inline(always)]
+    pub(crate) fn get_aligned<T: Copy>(self, offset: u16) -> T {
+        const { assert!(size_of::<T>() <= 8 && size_of::<T>().is_power_of_two()) };
+        let offset = usize::from(offset) & OFFSET_MASK & !(align_of::<T>() - 1);
+        // SAFETY: as in `get`; the scratch buffer is 8-aligned and the offset is a multiple of
+        // T's alignment, so the read is aligned.
+        unsafe { self.base.add(offset).cast::<T>().read() }
+    }
+
+    /// The 16-byte address at `offset` (4-aligned, as `in6_addr` is), as four words.
+    #[inline(always)]
+    pub(crate) fn get_address(self, offset: u16) -> [u32; 4] {
+        let offset = usize::from(offset) & OFFSET_MASK & !3;
+        // SAFETY: as in `get`: 16 bytes at a masked offset stay inside the buffer, and the
+        // offset is 4-aligned in an 8-aligned buffer.
+        unsafe {
+            let p = self.base.add(offset).cast::<u32>();
+            [p.read(), p.add(1).read(), p.add(2).read(), p.add(3).read()]
+        }
+    }
+}
+
+/// Stores a 16-byte address as four 32-bit words. (Assigning a `[u8; 16]` compiles to byte
+/// copies or a byte-wise `memmove` call on BPF.)
+///
+/// # Safety
+/// `dst` must be valid for writes and 4-aligned (the addresses of `FlowKey` and `ServiceKey`
+/// are).
+#[inline(always)]
+pub(crate) unsafe fn set_address(dst: *mut [u8; 16], words: [u32; 4]) {
+    let d = dst.cast::<u32>();
+    // SAFETY: guaranteed by the caller. Volatile, so that LLVM does not merge the stores back
+    // into a memcpy.
+    unsafe {
+        core::ptr::write_volatile(d, words[0]);
+        core::ptr::write_volatile(d.add(1), words[1]);
+        core::ptr::write_volatile(d.add(2), words[2]);
+        core::ptr::write_volatile(d.add(3), words[3]);
+    }
+}
+
+/// A 16-byte address as four words, read from a 4-aligned place.
+///
+/// # Safety
+/// `src` must be valid for reads and 4-aligned.
+#[inline(always)]
+pub(crate) unsafe fn address_words(src: *const [u8; 16]) -> [u32; 4] {
+    let s = src.cast::<u32>();
+    // SAFETY: guaranteed by the caller.
+    unsafe { [s.read(), s.add(1).read(), s.add(2).read(), s.add(3).read()] }
+}
+
 /// Copies `len` bytes of kernel memory at `src` into `dst` (a COPY_LEN-byte scratch buffer).
 #[inline(always)]
 pub(crate) fn copy_kernel(dst: *mut u8, src: u64, len: u16) -> Result<Copied, i32> {
@@ -108,19 +163,33 @@ pub(crate) fn record_of(ctx: &TracePointContext, size: u16, slot: u32) -> Result
     record_copy(aya_ebpf::EbpfContext::as_ptr(ctx) as u64, size, slot)
 }
 
-/// The arguments of a raw tracepoint that has at least `N` of them. Only the first `N` are
+/// The first arguments of a raw tracepoint, copied from its context. Only the ones read are
+/// initialised: zeroing the rest cost a byte-wise `memset` loop on every run, more than an
+/// empty program costs in all.
+#[derive(Clone, Copy)]
+pub(crate) struct RawArgs {
+    values: MaybeUninit<[u64; 8]>,
+    count: usize,
+}
+
+/// The first `N` arguments of a raw tracepoint that has at least `N` of them. Only those are
 /// read: the kernel refuses to attach a program that reads beyond the tracepoint's arguments.
 #[inline(always)]
-pub(crate) fn raw_args<const N: usize>(ctx: &RawTracePointContext) -> [u64; 8] {
+pub(crate) fn raw_args<const N: usize>(ctx: &RawTracePointContext) -> RawArgs {
     const { assert!(N <= 8) };
     let base = aya_ebpf::EbpfContext::as_ptr(ctx).cast::<u64>();
-    let mut args = [0u64; 8];
+    let mut args = RawArgs {
+        values: MaybeUninit::uninit(),
+        count: N,
+    };
+    let values = args.values.as_mut_ptr().cast::<u64>();
     let mut i = 0;
     while i < N {
         // SAFETY: the context is the tracepoint's u64 argument array, which has at least N
-        // entries (the kernel checks the highest offset read against the tracepoint at attach).
-        // Volatile keeps each load at a constant offset, the only kind the verifier accepts.
-        args[i] = unsafe { core::ptr::read_volatile(base.add(i)) };
+        // entries (the kernel checks the highest offset read against the tracepoint at attach);
+        // `values` has room for 8. Volatile keeps each load at a constant offset, the only kind
+        // the verifier accepts.
+        unsafe { values.add(i).write(core::ptr::read_volatile(base.add(i))) };
         i += 1;
     }
     args
@@ -128,11 +197,31 @@ pub(crate) fn raw_args<const N: usize>(ctx: &RawTracePointContext) -> [u64; 8] {
 
 /// Argument `index` (from userspace's BTF lookup), or 0 when the tracepoint lacks it.
 #[inline(always)]
-pub(crate) fn arg(args: &[u64; 8], index: u8) -> u64 {
-    if index == ARG_ABSENT {
+pub(crate) fn arg(args: &RawArgs, index: u8) -> u64 {
+    let i = usize::from(index);
+    if index == ARG_ABSENT || i >= args.count {
         return 0;
     }
-    args[usize::from(index) & 7]
+    // SAFETY: the first `count` values were written by `raw_args`, and i is below it.
+    unsafe { args.values.as_ptr().cast::<u64>().add(i & 7).read() }
+}
+
+/// Zeroes `*p` with 8-byte stores. (`*p = T::default()` becomes a call to a byte-by-byte
+/// `memset` on BPF: about five instructions per byte.)
+///
+/// # Safety
+/// `p` must be valid for writes and aligned to 8.
+#[inline(always)]
+pub(crate) unsafe fn zero<T>(p: *mut T) {
+    const { assert!(size_of::<T>().is_multiple_of(8) && align_of::<T>() >= 8) };
+    let words = p.cast::<u64>();
+    let mut i = 0;
+    while i < size_of::<T>() / 8 {
+        // SAFETY: guaranteed by the caller; i is below the number of words in T. Volatile, so
+        // that LLVM does not turn the stores back into a memset.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+        i += 1;
+    }
 }
 
 /// Reads kernel memory at `addr`.

@@ -3,6 +3,8 @@
 //! signals (failed connects per attempt, SYN retransmits per connect), read by userspace at any
 //! time.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     macros::map,
     maps::{Array, LruHashMap},
@@ -11,7 +13,10 @@ use observer_common::{
     FlowKey, HISTOGRAM_BUCKETS, ServiceKey, ServiceStats, histogram_bucket, service_role,
 };
 
-use crate::counting::{MapStat, atomic_add, count_map_stat, entry};
+use crate::{
+    counting::{MapStat, atomic_add, count_map_stat, entry},
+    reads::{address_words, set_address},
+};
 
 /// One entry per (namespace, peer address and port) this host connects to, and per (namespace,
 /// local address and port) it accepts on. LRU so that a scan over many peers evicts old ones;
@@ -27,24 +32,42 @@ static SERVICE_ZERO: Array<ServiceStats> = Array::with_max_entries(1, 0);
 /// The aggregate of the peer `flow` connects to.
 #[inline(always)]
 pub(crate) fn peer_of(flow: &FlowKey) -> ServiceKey {
-    ServiceKey {
-        addr: flow.daddr,
-        port: flow.dport,
-        role: service_role::PEER,
-        _pad: 0,
-        netns: flow.netns,
-    }
+    // SAFETY: FlowKey's addresses are 4-aligned.
+    service_key(
+        unsafe { address_words(&raw const flow.daddr) },
+        flow.dport,
+        service_role::PEER,
+        flow.netns,
+    )
 }
 
 /// The aggregate of the listener that accepted `flow`.
 #[inline(always)]
 pub(crate) fn listener_of(flow: &FlowKey) -> ServiceKey {
-    ServiceKey {
-        addr: flow.saddr,
-        port: flow.sport,
-        role: service_role::LISTENER,
-        _pad: 0,
-        netns: flow.netns,
+    // SAFETY: FlowKey's addresses are 4-aligned.
+    service_key(
+        unsafe { address_words(&raw const flow.saddr) },
+        flow.sport,
+        service_role::LISTENER,
+        flow.netns,
+    )
+}
+
+/// A key built field by field, its address word by word (a `[u8; 16]` assignment is a
+/// byte-wise `memmove` call on BPF).
+#[inline(always)]
+fn service_key(addr: [u32; 4], port: u16, role: u8, netns: u32) -> ServiceKey {
+    let mut key = MaybeUninit::<ServiceKey>::uninit();
+    let k = key.as_mut_ptr();
+    // SAFETY: every field of the key is written before it is assumed initialised; the key is
+    // 4-aligned, and so is its address.
+    unsafe {
+        set_address(&raw mut (*k).addr, addr);
+        (&raw mut (*k).port).write(port);
+        (&raw mut (*k).role).write(role);
+        (&raw mut (*k)._pad).write(0);
+        (&raw mut (*k).netns).write(netns);
+        key.assume_init()
     }
 }
 

@@ -5,7 +5,7 @@ use observer_common::TcpEvent;
 use crate::{
     abi::AF_INET6,
     netns::{netns_inum, netns_of_sock},
-    reads::{Copied, record_copy},
+    reads::{Copied, record_copy, set_address},
 };
 
 /// Sets `event`'s flow, family and state from `sk` (a `sock`, `request_sock` or
@@ -18,31 +18,33 @@ pub(crate) fn fill_from_sock(event: &mut TcpEvent, sk: u64, slot: u32) -> Result
     }
     let o = config!(raw.sock);
     let w = record_copy(sk, o.window_len, slot)?;
-    let family: u16 = w.get(o.family);
-    if family == AF_INET6 {
-        event.flow.saddr = w.get(o.v6_rcv_saddr);
-        event.flow.daddr = w.get(o.v6_daddr);
+    let family: u16 = w.get_aligned(o.family);
+    let (saddr, daddr) = if family == AF_INET6 {
+        (w.get_address(o.v6_rcv_saddr), w.get_address(o.v6_daddr))
     } else {
-        event.flow.saddr = v4_mapped(w.get(o.rcv_saddr));
-        event.flow.daddr = v4_mapped(w.get(o.daddr));
+        (
+            v4_mapped(w.get_aligned(o.rcv_saddr)),
+            v4_mapped(w.get_aligned(o.daddr)),
+        )
+    };
+    // SAFETY: the event's addresses are 8-aligned (TcpEvent is, and they are at 0 and 16).
+    unsafe {
+        set_address(&raw mut event.flow.saddr, saddr);
+        set_address(&raw mut event.flow.daddr, daddr);
     }
-    event.flow.sport = w.get(o.num);
-    event.flow.dport = u16::from_be(w.get(o.dport));
-    event.flow.netns = netns_inum(w.get(o.net), slot);
+    event.flow.sport = w.get_aligned(o.num);
+    event.flow.dport = u16::from_be(w.get_aligned(o.dport));
+    event.flow.netns = netns_inum(w.get_aligned(o.net), slot);
     event.family = family;
-    event.state = w.get(o.state);
+    event.state = w.get_aligned(o.state);
     Ok(())
 }
 
-/// An IPv4 address as an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), as the tracepoints store
-/// it.
+/// An IPv4 address (as the socket stores it, network order) as the words of an IPv4-mapped
+/// IPv6 address (`::ffff:a.b.c.d`), as the tracepoints store it.
 #[inline(always)]
-pub(crate) fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
-    let mut addr = [0u8; 16];
-    addr[10] = 0xff;
-    addr[11] = 0xff;
-    addr[12..16].copy_from_slice(&v4);
-    addr
+pub(crate) fn v4_mapped(v4: u32) -> [u32; 4] {
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), v4]
 }
 
 /// Sets `event`'s flow and family from a tracepoint record whose addresses are

@@ -73,7 +73,12 @@ pub(crate) fn read_sockaddr(rec: Copied, offset: u16) -> (u16, u16, [u8; 16]) {
     let family: u16 = rec.get(offset);
     let port_be: u16 = rec.get(offset + 2);
     let addr = if family == AF_INET {
-        v4_mapped(rec.get(offset + 4))
+        // SAFETY: four u32s and sixteen bytes are the same plain data.
+        unsafe {
+            core::mem::transmute::<[u32; 4], [u8; 16]>(v4_mapped(u32::from_ne_bytes(
+                rec.get(offset + 4),
+            )))
+        }
     } else {
         rec.get(offset + 8)
     };

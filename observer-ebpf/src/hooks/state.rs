@@ -5,7 +5,7 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TracePointContext},
 };
 use observer_common::{
-    SocketState, TCP_SYN_SENT, TcpEvent, connect_outcome, event_kind, key_wildcard,
+    ServiceKey, SocketState, TCP_SYN_SENT, TcpEvent, connect_outcome, event_kind, key_wildcard,
 };
 
 use crate::{
@@ -115,10 +115,17 @@ pub(crate) fn on_set_state<C: aya_ebpf::EbpfContext>(
         if !is_tcp() {
             return Ok(());
         }
+        // Every field spelled out: `..Default::default()` fills the rest with a byte-wise
+        // memset call on BPF.
         let state = SocketState {
             opened_ns: now_ns(),
+            established_ns: 0,
+            syn_retransmits: 0,
+            reset_received: 0,
             active: 1,
-            ..SocketState::default()
+            has_service: 0,
+            _pad: 0,
+            service: ServiceKey::default(),
         };
         track_socket(sk, followed_socket(sk), &state);
         return Ok(());
@@ -230,9 +237,12 @@ pub(crate) fn on_set_state<C: aya_ebpf::EbpfContext>(
             let state = SocketState {
                 opened_ns: now,
                 established_ns: now,
+                syn_retransmits: 0,
+                reset_received: 0,
+                active: 0,
                 has_service: 1,
+                _pad: 0,
                 service: listener,
-                ..SocketState::default()
             };
             track_socket(sk, known, &state);
             if let Some(stats) = count_healthy(kind) {

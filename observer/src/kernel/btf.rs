@@ -83,6 +83,16 @@ pub enum BtfError {
         path: String,
         offset: u32,
     },
+    /// The member is not aligned as the raw programs read it (naturally, addresses to 4).
+    #[error(
+        "`struct {struct_name}` member `{path}` is at offset {offset}, not a multiple of {align}"
+    )]
+    Misaligned {
+        struct_name: String,
+        path: String,
+        offset: u16,
+        align: u16,
+    },
     /// The member does not have the size the kernel programs read.
     #[error("`struct {struct_name}` member `{path}` has {found} bytes, expected {expected}")]
     WrongSize {
@@ -302,10 +312,23 @@ impl KernelBtf {
     /// Where the raw tracepoint programs read a socket: `struct sock_common` members (one window
     /// from offset 0) and `sock.sk_protocol`.
     pub fn sock_offsets(&self) -> Result<SockOffsets, BtfError> {
-        // Each member read also extends the window that one copy must cover.
+        // Each member read also extends the window that one copy must cover. The programs read
+        // members with aligned loads (a byte-wise unaligned read costs several instructions per
+        // byte): each must be naturally aligned, addresses to 4, as every kernel lays them out.
         let mut end = 0u32;
         let mut member = |path: &str, size: u32| -> Result<u16, BtfError> {
             let offset = self.u16_offset("sock_common", path, Some(size))?;
+            let align = u16::try_from(size.min(8))
+                .unwrap_or(8)
+                .min(if size == 16 { 4 } else { 8 });
+            if offset % align != 0 {
+                return Err(BtfError::Misaligned {
+                    struct_name: "sock_common".to_owned(),
+                    path: path.to_owned(),
+                    offset,
+                    align,
+                });
+            }
             end = end.max(u32::from(offset) + size);
             Ok(offset)
         };
